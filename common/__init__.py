@@ -1,0 +1,15 @@
+"""Plumbing shared by the method scripts: data, distributed, optimisation, kNN, checkpoints,
+logging. Scripts import names from here explicitly (`from common import LARS, ...`)."""
+from common.args import add_common_args, check_batch, format_args, resolve_recipe, save_args
+from common.checkpoint import (StopSignal, export_backbone, load_checkpoint, requeue_slurm_job,
+                               resume, rng_state, save_checkpoint, seed_everything, set_rng_state)
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, MultiView, RandomGaussianBlur,
+                         build_dataset, eval_transform, linear_train_transform, make_loader,
+                         ssl_view)
+from common.dist import (all_gather_tensor, broadcast_flag, cleanup_distributed,
+                         gather_with_grad, get_rank, get_world_size, setup_distributed)
+from common.knn import capped, extract_features, knn_accuracy, knn_predict
+from common.log import Logger, Progress, UserError, exit_on_user_error
+from common.model import (autocast, distribute, grad_scaler, infer_arch, resnet_backbone,
+                          resolve_precision, unwrap)
+from common.optim import LARS, param_groups, set_lr, warmup_cosine

@@ -1,0 +1,95 @@
+"""The flags every method script shares, recipe resolution, and the run directory."""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torchvision
+
+from common.data import default_img_size
+from common.log import UserError
+
+
+def add_common_args(parser, method):
+    """Add the shared flags. Flags whose value depends on the recipe default to None and are
+    filled by `resolve_recipe` from the script's ImageNet or small-image recipe."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", required=True,
+                   help="ImageFolder root with train/ and val/ (ImageNet layout), or cifar10, "
+                        "cifar100, stl10 (downloaded into --data-dir when online), or synthetic "
+                        "(random images, for offline smoke runs)")
+    g.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10 live (default: data)")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="crop size; default 224 for an ImageFolder, 32 for CIFAR and synthetic, 96 "
+                        "for STL-10. Sizes <= 64 select the small-image (CIFAR) recipe")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes per rank (default: min(8, CPUs))")
+    g.add_argument("--synthetic-size", type=int, default=512,
+                   help="number of training images of --data synthetic (val: a quarter)")
+    g = parser.add_argument_group("training")
+    g.add_argument("--arch", default=None, help="any torchvision ResNet: resnet18, resnet34, "
+                                                "resnet50, resnet101, wide_resnet50_2 ...")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="GLOBAL batch size, split evenly over all ranks")
+    g.add_argument("--lr", type=float, default=None, help="base learning rate (scaled as printed)")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("system")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--run-dir", default=None,
+                   help=f"output folder (default runs/{method}/<Slurm job id or timestamp>); "
+                        f"running again with the same folder resumes from its checkpoint.pt")
+    g.add_argument("--knn-every", type=int, default=1,
+                   help="weighted kNN top-1 on the val split every N epochs (0: never)")
+    g.add_argument("--log-every", type=int, default=50, help="log a line every N steps")
+    return parser
+
+
+def resolve_recipe(args, imagenet, small, method):
+    """Fill every None flag from `small` (img_size <= 64) or `imagenet`, derive the run
+    directory, and check what can be checked before any work starts."""
+    if args.img_size is None:
+        args.img_size = default_img_size(args.data)
+    args.small_images = args.img_size <= 64
+    recipe = small if args.small_images else imagenet
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.run_dir is None:
+        tag = os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+        args.run_dir = os.path.join("runs", method, tag)
+    if args.batch_size <= 0 or args.epochs <= 0:
+        raise UserError("--batch-size and --epochs must be positive")
+    return args
+
+
+def check_batch(args, world_size):
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the "
+                        f"{world_size} processes")
+    return args.batch_size // world_size
+
+
+def save_args(args, path, world_size):
+    """args.json: the resolved arguments plus what is needed to reproduce the run."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(sys.argv[0])), timeout=10)
+        git = rev.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    record = {**vars(args), "argv": sys.argv, "world_size": world_size, "git": git,
+              "torch": torch.__version__, "torchvision": torchvision.__version__,
+              "python": platform.python_version(), "cuda": torch.version.cuda}
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def format_args(args):
+    return "\n".join(f"  {k:<18} {v}" for k, v in sorted(vars(args).items()))

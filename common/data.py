@@ -1,0 +1,259 @@
+"""Datasets, view augmentations and loaders.
+
+`--data` is an ImageFolder root with train/ and val/ (ImageNet layout), `cifar10`, `cifar100`,
+`stl10` (torchvision, in `--data-dir`, downloaded when online) or `synthetic` (random images
+with a learnable class structure, for offline smoke runs and tests).
+"""
+import os
+import sys
+
+import torch
+import torchvision
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms as T
+
+from common.log import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TORCHVISION_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}
+DOWNLOAD_FILES = {"cifar10": "cifar-10-python.tar.gz (or its folder cifar-10-batches-py/)",
+                  "cifar100": "cifar-100-python.tar.gz (or its folder cifar-100-python/)",
+                  "stl10": "stl10_binary.tar.gz (or its folder stl10_binary/)"}
+
+
+def default_img_size(data):
+    return {"cifar10": 32, "cifar100": 32, "synthetic": 32, "stl10": 96}.get(data, 224)
+
+
+# ---------------------------------------------------------------- augmentations
+
+class RandomGaussianBlur:
+    """Gaussian blur with sigma ~ U(0.1, 2.0) applied with probability p.
+
+    PIL's own Gaussian filter (radius = sigma) rather than torchvision's GaussianBlur on PIL
+    images, which is ~5x slower; the official SimCLR code truncates its kernel at 10% of the
+    image side, PIL at ~3 sigma: the same blur for the sigmas sampled here.
+    """
+
+    def __init__(self, p, sigma=(0.1, 2.0)):
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img):
+        if torch.rand(()) >= self.p:
+            return img
+        sigma = float(torch.empty(()).uniform_(*self.sigma))
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self):
+        return f"RandomGaussianBlur(p={self.p}, sigma={self.sigma})"
+
+
+def ssl_view(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
+             blur_p=0.0, solarize_p=0.0, interpolation=T.InterpolationMode.BILINEAR):
+    """One augmented view: random resized crop, flip, colour jitter (random order, as
+    torchvision's ColorJitter and the official SimCLR code), grayscale, blur, solarize."""
+    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
+           T.RandomGrayscale(p=gray_p)]
+    if blur_p > 0:
+        ops.append(RandomGaussianBlur(blur_p))
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(ops)
+
+
+class MultiView:
+    """Apply each transform to the same image: returns [view_1, ..., view_k]."""
+
+    def __init__(self, *transforms):
+        self.transforms = transforms
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+    def __repr__(self):
+        return "MultiView(\n" + "\n".join(repr(t) for t in self.transforms) + ")"
+
+
+def eval_transform(size):
+    """Resize + centre crop (ImageNet: 256 -> 224); small images are only resized."""
+    resize = size if size <= 64 else round(size / 0.875)
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def linear_train_transform(size):
+    """Random resized crop + flip: the standard linear-evaluation training augmentation."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# ---------------------------------------------------------------- datasets
+
+class SyntheticImages(Dataset):
+    """Deterministic random RGB images with a class structure a network can learn: each class
+    has its own colour and stripe orientation, each image a random phase and noise."""
+
+    def __init__(self, n, size, transform, num_classes=10, seed=0):
+        self.n, self.size, self.transform, self.seed = n, size, transform, seed
+        self.classes = [f"class_{c}" for c in range(num_classes)]
+        self.targets = [i % num_classes for i in range(n)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        c = self.targets[i]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        colour = torch.rand(3, 1, 1, generator=torch.Generator().manual_seed(c))
+        angle = torch.tensor(3.14159 * c / len(self.classes))
+        ys, xs = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
+        phase = torch.rand((), generator=g) * 6.28
+        stripes = torch.sin((xs * torch.cos(angle) + ys * torch.sin(angle)) * 0.8 + phase)
+        img = 0.5 * colour + 0.25 * stripes + 0.15 * torch.randn(3, self.size, self.size, generator=g)
+        pixels = (img.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        x = Image.fromarray(pixels)
+        return (self.transform(x) if self.transform else x), c
+
+
+class SafeImageFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder in which an unreadable image (truncated, corrupt) does not stop training:
+    it is reported on stderr, its path appended to `bad_log` (one line per failure, from any
+    worker or rank), and the next readable image takes its place (deterministically)."""
+
+    bad_log = None
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            path, target = self.samples[i]
+            try:
+                with open(path, "rb") as f:
+                    img = Image.open(f).convert("RGB")
+                break
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
+                print(f"warning: unreadable image {path} ({type(e).__name__}: {e}); "
+                      f"replaced by another sample", file=sys.stderr, flush=True)
+                if self.bad_log:
+                    with open(self.bad_log, "a") as log:
+                        log.write(path + "\n")
+        else:
+            raise UserError(f"no readable image in {self.root}")
+        return (self.transform(img) if self.transform else img), target
+
+
+def _torchvision_dataset(name, split, transform, data_dir, rank):
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "stl10": torchvision.datasets.STL10}[name]
+    if name == "stl10":
+        kwargs = {"split": {"ssl": "train+unlabeled", "train": "train", "val": "test"}[split]}
+    else:
+        kwargs = {"train": split != "val"}
+
+    def make(download):
+        return cls(data_dir, transform=transform, download=download, **kwargs)
+
+    try:
+        return make(download=False)
+    except RuntimeError:  # not there yet: rank 0 downloads, the others wait for it
+        pass
+    try:
+        if rank == 0:
+            os.makedirs(data_dir, exist_ok=True)
+            make(download=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return make(download=False)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"{TORCHVISION_DATASETS[name]} is not in {os.path.abspath(data_dir)} and could not be "
+            f"downloaded ({reason}). Put {DOWNLOAD_FILES[name]} in that folder (--data-dir), "
+            f"or use --data /path/to/imagefolder (with train/ and val/) or --data synthetic.") from None
+
+
+def _image_folder(root, split, transform):
+    sub = "val" if split == "val" else "train"
+    path = os.path.join(root, sub)
+    if not os.path.isdir(root):
+        raise UserError(f"--data {root}: no such directory (expected an ImageFolder root with "
+                        f"train/ and val/, or one of cifar10, cifar100, stl10, synthetic)")
+    if not os.path.isdir(path):
+        raise UserError(f"--data {root}: no {sub}/ folder in it (expected the ImageNet layout "
+                        f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg)")
+    try:
+        return SafeImageFolder(path, transform=transform)
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        raise UserError(f"--data {root}: {e}") from None
+
+
+def build_dataset(data, split, transform, data_dir="data", synthetic_size=512, img_size=32,
+                  rank=0):
+    """`split`: 'ssl' (images for self-supervised training; STL-10 adds its unlabeled set),
+    'train' (labelled train split, for kNN and linear evaluation) or 'val'."""
+    if data == "synthetic":
+        n = synthetic_size if split != "val" else max(synthetic_size // 4, 10)
+        return SyntheticImages(n, img_size, transform, seed=0 if split != "val" else 1)
+    if data in TORCHVISION_DATASETS:
+        return _torchvision_dataset(data, split, transform, data_dir, rank)
+    return _image_folder(data, split, transform)
+
+
+# ---------------------------------------------------------------- loaders
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that item (index, seed) is transformed under `torch.manual_seed(seed)`:
+    a sample's augmentation depends only on (run seed, epoch, index), not on which worker or
+    process loads it, so a resumed run sees exactly the views an uninterrupted run would."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (it also serves a single process: rank 0 of 1) whose epoch can be
+    entered part-way: `set_epoch(epoch, skip_batches)` drops the batches already trained on.
+    With `seeded`, it yields (index, seed) pairs for `SeededSamples`."""
+
+    def __init__(self, dataset, batch_size, rank=0, world_size=1, shuffle=True, seed=0,
+                 drop_last=True, seeded=False):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.batch_size, self.skip, self.seeded = batch_size, 0, seeded
+
+    def set_epoch(self, epoch, skip_batches=0):
+        super().set_epoch(epoch)
+        self.skip = skip_batches * self.batch_size
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        if self.seeded:
+            base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+            return iter([(i, (base + i) % 2**63) for i in indices])
+        return iter(indices)
+
+    def __len__(self):
+        return max(0, self.num_samples - self.skip)
+
+
+def make_loader(dataset, batch_size, workers, rank=0, world_size=1, shuffle=True, seed=0,
+                drop_last=True, seeded=False):
+    """DataLoader over this rank's shard; `batch_size` is per rank. `seeded`: each sample's
+    augmentation is seeded from (seed, epoch, index), see SeededSamples."""
+    sampler = ResumableSampler(dataset, batch_size, rank, world_size, shuffle, seed, drop_last,
+                               seeded)
+    return DataLoader(SeededSamples(dataset) if seeded else dataset, batch_size=batch_size,
+                      sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      drop_last=drop_last, persistent_workers=workers > 0)

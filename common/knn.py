@@ -1,0 +1,72 @@
+"""Weighted k-nearest-neighbour classification of frozen features (Wu et al. 2018, "Unsupervised
+Feature Learning via Non-Parametric Instance Discrimination", arXiv 1805.01978): cosine
+similarity, the k = 200 nearest training features vote with weight exp(sim / T), T = 0.07."""
+import torch
+import torch.nn.functional as F
+
+from common.data import make_loader
+from common.dist import all_gather_tensor
+from common.model import autocast
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, batch_size, workers, device, precision="fp32",
+                     rank=0, world_size=1):
+    """L2-normalised features [N, D] and labels [N] of `dataset` in its own order, each rank
+    computing a shard. The model must already be in eval mode."""
+    loader = make_loader(dataset, batch_size, workers, rank, world_size, shuffle=False,
+                         drop_last=False)
+    loader.sampler.set_epoch(0)
+    order = torch.tensor(list(iter(loader.sampler)), device=device)  # padded to equal shards
+    feats, labels = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+        with autocast(precision, device):
+            feats.append(F.normalize(backbone(x).float(), dim=1))
+        labels.append(y.to(device))
+    feats, labels = all_gather_tensor(torch.cat(feats)), all_gather_tensor(torch.cat(labels))
+    order = all_gather_tensor(order)
+    out_f = torch.empty(len(dataset), feats.shape[1], device=device)
+    out_y = torch.empty(len(dataset), dtype=labels.dtype, device=device)
+    out_f[order], out_y[order] = feats, labels  # padding repeats indices with equal values
+    return out_f, out_y
+
+
+@torch.no_grad()
+def knn_predict(train_f, train_y, test_f, num_classes, k=200, temperature=0.07, chunk=1024):
+    """Class scores [M, C] of each test feature: sum over its k nearest training features
+    (cosine similarity) of exp(sim / T) for the neighbour's class."""
+    k = min(k, train_f.shape[0])
+    scores = []
+    for start in range(0, test_f.shape[0], chunk):
+        sim = test_f[start:start + chunk] @ train_f.T                 # [m, N]
+        top_sim, top_idx = sim.topk(k, dim=1)                          # [m, k]
+        votes = torch.zeros(top_idx.shape[0], num_classes, device=test_f.device)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_accuracy(backbone, train_set, val_set, num_classes, batch_size, workers, device,
+                 precision="fp32", rank=0, world_size=1, k=200, temperature=0.07):
+    """Weighted-kNN top-1 accuracy (%) of `backbone` (switched to eval mode and back)."""
+    was_training = backbone.training
+    backbone.eval()
+    args = (batch_size, workers, device, precision, rank, world_size)
+    train_f, train_y = extract_features(backbone, train_set, *args)
+    val_f, val_y = extract_features(backbone, val_set, *args)
+    backbone.train(was_training)
+    pred = knn_predict(train_f, train_y, val_f, num_classes, k, temperature).argmax(1)
+    return 100.0 * (pred == val_y).float().mean().item()
+
+
+def capped(dataset, cap, seed=0):
+    """A fixed random subset of at most `cap` items (keeps kNN monitoring cheap on ImageNet)."""
+    if len(dataset) <= cap:
+        return dataset
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:cap]
+    subset = torch.utils.data.Subset(dataset, idx.sort().values.tolist())
+    subset.targets = [dataset.targets[i] for i in subset.indices]
+    return subset

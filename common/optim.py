@@ -1,0 +1,67 @@
+"""LARS, the parameter groups every method uses, and the warmup-cosine schedule."""
+import math
+
+import torch
+
+
+def param_groups(model, weight_decay):
+    """Two groups: weights (decayed, LARS-adapted) and every 1-D parameter (biases, BN/LN
+    scales and shifts) with no weight decay and no LARS adaptation, as the official SimCLR,
+    BYOL, Barlow Twins and VICReg code do. `lars_exclude` is a plain flag LARS reads."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017), in the form of the official
+    SimCLR/Barlow Twins code:
+
+        d = g + wd * w                                    (weight decay inside the update)
+        d = d * eta * ||w|| / ||d||    unless excluded     (trust ratio; 1 if a norm is 0)
+        m = momentum * m + d ;  w = w - lr * m
+
+    Groups flagged `lars_exclude` (1-D parameters) skip both decay and the trust ratio.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      eta=eta, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if not group["lars_exclude"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0),
+                                        group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                m = state["momentum_buffer"]
+                m.mul_(group["momentum"]).add_(d)
+                p.add_(m, alpha=-group["lr"])
+        return loss
+
+
+def warmup_cosine(step, total_steps, warmup_steps, peak, final=0.0):
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine from `peak` to `final`
+    at `total_steps`. Called every iteration; used for learning rates and EMA momenta."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    """Set the learning rate of every group; a group's `lr_scale` (default 1) multiplies it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,245 @@
+"""SimCLR: A Simple Framework for Contrastive Learning of Visual Representations.
+
+Chen, Kornblith, Norouzi, Hinton, ICML 2020, arXiv 2002.05709.
+Official code (TensorFlow): github.com/google-research/simclr
+
+Two augmented views of each image go through a ResNet and a small MLP projector; the NT-Xent
+loss pulls the two views of an image together and pushes them away from the 2N - 2 other views
+of the global batch. Defaults are the paper's ImageNet recipe (ResNet-50, batch 4096, LARS,
+lr 0.3 x batch/256, temperature 0.1, 100 epochs: 64.5% linear top-1 in the paper's figure B.1;
+1000 epochs: 69.3%). 32 px images switch to the CIFAR-10 recipe of the official code
+(ResNet-18 with a 3x3 stem, batch 512, temperature 0.5, colour strength 0.5, no blur, 1000
+epochs: about 91% linear top-1 reported by the official README; 94.0% in the paper with a ResNet-50).
+
+    python simclr.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, seconds
+    python simclr.py --data cifar10                                   # CIFAR-10 recipe
+    torchrun --nproc_per_node=8 simclr.py --data /imagenet            # ImageNet recipe, one node
+    sbatch slurm/train.sbatch simclr.py --data /imagenet              # Slurm
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (LARS, Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+                    autocast, broadcast_flag, build_dataset, capped, check_batch,
+                    cleanup_distributed, distribute, eval_transform, exit_on_user_error,
+                    export_backbone, format_args, gather_with_grad, get_rank, grad_scaler,
+                    knn_accuracy, make_loader, param_groups, requeue_slurm_job,
+                    resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
+                    save_checkpoint, seed_everything, set_lr, setup_distributed,
+                    ssl_view, unwrap, warmup_cosine)
+
+# ------------------------------------------------------------------------------- arguments
+
+# The paper's ImageNet recipe (section 2.3 and appendix B) and, for images <= 64 px, the
+# CIFAR-10 recipe of the official README (the paper's appendix B.9 uses the same stem,
+# colour strength and temperature). Any flag given on the command line wins.
+IMAGENET = dict(arch="resnet50", epochs=100, batch_size=4096, lr=0.3, weight_decay=1e-6,
+                warmup_epochs=10, temperature=0.1, color_strength=1.0, blur_prob=0.5)
+SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=512, lr=1.0, weight_decay=1e-4,
+                    warmup_epochs=10, temperature=0.5, color_strength=0.5, blur_prob=0.0)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, "simclr")
+    g = p.add_argument_group("SimCLR (defaults: ImageNet value / small-image value)")
+    g.add_argument("--temperature", type=float, help="NT-Xent temperature tau (0.1 / 0.5)")
+    g.add_argument("--color-strength", type=float, help="colour distortion strength s (1.0 / 0.5)")
+    g.add_argument("--blur-prob", type=float, help="Gaussian blur probability (0.5 / 0: no blur)")
+    g.add_argument("--warmup-epochs", type=float, help="linear lr warmup (10 / 10)")
+    g.add_argument("--proj-hidden-dim", type=int, default=None,
+                   help="projector hidden width (default: the backbone's, 2048 for ResNet-50)")
+    g.add_argument("--proj-dim", type=int, default=128, help="projection output dim (paper: 128)")
+    args = p.parse_args(argv)
+    return resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simclr")
+
+
+# ------------------------------------------------------------------------------- augmentations
+
+def simclr_view(args):
+    """Crop (0.08, 1) + flip + colour jitter (0.8s, 0.8s, 0.8s, 0.2s) at p 0.8 + grayscale
+    p 0.2 + blur p 0.5 (ImageNet only): the same distribution for both views."""
+    s = args.color_strength
+    return ssl_view(args.img_size, scale=(0.08, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+                    jitter_p=0.8, gray_p=0.2, blur_p=args.blur_prob)
+
+
+# ------------------------------------------------------------------------------- model
+
+class SimCLR(nn.Module):
+    """ResNet backbone f and projector g: z = g(f(x)). As in the official code, every linear
+    layer of g is followed by BN (the hidden one by ReLU, the last one has no bias or shift)."""
+
+    def __init__(self, arch, small_images, hidden_dim=None, out_dim=128):
+        super().__init__()
+        # The official ResNet zero-initialises the last BN scale of each residual block.
+        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
+        hidden_dim = hidden_dim or self.backbone.feature_dim
+        self.projector = nn.Sequential(
+            nn.Linear(self.backbone.feature_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim))
+        self.projector[-1].bias.requires_grad_(False)  # BN with scale but no shift (center=False)
+        for layer in self.projector:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.01)  # the official head's initialiser
+
+    def forward(self, x):
+        return self.projector(self.backbone(x))
+
+
+# ------------------------------------------------------------------------------- loss
+
+def nt_xent_loss(z1, z2, temperature):
+    """NT-Xent over the GLOBAL batch. z1, z2: [n, D] projections of the two views on this rank.
+
+    With u = z / ||z|| and sim(a, b) = u_a . u_b, each of the 2N views i of the global batch has
+    one positive j (the other view of its image) and 2N - 2 negatives:
+        l(i, j) = -log( exp(sim(i, j) / T) / sum_{k != i} exp(sim(i, k) / T) )
+    The loss is the mean of l over view-1 anchors plus the mean over view-2 anchors (summed, as
+    the official objective.py; the paper writes their average, half this value). Embeddings of
+    other ranks are gathered WITH gradients; each rank averages its own anchors and DDP averages
+    ranks, which gives exactly the single-process gradient.
+    """
+    n = z1.shape[0]
+    u = F.normalize(torch.cat([z1, z2]), dim=1)                  # [2n, D] this rank's anchors
+    u1_all = gather_with_grad(u[:n])                             # [N, D] view 1, all ranks
+    u2_all = gather_with_grad(u[n:])                             # [N, D] view 2, all ranks
+    N = u1_all.shape[0]
+    logits = u @ torch.cat([u1_all, u2_all]).T / temperature     # [2n, 2N]
+    own = torch.arange(n, device=u.device) + get_rank() * n      # global index of local images
+    self_col = torch.cat([own, own + N])                         # [2n] column of each anchor
+    logits[torch.arange(2 * n, device=u.device), self_col] = float("-inf")
+    positive_col = torch.cat([own + N, own])                     # [2n] the other view
+    return 2 * F.cross_entropy(logits, positive_col)             # = CE(view 1) + CE(view 2)
+
+
+# ------------------------------------------------------------------------------- training
+
+@exit_on_user_error
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, _, device = setup_distributed()
+    per_rank_batch = check_batch(args, world)
+    args.precision = resolve_precision(args.precision, device)
+    os.makedirs(args.run_dir, exist_ok=True)
+    log = Logger(args.run_dir, is_main=rank == 0)
+    seed_everything(args.seed + rank)
+
+    # data: two views per image; kNN monitor on the labelled train and val splits
+    data_kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size,
+                   img_size=args.img_size, rank=rank)
+    train_set = build_dataset(args.data, "ssl", MultiView(simclr_view(args), simclr_view(args)),
+                              **data_kw)
+    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
+    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
+                         seeded=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
+    if args.knn_every:
+        knn_train = build_dataset(args.data, "train", eval_transform(args.img_size), **data_kw)
+        knn_val = build_dataset(args.data, "val", eval_transform(args.img_size), **data_kw)
+        num_classes = len(knn_train.classes)
+        knn_train, knn_val = capped(knn_train, 100_000), capped(knn_val, 10_000)
+
+    # model, optimizer, schedule
+    model = SimCLR(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim)
+    model = distribute(model, device, world, args.compile)
+    optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
+    scaler = grad_scaler(args.precision, device)
+    peak_lr = args.lr * args.batch_size / 256
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+
+    # resume from the run directory if it holds a checkpoint
+    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+    ckpt = resume(ckpt_path, model, optimizer, scaler)
+    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
+    if ckpt:
+        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
+    else:
+        log.print(f"SimCLR, {world} process(es) on {device}\n{format_args(args)}")
+        if rank == 0:
+            save_args(args, os.path.join(args.run_dir, "args.json"), world)
+        if args.knn_every:  # epoch-0 reference: the randomly initialised network
+            acc = knn_accuracy(unwrap(model).backbone, knn_train, knn_val, num_classes,
+                               per_rank_batch, args.workers, device, args.precision, rank, world)
+            log.print(f"epoch 0 (random init) knn_top1 {acc:.2f}")
+            log.log({"epoch": 0, "knn_top1": acc})
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (LARS, {args.warmup_epochs} "
+              f"warmup epochs, cosine to 0); {steps_per_epoch} steps per epoch")
+
+    def save(epoch, batch_in_epoch):
+        if rank == 0:
+            save_checkpoint(ckpt_path, "simclr", args, model, optimizer, scaler, epoch,
+                            batch_in_epoch)
+
+    stop = StopSignal()
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
+        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0,
+                            args.log_every)
+        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+            step = epoch * steps_per_epoch + i
+            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+            set_lr(optimizer, lr)
+            x = torch.cat([x1, x2]).to(device, non_blocking=True)     # BN sees both views
+            if device.type == "cuda":
+                x = x.to(memory_format=torch.channels_last)
+            with autocast(args.precision, device):
+                z = model(x)
+            z1, z2 = z.float().chunk(2)                                # loss math in fp32
+            loss = nt_xent_loss(z1, z2, args.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+
+            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
+                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
+                          "img_per_s": (i + 1 - start_batch) * args.batch_size
+                          / (time.time() - epoch_start)}
+                progress.update(record)
+                log.log(record)
+            # every rank must stop at the same step: with several, agree every 10 steps
+            if (world == 1 or (i + 1) % 10 == 0) and broadcast_flag(stop.requested, device):
+                save(epoch, i + 1)
+                log.print(f"stop signal: saved {ckpt_path} at epoch {epoch}, batch {i + 1}")
+                if rank == 0 and requeue_slurm_job():
+                    log.print("requeued the Slurm job")
+                cleanup_distributed()
+                return
+
+        # end of epoch: monitor, log, checkpoint, export the backbone
+        record = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(loader))).item(),
+                  "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
+                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
+        if os.path.exists(train_set.bad_log):
+            with open(train_set.bad_log) as f:
+                record["bad_images"] = sum(1 for _ in f)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn_accuracy(unwrap(model).backbone, knn_train, knn_val,
+                                              num_classes, per_rank_batch, args.workers, device,
+                                              args.precision, rank, world)
+        log.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in record.items()))
+        log.log(record)
+        start_batch = 0
+        save(epoch + 1, 0)
+        if rank == 0:
+            export_backbone(unwrap(model).backbone, os.path.join(args.run_dir, "backbone.pt"))
+    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
