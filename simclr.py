@@ -28,7 +28,7 @@ from common import (LARS, Logger, MultiView, Progress, StopSignal, UserError, ad
                     autocast, broadcast_flag, build_dataset, capped, check_batch,
                     cleanup_distributed, distribute, eval_transform, exit_on_user_error,
                     export_backbone, format_args, gather_with_grad, get_rank, grad_scaler,
-                    knn_accuracy, make_loader, param_groups, requeue_slurm_job,
+                    knn_accuracy, make_loader, param_groups, recipe_values, requeue_slurm_job,
                     resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
                     save_checkpoint, seed_everything, set_lr, setup_distributed,
                     ssl_view, unwrap, warmup_cosine)
@@ -45,14 +45,16 @@ SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=512, lr=1.0, weight
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p, "simclr")
-    g = p.add_argument_group("SimCLR (defaults: ImageNet value / small-image value)")
-    g.add_argument("--temperature", type=float, help="NT-Xent temperature tau (0.1 / 0.5)")
-    g.add_argument("--color-strength", type=float, help="colour distortion strength s (1.0 / 0.5)")
-    g.add_argument("--blur-prob", type=float, help="Gaussian blur probability (0.5 / 0: no blur)")
-    g.add_argument("--warmup-epochs", type=float, help="linear lr warmup (10 / 10)")
+    p = argparse.ArgumentParser(description="SimCLR pre-training (Chen et al. 2020). Recipe "
+                                "values in brackets; a flag given on the command line wins.")
+    add_common_args(p, "simclr", IMAGENET, SMALL_IMAGES)
+    both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
+    g = p.add_argument_group("SimCLR")
+    g.add_argument("--temperature", type=float, help="NT-Xent temperature tau " + both("temperature"))
+    g.add_argument("--color-strength", type=float,
+                   help="colour distortion strength s " + both("color_strength"))
+    g.add_argument("--blur-prob", type=float, help="Gaussian blur probability " + both("blur_prob"))
+    g.add_argument("--warmup-epochs", type=float, help="linear lr warmup " + both("warmup_epochs"))
     g.add_argument("--proj-hidden-dim", type=int, default=None,
                    help="projector hidden width (default: the backbone's, 2048 for ResNet-50)")
     g.add_argument("--proj-dim", type=int, default=128, help="projection output dim (paper: 128)")

@@ -1,6 +1,7 @@
 """Plumbing shared by the method scripts: data, distributed, optimisation, kNN, checkpoints,
 logging. Scripts import names from here explicitly (`from common import LARS, ...`)."""
-from common.args import add_common_args, check_batch, format_args, resolve_recipe, save_args
+from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
+                         save_args)
 from common.checkpoint import (StopSignal, export_backbone, load_checkpoint, requeue_slurm_job,
                                resume, rng_state, save_checkpoint, seed_everything, set_rng_state)
 from common.data import (IMAGENET_MEAN, IMAGENET_STD, MultiView, RandomGaussianBlur,

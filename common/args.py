@@ -13,9 +13,15 @@ from common.data import default_img_size
 from common.log import UserError
 
 
-def add_common_args(parser, method):
+def recipe_values(key, imagenet, small):
+    """Help text giving a flag's value in both recipes, e.g. '(ImageNet: 0.1, small images: 0.5)'."""
+    return f"(ImageNet: {imagenet[key]}, small images: {small[key]})"
+
+
+def add_common_args(parser, method, imagenet, small):
     """Add the shared flags. Flags whose value depends on the recipe default to None and are
     filled by `resolve_recipe` from the script's ImageNet or small-image recipe."""
+    both = lambda key: recipe_values(key, imagenet, small)
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True,
                    help="ImageFolder root with train/ and val/ (ImageNet layout), or cifar10, "
@@ -24,30 +30,33 @@ def add_common_args(parser, method):
     g.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10 live (default: data)")
     g.add_argument("--img-size", type=int, default=None,
                    help="crop size; default 224 for an ImageFolder, 32 for CIFAR and synthetic, 96 "
-                        "for STL-10. Sizes <= 64 select the small-image (CIFAR) recipe")
+                        "for STL-10. Sizes <= 64 select the small-image (CIFAR) recipe, with a 3x3 "
+                        "stride-1 stem and no max-pool")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes per rank (default: min(8, CPUs))")
     g.add_argument("--synthetic-size", type=int, default=512,
-                   help="number of training images of --data synthetic (val: a quarter)")
+                   help="number of training images of --data synthetic, val: a quarter (default: 512)")
     g = parser.add_argument_group("training")
     g.add_argument("--arch", default=None, help="any torchvision ResNet: resnet18, resnet34, "
-                                                "resnet50, resnet101, wide_resnet50_2 ...")
-    g.add_argument("--epochs", type=int, default=None)
+                   "resnet50, resnet101, resnet152, wide_resnet50_2, wide_resnet101_2 " + both("arch"))
+    g.add_argument("--epochs", type=int, default=None, help="training epochs " + both("epochs"))
     g.add_argument("--batch-size", type=int, default=None,
-                   help="GLOBAL batch size, split evenly over all ranks")
-    g.add_argument("--lr", type=float, default=None, help="base learning rate (scaled as printed)")
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
+                   help="GLOBAL batch size, split evenly over all processes " + both("batch_size"))
+    g.add_argument("--lr", type=float, default=None,
+                   help="base learning rate, scaled x batch/256 as printed at start " + both("lr"))
+    g.add_argument("--weight-decay", type=float, default=None, help="weight decay " + both("weight_decay"))
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and "
+                   "augmentations (default: 0)")
     g = parser.add_argument_group("system")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+                   help="auto (default): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--run-dir", default=None,
-                   help=f"output folder (default runs/{method}/<Slurm job id or timestamp>); "
+                   help=f"output folder (default: runs/{method}/<Slurm job id or timestamp>); "
                         f"running again with the same folder resumes from its checkpoint.pt")
     g.add_argument("--knn-every", type=int, default=1,
-                   help="weighted kNN top-1 on the val split every N epochs (0: never)")
-    g.add_argument("--log-every", type=int, default=50, help="log a line every N steps")
+                   help="weighted kNN top-1 on the val split every N epochs, 0: never (default: 1)")
+    g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (default: 50)")
     return parser
 
 
