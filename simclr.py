@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (LARS, Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
-                    autocast, broadcast_flag, build_dataset, capped, check_batch,
+                    autocast, broadcast_flag, broadcast_object, build_dataset, capped, check_batch,
                     cleanup_distributed, distribute, eval_transform, exit_on_user_error,
                     export_backbone, format_args, gather_with_grad, get_rank, grad_scaler,
                     knn_accuracy, make_loader, param_groups, recipe_values, requeue_slurm_job,
@@ -130,6 +130,7 @@ def main(argv=None):
     rank, world, _, device = setup_distributed()
     per_rank_batch = check_batch(args, world)
     args.precision = resolve_precision(args.precision, device)
+    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
     os.makedirs(args.run_dir, exist_ok=True)
     log = Logger(args.run_dir, is_main=rank == 0)
     seed_everything(args.seed + rank)

@@ -7,7 +7,7 @@ from common.checkpoint import (StopSignal, export_backbone, load_checkpoint, req
 from common.data import (IMAGENET_MEAN, IMAGENET_STD, MultiView, RandomGaussianBlur,
                          build_dataset, eval_transform, linear_train_transform, make_loader,
                          ssl_view)
-from common.dist import (all_gather_tensor, broadcast_flag, cleanup_distributed,
+from common.dist import (all_gather_tensor, broadcast_flag, broadcast_object, cleanup_distributed,
                          gather_with_grad, get_rank, get_world_size, setup_distributed)
 from common.knn import capped, extract_features, knn_accuracy, knn_predict
 from common.log import Logger, Progress, UserError, exit_on_user_error

@@ -109,6 +109,15 @@ def all_gather_tensor(x):
     return torch.cat(out)
 
 
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object, on every rank (e.g. a timestamped run directory)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_flag(flag, device):
     """True on every rank if `flag` is true on any rank (e.g. a stop signal that reached one)."""
     if get_world_size() == 1:

@@ -67,9 +67,11 @@ def grad_scaler(precision, device):
 
 
 def distribute(model, device, world_size, compile=False, sync_bn=True):
-    """Move `model` to `device`, with SyncBatchNorm and DDP when world > 1, channels_last on
+    """Move `model` to `device`, with SyncBatchNorm (GPU) and DDP when world > 1, channels_last on
     CUDA, and torch.compile if asked. Returns the wrapped model; `unwrap` gives it back."""
-    if world_size > 1 and sync_bn:
+    if world_size > 1 and sync_bn and device.type == "cuda":
+        # PyTorch's SyncBatchNorm runs on GPUs only: CPU processes (gloo, for testing)
+        # normalise over their own part of the batch.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if device.type == "cuda":

@@ -1,0 +1,154 @@
+"""simclr.py and linear_eval.py end to end, by subprocess, as a user runs them."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torchvision
+
+from common import resnet_backbone
+from tests.helpers import REPO, TINY, make_image_folder, ok, read_log, run
+
+
+def test_synthetic_run_then_linear_eval(tmp_path):
+    run_dir = tmp_path / "run"
+    ok(run(["simclr.py", "--data", "synthetic", *TINY, "--run-dir", run_dir]))
+    log = read_log(run_dir)
+    steps = [r for r in log if "step" in r]
+    assert [r["step"] for r in steps] == [1, 2]  # 64 images / batch 32
+    # At initialisation the loss is near its value for uninformative embeddings, 2 log(2N - 1)
+    # (without the self-mask it would exceed it; a collapsed or mis-labelled loss falls far below).
+    chance = 2 * math.log(2 * 32 - 1)
+    assert 0.8 * chance < steps[0]["loss"] < chance + 0.1
+    assert log[0]["epoch"] == 0 and "knn_top1" in log[0]
+    final = log[-1]
+    assert final["epoch"] == 1 and 0 <= final["knn_top1"] <= 100
+
+    args = json.loads((run_dir / "args.json").read_text())
+    assert (args["temperature"], args["color_strength"], args["blur_prob"]) == (0.5, 0.5, 0.0)
+    assert args["batch_size"] == 32 and args["world_size"] == 1 and args["small_images"]
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["method"]) == (1, 0, "simclr")
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    backbone = resnet_backbone("resnet18", cifar_stem=True)
+    backbone.load_state_dict(torch.load(run_dir / "backbone.pt"))  # strict: every key matches
+
+    # kNN in linear_eval.py reproduces the monitor's number for the same backbone and data.
+    common = ["--data", "synthetic", "--synthetic-size", "64", "--workers", "0", "--img-size", "16"]
+    ok(run(["linear_eval.py", "--ckpt", run_dir / "backbone.pt", *common, "--knn"]))
+    knn = json.loads((run_dir / "knn_eval.json").read_text())
+    assert knn["knn_top1"] == pytest.approx(final["knn_top1"], abs=1e-6)
+
+    out = tmp_path / "linear.json"
+    ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", *common, "--cached-features",
+            "--epochs", "30", "--batch-size", "16", "--lr", "1.0", "--out", out]))
+    cached = json.loads(out.read_text())
+    assert cached["reported"] == "final epoch" and cached["top5"] >= cached["top1"]
+    assert cached["top1"] > 20  # 10 classes: a trained head must beat chance on synthetic data
+
+    ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", *common, "--epochs", "1",
+            "--batch-size", "16", "--out", out]))
+    assert json.loads(out.read_text())["protocol"] == "random-resized-crop + flip"
+
+
+def test_imagefolder_with_truncated_jpeg_and_torchvision_backbone(tmp_path):
+    root = make_image_folder(tmp_path / "images", size=80)
+    bad = root / "train" / "class1" / "3.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # a truncated JPEG
+    run_dir = tmp_path / "run"
+    proc = ok(run(["simclr.py", "--data", root, "--img-size", "64", "--arch", "resnet18",
+                   "--batch-size", "8", "--epochs", "1", "--workers", "0", "--run-dir", run_dir]))
+    assert f"unreadable image {bad}" in proc.stderr
+    assert (run_dir / "bad_images.txt").read_text().split() == [str(bad)]
+    assert read_log(run_dir)[-1]["bad_images"] == 1
+
+    # 64 px selects the small-image stem; a 72 px run uses the ImageNet stem, whose backbone.pt
+    # loads into a stock torchvision ResNet with only fc.* missing.
+    run_dir = tmp_path / "run72"
+    ok(run(["simclr.py", "--data", root, "--img-size", "72", "--arch", "resnet18",
+            "--batch-size", "8", "--epochs", "1", "--workers", "0", "--knn-every", "0",
+            "--run-dir", run_dir]))
+    assert json.loads((run_dir / "args.json").read_text())["blur_prob"] == 0.5  # ImageNet recipe
+    model = torchvision.models.resnet18()
+    missing, unexpected = model.load_state_dict(torch.load(run_dir / "backbone.pt"), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
+    # A small class-balanced subset of the real JPEG tree, linked (not copied).
+    root = tmp_path / "cifar10"
+    for split, per_class in (("train", 20), ("val", 10)):
+        for cls in sorted(os.listdir(cifar10_dir / split)):
+            (root / split / cls).mkdir(parents=True)
+            for name in sorted(os.listdir(cifar10_dir / split / cls))[:per_class]:
+                os.symlink(cifar10_dir / split / cls / name, root / split / cls / name)
+    run_dir = tmp_path / "run"
+    ok(run(["simclr.py", "--data", root, "--img-size", "32", "--arch", "resnet18",
+            "--batch-size", "50", "--epochs", "1", "--workers", "0", "--run-dir", run_dir]))
+    log = read_log(run_dir)
+    assert len([r for r in log if "step" in r]) == 0 and log[-1]["epoch"] == 1  # 4 steps < log-every
+    out = tmp_path / "linear.json"
+    ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", "--data", root,
+            "--cached-features", "--epochs", "5", "--workers", "0", "--out", out]))
+    result = json.loads(out.read_text())
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+
+
+def test_torchrun_two_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = ok(run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "simclr.py", "--data", "synthetic", *TINY, "--run-dir", run_dir]))
+    assert proc.stdout.count("SimCLR, 2 process(es)") == 1  # rank 0 alone prints
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["world_size"] == 2
+    # the global batch of 32 is split in two: 64 images still take 2 steps
+    assert [r["step"] for r in read_log(run_dir) if "step" in r] == [1, 2]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    """2 epochs straight == the same run stopped by SIGUSR1 in epoch 2 and resumed (and the
+    interrupted run uses 2 loader workers, the straight one none: augmentations match anyway)."""
+    flags = ["simclr.py", "--data", "synthetic", "--arch", "resnet18", "--img-size", "16",
+             "--synthetic-size", "64", "--batch-size", "16", "--epochs", "2", "--log-every", "1",
+             "--knn-every", "0"]
+    straight = tmp_path / "straight"
+    ok(run([*flags, "--workers", "0", "--run-dir", straight]))
+
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, *map(str, flags), "--workers", "2", "--run-dir", str(resumed)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (resumed / "log.jsonl").exists() and any(
+                    r.get("step", 0) >= 5 for r in read_log(resumed)):  # epoch 1 done
+                proc.send_signal(signal.SIGUSR1)
+                break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stop signal: saved" in out, "the run finished before the signal arrived"
+    stopped = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
+
+    proc = ok(run([*flags, "--workers", "2", "--run-dir", resumed]))
+    assert "resumed from" in proc.stdout
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    assert (a["epoch"], b["epoch"]) == (2, 2)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the log keeps the lines written before the stop, and the steps are continuous
+    steps = [r["step"] for r in read_log(resumed) if "step" in r]
+    assert steps == list(range(1, 9))
