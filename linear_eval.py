@@ -38,30 +38,33 @@ SMALL_IMAGES = dict(epochs=100, batch_size=512, lr=0.1)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Linear (or kNN) evaluation of a frozen backbone.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Linear (or kNN) evaluation of a frozen backbone. "
+                                "Defaults in brackets: ImageNet / images <= 64 px.")
     p.add_argument("--ckpt", required=True, help="checkpoint.pt of any cleanssl method, or backbone.pt")
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, cifar10, "
                                                  "cifar100, stl10 or synthetic")
-    p.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10 live")
+    p.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10 live (data)")
     p.add_argument("--img-size", type=int, default=None,
                    help="default: the checkpoint's training size, else by dataset")
-    p.add_argument("--epochs", type=int, default=None, help="ImageNet 90 / small images 100")
-    p.add_argument("--batch-size", type=int, default=None, help="ImageNet 1024 / small images 512")
-    p.add_argument("--lr", type=float, default=None, help="base lr, scaled x batch/256 (0.1)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs of the head (90 / 100)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (1024 / 512)")
+    p.add_argument("--lr", type=float, default=None, help="base lr, scaled x batch/256 (0.1 / 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the head (0)")
     p.add_argument("--cached-features", action="store_true",
                    help="a faster variant of the protocol: extract features once, without "
                         "augmentation (centre crops), and train the head on them in seconds")
     p.add_argument("--knn", action="store_true",
                    help="report weighted-kNN top-1 (cosine, k=200, T=0.07) instead of a linear head")
-    p.add_argument("--knn-k", type=int, default=200)
-    p.add_argument("--knn-temperature", type=float, default=0.07)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--synthetic-size", type=int, default=512)
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours of --knn (200)")
+    p.add_argument("--knn-temperature", type=float, default=0.07, help="vote temperature of --knn (0.07)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes (min(8, CPUs))")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head and the data order (0)")
+    p.add_argument("--synthetic-size", type=int, default=512,
+                   help="training images of --data synthetic, as in pre-training (512)")
     p.add_argument("--out", default=None, help="result JSON (default: beside --ckpt, "
                                                "linear_eval.json or knn_eval.json)")
     return p.parse_args(argv)

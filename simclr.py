@@ -25,10 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (LARS, Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
-                    autocast, broadcast_flag, broadcast_object, build_dataset, capped, check_batch,
-                    cleanup_distributed, distribute, eval_transform, exit_on_user_error,
+                    autocast, broadcast_flag, broadcast_object, build_dataset, check_batch,
+                    cleanup_distributed, count_bad_images, distribute, exit_on_user_error,
                     export_backbone, format_args, gather_with_grad, get_rank, grad_scaler,
-                    knn_accuracy, make_loader, param_groups, recipe_values, requeue_slurm_job,
+                    knn_monitor, make_loader, param_groups, recipe_values, requeue_slurm_job,
                     resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
                     save_checkpoint, seed_everything, set_lr, setup_distributed,
                     ssl_view, unwrap, warmup_cosine)
@@ -136,21 +136,15 @@ def main(argv=None):
     seed_everything(args.seed + rank)
 
     # data: two views per image; kNN monitor on the labelled train and val splits
-    data_kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size,
-                   img_size=args.img_size, rank=rank)
     train_set = build_dataset(args.data, "ssl", MultiView(simclr_view(args), simclr_view(args)),
-                              **data_kw)
+                              args.data_dir, args.synthetic_size, args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
     loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
                          seeded=True)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
-    if args.knn_every:
-        knn_train = build_dataset(args.data, "train", eval_transform(args.img_size), **data_kw)
-        knn_val = build_dataset(args.data, "val", eval_transform(args.img_size), **data_kw)
-        num_classes = len(knn_train.classes)
-        knn_train, knn_val = capped(knn_train, 100_000), capped(knn_val, 10_000)
+    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
 
     # model, optimizer, schedule
     model = SimCLR(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim)
@@ -171,10 +165,7 @@ def main(argv=None):
         if rank == 0:
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
-            acc = knn_accuracy(unwrap(model).backbone, knn_train, knn_val, num_classes,
-                               per_rank_batch, args.workers, device, args.precision, rank, world)
-            log.print(f"epoch 0 (random init) knn_top1 {acc:.2f}")
-            log.log({"epoch": 0, "knn_top1": acc})
+            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
     log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (LARS, {args.warmup_epochs} "
               f"warmup epochs, cosine to 0); {steps_per_epoch} steps per epoch")
 
@@ -226,16 +217,11 @@ def main(argv=None):
         record = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(loader))).item(),
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
-        if os.path.exists(train_set.bad_log):
-            with open(train_set.bad_log) as f:
-                record["bad_images"] = sum(1 for _ in f)
+        if count_bad_images(train_set.bad_log):
+            record["bad_images"] = count_bad_images(train_set.bad_log)
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            record["knn_top1"] = knn_accuracy(unwrap(model).backbone, knn_train, knn_val,
-                                              num_classes, per_rank_batch, args.workers, device,
-                                              args.precision, rank, world)
-        log.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                           for k, v in record.items()))
-        log.log(record)
+            record["knn_top1"] = knn_top1(unwrap(model).backbone)
+        log.summary(record)
         start_batch = 0
         save(epoch + 1, 0)
         if rank == 0:

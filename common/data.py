@@ -145,6 +145,14 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
         return (self.transform(img) if self.transform else img), target
 
 
+def count_bad_images(log_path):
+    """How many image reads have failed so far (lines of SafeImageFolder's `bad_log`)."""
+    if not log_path or not os.path.exists(log_path):
+        return 0
+    with open(log_path) as f:
+        return sum(1 for _ in f)
+
+
 def _torchvision_dataset(name, split, transform, data_dir, rank):
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
            "stl10": torchvision.datasets.STL10}[name]

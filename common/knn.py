@@ -4,7 +4,7 @@ similarity, the k = 200 nearest training features vote with weight exp(sim / T),
 import torch
 import torch.nn.functional as F
 
-from common.data import make_loader
+from common.data import build_dataset, eval_transform, make_loader
 from common.dist import all_gather_tensor
 from common.model import autocast
 
@@ -70,3 +70,17 @@ def capped(dataset, cap, seed=0):
     subset = torch.utils.data.Subset(dataset, idx.sort().values.tolist())
     subset.targets = [dataset.targets[i] for i in subset.indices]
     return subset
+
+
+def knn_monitor(args, rank, world_size, device, max_train=100_000, max_val=10_000):
+    """The training scripts' kNN monitor: a function backbone -> top-1 (%) on the val split,
+    with the labelled train split (centre crops, at most `max_train` images) as memory."""
+    kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size, img_size=args.img_size,
+              rank=rank)
+    train = build_dataset(args.data, "train", eval_transform(args.img_size), **kw)
+    val = build_dataset(args.data, "val", eval_transform(args.img_size), **kw)
+    num_classes = len(train.classes)
+    train, val = capped(train, max_train), capped(val, max_val)
+    batch = max(1, args.batch_size // world_size)
+    return lambda backbone: knn_accuracy(backbone, train, val, num_classes, batch, args.workers,
+                                         device, args.precision, rank, world_size)

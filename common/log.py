@@ -35,6 +35,12 @@ class Logger:
         if self.is_main:
             print(*msg, flush=True)
 
+    def summary(self, record):
+        """Print `record` as one line and append it to log.jsonl (end of an epoch)."""
+        self.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in record.items()))
+        self.log(record)
+
     def log(self, record):
         if not self.is_main:
             return

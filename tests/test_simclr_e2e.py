@@ -152,3 +152,22 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     # the log keeps the lines written before the stop, and the steps are continuous
     steps = [r["step"] for r in read_log(resumed) if "step" in r]
     assert steps == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_learns_on_real_cifar10(tmp_path, cifar10_dir):
+    """Opt-in (`pytest -m slow`, ~20 min on 2 cores): a short run on 5,000 real CIFAR-10 training
+    images raises kNN top-1 on the full val split above the random-initialisation value."""
+    root = tmp_path / "cifar10"
+    for cls in sorted(os.listdir(cifar10_dir / "train")):
+        (root / "train" / cls).mkdir(parents=True)
+        for name in sorted(os.listdir(cifar10_dir / "train" / cls))[:500]:
+            os.symlink(cifar10_dir / "train" / cls / name, root / "train" / cls / name)
+    os.symlink(cifar10_dir / "val", root / "val")
+    run_dir = tmp_path / "run"
+    ok(run(["simclr.py", "--data", root, "--img-size", "32", "--arch", "resnet18",
+            "--batch-size", "256", "--epochs", "3", "--warmup-epochs", "1", "--workers", "2",
+            "--run-dir", run_dir], timeout=3600))
+    log = read_log(run_dir)
+    start, end = log[0]["knn_top1"], log[-1]["knn_top1"]
+    assert end > start + 2, (start, end)
