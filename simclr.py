@@ -151,7 +151,7 @@ def main(argv=None):
     model = distribute(model, device, world, args.compile)
     optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
     scaler = grad_scaler(args.precision, device)
-    peak_lr = args.lr * args.batch_size / 256
+    peak_lr = args.peak_lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
 
     # resume from the run directory if it holds a checkpoint
@@ -179,8 +179,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
         epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
-        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0,
-                            args.log_every)
+        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)

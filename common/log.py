@@ -51,11 +51,11 @@ class Logger:
 
 
 class Progress:
-    """Iterate a loader with a tqdm bar on a terminal (rank 0), or a plain line every
-    `every` steps when stderr is a file (Slurm logs). `update(dict)` shows metrics."""
+    """Iterate a loader with a tqdm bar on a terminal (rank 0), or a plain line per `update`
+    when stderr is a file (Slurm logs). `update(record)` shows a log record's metrics."""
 
-    def __init__(self, iterable, total, desc, is_main, every=50):
-        self.iterable, self.total, self.desc, self.every = iterable, total, desc, every
+    def __init__(self, iterable, total, desc, is_main):
+        self.iterable, self.total, self.desc = iterable, total, desc
         self.bar = None
         self.plain = is_main and not sys.stderr.isatty()
         if is_main and not self.plain:
@@ -73,7 +73,7 @@ class Progress:
 
     def update(self, metrics):
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in metrics.items())
+                        for k, v in metrics.items() if k not in ("epoch", "step"))
         if self.bar is not None:
             self.bar.set_postfix_str(text)
         elif self.plain:

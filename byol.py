@@ -1,0 +1,292 @@
+"""BYOL: Bootstrap Your Own Latent, a new approach to self-supervised learning.
+
+Grill, Strub, Altché, Tallec, Richemond et al., NeurIPS 2020, arXiv 2006.07733.
+Official code (JAX): github.com/google-deepmind/deepmind-research, folder byol
+
+An online network (ResNet, projector, predictor) predicts the projection that a target network
+(ResNet, projector) gives of another view of the same image. The target receives no gradients:
+it is an exponential moving average of the online network, its momentum tau rising from tau_base
+to 1 along a cosine. No negatives. Defaults are the paper's ImageNet recipe (ResNet-50, batch
+4096, LARS, lr 0.2 x batch/256, tau_base 0.996, 1000 epochs: 74.3% linear top-1); a shorter
+--epochs takes the official config's preset for that budget (100 epochs: lr 0.45, tau_base 0.99,
+about 66.5% in the SimSiam paper's table 4). 32 px images switch to a CIFAR-10 recipe (ResNet-18
+with a 3x3 stem, batch 512, lr 1.0 x batch/256, tau_base 0.996, no blur, 800 epochs: 91.9% linear
+top-1 reported by the BYOL-HPC reproduction).
+
+    python byol.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, seconds
+    python byol.py --data cifar10                                     # CIFAR-10 recipe
+    torchrun --nproc_per_node=8 byol.py --data /imagenet              # ImageNet recipe, one node
+    sbatch slurm/train.sbatch byol.py --data /imagenet                # Slurm
+"""
+import argparse
+import copy
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (LARS, Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+                    autocast, broadcast_flag, broadcast_object, build_dataset, check_batch,
+                    cleanup_distributed, count_bad_images, distribute, exit_on_user_error,
+                    export_backbone, format_args, grad_scaler, knn_monitor, make_loader,
+                    param_groups, recipe_values, requeue_slurm_job, resnet_backbone,
+                    resolve_precision, resolve_recipe, resume, save_args, save_checkpoint,
+                    seed_everything, set_lr, setup_distributed, ssl_view, unwrap, warmup_cosine)
+
+# ------------------------------------------------------------------------------- arguments
+
+# The paper's ImageNet recipe (section 3.3 and appendix C; the official configs/byol.py) and,
+# for images <= 64 px, the CIFAR-10 recipe of the BYOL-HPC reproduction (ResNet-18, batch 512,
+# --lr_init 2.0 = 1.0 x 512/256, tau_base 0.996, wd 1e-6, 800 epochs: 91.9% linear top-1).
+# The paper gives no CIFAR recipe; solo-learn's CIFAR BYOL also drops blur and keeps the
+# solarisation asymmetry. Any flag given on the command line wins.
+IMAGENET = dict(arch="resnet50", epochs=1000, batch_size=4096, lr=0.2, weight_decay=1.5e-6,
+                tau_base=0.996, warmup_epochs=10, blur_probs=(1.0, 0.1), solarize_probs=(0.0, 0.2))
+SMALL_IMAGES = dict(arch="resnet18", epochs=800, batch_size=512, lr=1.0, weight_decay=1e-6,
+                    tau_base=0.996, warmup_epochs=10, blur_probs=(0.0, 0.0),
+                    solarize_probs=(0.0, 0.2))
+
+
+def imagenet_preset(epochs):
+    """tau_base, base lr and weight decay of the official config for an ImageNet epoch budget
+    (presets at 40, 100, 300 and 1000 epochs; another budget takes the next preset up)."""
+    tau_base, lr = ((0.97, 0.45) if epochs <= 40 else (0.99, 0.45) if epochs <= 100
+                    else (0.99, 0.3) if epochs <= 300 else (0.996, 0.2))
+    return dict(tau_base=tau_base, lr=lr, weight_decay=1.5e-6 if epochs >= 1000 else 1e-6)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="BYOL pre-training (Grill et al. 2020). Recipe "
+                                "values in brackets; with the ImageNet recipe, --lr, --tau-base "
+                                "and --weight-decay follow the official preset for --epochs (the "
+                                "bracketed values are the 1000-epoch ones); a flag given on the "
+                                "command line wins.")
+    add_common_args(p, "byol", IMAGENET, SMALL_IMAGES)
+    both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
+    g = p.add_argument_group("BYOL")
+    g.add_argument("--tau-base", type=float, help="EMA momentum at step 0, rising to 1 along a "
+                   "cosine (ImageNet presets: 0.97 / 0.99 / 0.99 / 0.996 for 40 / 100 / 300 / "
+                   "1000 epochs) " + both("tau_base"))
+    g.add_argument("--blur-probs", type=float, nargs=2, metavar=("P1", "P2"),
+                   help="Gaussian blur probability of view 1 and view 2 " + both("blur_probs"))
+    g.add_argument("--solarize-probs", type=float, nargs=2, metavar=("P1", "P2"),
+                   help="solarisation probability of view 1 and view 2 " + both("solarize_probs"))
+    g.add_argument("--warmup-epochs", type=float, help="linear lr warmup " + both("warmup_epochs"))
+    g.add_argument("--hidden-dim", type=int, default=4096,
+                   help="hidden width of the projector and the predictor (paper: 4096)")
+    g.add_argument("--proj-dim", type=int, default=256, help="projection output dim (paper: 256)")
+    args = p.parse_args(argv)
+    given = {k for k in ("tau_base", "lr", "weight_decay") if getattr(args, k) is not None}
+    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "byol")
+    args.preset = "small-image recipe (the BYOL-HPC CIFAR-10 settings)"
+    if not args.small_images:
+        preset = imagenet_preset(args.epochs)
+        for key in preset.keys() - given:
+            setattr(args, key, preset[key])
+        args.preset = (f"official ImageNet preset for {args.epochs} epochs: "
+                       + ", ".join(f"{k} {v}" for k, v in preset.items()))
+        if given:
+            args.preset += f" (given on the command line: {', '.join(sorted(given))})"
+    return args
+
+
+# ------------------------------------------------------------------------------- augmentations
+
+def byol_views(args):
+    """Crop (0.08, 1) + flip + colour jitter (0.4, 0.4, 0.2, 0.1) at p 0.8 + grayscale p 0.2,
+    then the asymmetric part: blur p 1.0 / 0.1 and solarize p 0.0 / 0.2 for views 1 / 2
+    (small images: no blur, which removes most of 32 px images' detail)."""
+    return [ssl_view(args.img_size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                     gray_p=0.2, blur_p=blur_p, solarize_p=solarize_p)
+            for blur_p, solarize_p in zip(args.blur_probs, args.solarize_probs)]
+
+
+# ------------------------------------------------------------------------------- model
+
+def mlp(in_dim, hidden_dim, out_dim):
+    """Linear (with bias) - BN - ReLU - Linear (no bias); the output is not batch-normalised."""
+    net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=False))
+    for layer in (net[0], net[3]):  # Haiku's default: normal, std 1/sqrt(fan_in), cut at 2 std
+        std = 1 / math.sqrt(layer.in_features)
+        nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+    nn.init.zeros_(net[0].bias)
+    return net
+
+
+@torch.no_grad()
+def ema_update(online, target, tau):
+    """target <- tau * target + (1 - tau) * online for every parameter. The BN running
+    statistics are copied instead: the official code keeps a single BN state, the online
+    network's, which its target forward reads (in training mode the target normalises with
+    batch statistics, so its running statistics never shape its outputs)."""
+    for p_online, p_target in zip(online.parameters(), target.parameters()):
+        p_target.lerp_(p_online, 1.0 - tau)
+    for b_online, b_target in zip(online.buffers(), target.buffers()):
+        b_target.copy_(b_online)
+
+
+class BYOL(nn.Module):
+    """Online network: backbone f, projector g, predictor q. Target network: its own copies of
+    f and g (`target_backbone`, `target_projector`), updated by `update_target` only. (The
+    official code also trains a linear classifier on the detached embedding, for monitoring
+    only; the kNN monitor and linear_eval.py take its place here.)"""
+
+    def __init__(self, arch, small_images, hidden_dim=4096, out_dim=256):
+        super().__init__()
+        # The official ResNet zero-initialises the last BN scale of each residual block, but its
+        # README says the paper's results were obtained without it: we follow the paper.
+        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=False)
+        self.projector = mlp(self.backbone.feature_dim, hidden_dim, out_dim)
+        self.predictor = mlp(out_dim, hidden_dim, out_dim)
+        self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def forward(self, x1, x2):
+        """Predictions p1, p2 of the online network and projections z1, z2 of the target.
+        Each view is a separate forward pass (BN statistics per view), as in the official code."""
+        p1, p2 = (self.predictor(self.projector(self.backbone(x))) for x in (x1, x2))
+        with torch.no_grad():  # the target is in training mode too: BN uses batch statistics
+            z1, z2 = (self.target_projector(self.target_backbone(x)) for x in (x1, x2))
+        return p1, p2, z1, z2
+
+    def update_target(self, tau):
+        ema_update(self.backbone, self.target_backbone, tau)
+        ema_update(self.projector, self.target_projector, tau)
+
+
+# ------------------------------------------------------------------------------- loss
+
+def byol_loss(p1, p2, z1, z2):
+    """BYOL's symmetric regression loss. p1, p2: [B, D] online predictions of views 1 and 2;
+    z1, z2: [B, D] target projections of views 1 and 2 (gradients stopped here).
+
+    With n(x) = x / ||x||, each view's prediction regresses the other view's target projection:
+        L = mean_batch( ||n(p1) - n(sg(z2))||^2 + ||n(p2) - n(sg(z1))||^2 )
+          = mean_batch( 2 - 2 cos(p1, z2) + 2 - 2 cos(p2, z1) )          in [0, 8]
+    The two view orders are SUMMED, as the official code does (their average halves the
+    gradient). Per-sample terms: DDP's gradient average over ranks gives the global mean.
+    """
+    def regression(p, z):                                         # [B]
+        return (F.normalize(p, dim=1) - F.normalize(z.detach(), dim=1)).pow(2).sum(dim=1)
+    return (regression(p1, z2) + regression(p2, z1)).mean()
+
+
+# ------------------------------------------------------------------------------- training
+
+@exit_on_user_error
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, _, device = setup_distributed()
+    per_rank_batch = check_batch(args, world)
+    args.precision = resolve_precision(args.precision, device)
+    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
+    os.makedirs(args.run_dir, exist_ok=True)
+    log = Logger(args.run_dir, is_main=rank == 0)
+    seed_everything(args.seed + rank)
+
+    # data: two views per image; kNN monitor on the labelled train and val splits
+    train_set = build_dataset(args.data, "ssl", MultiView(*byol_views(args)),
+                              args.data_dir, args.synthetic_size, args.img_size, rank)
+    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
+    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
+                         seeded=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
+    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+
+    # model, optimizer, schedules (the target's parameters do not require grad: not optimised)
+    model = BYOL(args.arch, args.small_images, args.hidden_dim, args.proj_dim)
+    model = distribute(model, device, world, args.compile)
+    optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
+    scaler = grad_scaler(args.precision, device)
+    peak_lr = args.peak_lr = args.lr * args.batch_size / 256
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+
+    # resume from the run directory if it holds a checkpoint (the target is part of the model)
+    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+    ckpt = resume(ckpt_path, model, optimizer, scaler)
+    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
+    if ckpt:
+        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
+    else:
+        log.print(f"BYOL, {world} process(es) on {device}\n{format_args(args)}")
+        if rank == 0:
+            save_args(args, os.path.join(args.run_dir, "args.json"), world)
+        if args.knn_every:  # epoch-0 reference: the randomly initialised network
+            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
+    log.print(f"{args.preset}\nlr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (LARS, "
+              f"{args.warmup_epochs} warmup epochs, cosine to 0); tau = {args.tau_base} -> 1 "
+              f"(cosine); {steps_per_epoch} steps per epoch")
+
+    def save(epoch, batch_in_epoch):
+        if rank == 0:
+            save_checkpoint(ckpt_path, "byol", args, model, optimizer, scaler, epoch,
+                            batch_in_epoch)
+
+    stop = StopSignal()
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
+        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
+        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+            step = epoch * steps_per_epoch + i
+            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+            # tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2: the same cosine, from tau_base to 1
+            tau = warmup_cosine(step, total_steps, 0, args.tau_base, final=1.0)
+            set_lr(optimizer, lr)
+            x = torch.cat([x1, x2]).to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.to(memory_format=torch.channels_last)
+            with autocast(args.precision, device):
+                p1, p2, z1, z2 = model(*x.chunk(2))                    # views apart (BN per view)
+            loss = byol_loss(p1.float(), p2.float(), z1.float(), z2.float())  # loss math in fp32
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            unwrap(model).update_target(tau)  # the EMA step comes AFTER the online update
+            loss_sum += loss.detach()
+
+            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
+                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
+                          "tau": tau, "img_per_s": (i + 1 - start_batch) * args.batch_size
+                          / (time.time() - epoch_start)}
+                progress.update(record)
+                log.log(record)
+            # every rank must stop at the same step: with several, agree every 10 steps
+            if (world == 1 or (i + 1) % 10 == 0) and broadcast_flag(stop.requested, device):
+                save(epoch, i + 1)
+                log.print(f"stop signal: saved {ckpt_path} at epoch {epoch}, batch {i + 1}")
+                if rank == 0 and requeue_slurm_job():
+                    log.print("requeued the Slurm job")
+                cleanup_distributed()
+                return
+
+        # end of epoch: monitor, log, checkpoint, export the (online) backbone
+        record = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(loader))).item(),
+                  "lr": optimizer.param_groups[0]["lr"],  # and tau, both at the epoch's last step
+                  "tau": warmup_cosine((epoch + 1) * steps_per_epoch - 1, total_steps, 0,
+                                       args.tau_base, final=1.0),
+                  "epoch_time": time.time() - epoch_start,
+                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
+        if count_bad_images(train_set.bad_log):
+            record["bad_images"] = count_bad_images(train_set.bad_log)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn_top1(unwrap(model).backbone)
+        log.summary(record)
+        start_batch = 0
+        save(epoch + 1, 0)
+        if rank == 0:
+            export_backbone(unwrap(model).backbone, os.path.join(args.run_dir, "backbone.pt"))
+    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""MoCo v2: Improved Baselines with Momentum Contrastive Learning.
+
+Chen, Fan, Girshick, He 2020, arXiv 2003.04297 (MoCo v1: He et al., CVPR 2020, arXiv 1911.05722).
+Official code (PyTorch): github.com/facebookresearch/moco
+
+A query encoder (ResNet + MLP head) is trained to pick the key of the other view of its image
+among a queue of 65536 keys of earlier batches; the key encoder is a momentum copy of the query
+encoder and receives no gradient. Defaults are the paper's ImageNet recipe (ResNet-50, batch 256,
+SGD lr 0.03, temperature 0.2, cosine, 200 epochs: 67.5% linear top-1; 800 epochs: 71.1%).
+32 px images switch to the official CIFAR-10 demo's settings (ResNet-18 with a 3x3 stem, batch
+512, lr 0.06, queue 4096, momentum 0.99, temperature 0.1, 200 epochs), for which the demo
+reports 82.6% kNN top-1 (85.3% with the symmetric loss) after 200 epochs.
+
+    python moco.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, seconds
+    python moco.py --data cifar10                                     # CIFAR-10 recipe
+    torchrun --nproc_per_node=8 moco.py --data /imagenet              # ImageNet recipe, one node
+    sbatch slurm/train.sbatch moco.py --data /imagenet                # Slurm
+"""
+import argparse
+import copy
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+                    all_gather_tensor, autocast, broadcast_flag, broadcast_object, build_dataset,
+                    check_batch, cleanup_distributed, count_bad_images, distribute,
+                    exit_on_user_error, export_backbone, format_args, get_rank, get_world_size,
+                    grad_scaler, knn_monitor, make_loader, recipe_values, requeue_slurm_job,
+                    resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
+                    save_checkpoint, seed_everything, set_lr, setup_distributed, ssl_view, unwrap,
+                    warmup_cosine)
+
+# ------------------------------------------------------------------------------- arguments
+
+# The paper's ImageNet recipe (MoCo v2 = the official main_moco.py with --mlp --moco-t 0.2
+# --aug-plus --cos) and, for images <= 64 px, the official CIFAR-10 demo notebook of the same
+# repository (the paper has no CIFAR recipe): batch 512, lr 0.06 (= 0.03 x 512/256 here),
+# weight decay 5e-4, queue 4096, momentum 0.99, temperature 0.1, 200 epochs, no blur, 8 BN
+# splits. We keep MoCo v2's MLP head and (0.2, 1) crop there; the demo uses a linear head and
+# torchvision's default (0.08, 1) crop.
+IMAGENET = dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4,
+                temperature=0.2, queue_size=65536, moco_momentum=0.999, blur_prob=0.5)
+SMALL_IMAGES = dict(arch="resnet18", epochs=200, batch_size=512, lr=0.03, weight_decay=5e-4,
+                    temperature=0.1, queue_size=4096, moco_momentum=0.99, blur_prob=0.0)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MoCo v2 pre-training (Chen et al. 2020). Recipe "
+                                "values in brackets; a flag given on the command line wins.")
+    add_common_args(p, "moco", IMAGENET, SMALL_IMAGES)
+    both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
+    g = p.add_argument_group("MoCo")
+    g.add_argument("--temperature", type=float, help="InfoNCE temperature T " + both("temperature"))
+    g.add_argument("--queue-size", type=int, help="number of negative keys K, a multiple of "
+                   "the global batch (of twice it with --symmetric) " + both("queue_size"))
+    g.add_argument("--moco-momentum", type=float,
+                   help="key encoder momentum m, constant " + both("moco_momentum"))
+    g.add_argument("--blur-prob", type=float, help="Gaussian blur probability " + both("blur_prob"))
+    g.add_argument("--bn-splits", type=int, default=None,
+                   help="BatchNorm groups per process (default: 8 with one process, emulating "
+                        "the paper's 8 GPUs; 1 with several, whose shuffle BN spans processes)")
+    g.add_argument("--symmetric", action="store_true",
+                   help="also contrast (view 2 query, view 1 key) and enqueue both keys "
+                        "(the 'MoCo v2+' variant; paper: off)")
+    g.add_argument("--proj-hidden-dim", type=int, default=None,
+                   help="MLP head hidden width (default: the backbone's, 2048 for ResNet-50)")
+    g.add_argument("--proj-dim", type=int, default=128, help="key/query dim (paper: 128)")
+    args = p.parse_args(argv)
+    return resolve_recipe(args, IMAGENET, SMALL_IMAGES, "moco")
+
+
+# ------------------------------------------------------------------------------- augmentations
+
+def moco_view(args):
+    """MoCo v2 'aug+': crop (0.2, 1) + flip + colour jitter (0.4, 0.4, 0.4, 0.1) at p 0.8 +
+    grayscale p 0.2 + blur p 0.5 (ImageNet only): the same distribution for both views. Small
+    images keep the (0.2, 1) crop, as SimSiam's CIFAR recipe does."""
+    return ssl_view(args.img_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+                    gray_p=0.2, blur_p=args.blur_prob)
+
+
+# ------------------------------------------------------------------------------- model
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are computed separately over `splits` groups of the
+    batch (samples i with the same i mod splits), as if the batch were spread over `splits`
+    GPUs without SyncBN; the running statistics are the mean over the groups. Eval: plain BN."""
+
+    def __init__(self, num_features, splits):
+        super().__init__(num_features)
+        self.splits = splits
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        g = self.splits
+        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)  # [g * c]
+        y = F.batch_norm(x.reshape(n // g, g * c, h, w), mean, var, self.weight.repeat(g),
+                         self.bias.repeat(g), True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(g, c).mean(0))
+            self.running_var.copy_(var.view(g, c).mean(0))
+            self.num_batches_tracked += 1
+        return y.reshape(n, c, h, w)
+
+
+def split_batchnorm(net, splits):
+    """Replace every BatchNorm2d of `net` by a SplitBatchNorm (same parameters and buffers)."""
+    for name, child in net.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            bn = SplitBatchNorm(child.num_features, splits)
+            bn.load_state_dict(child.state_dict())
+            setattr(net, name, bn)
+        else:
+            split_batchnorm(child, splits)
+    return net
+
+
+class MoCo(nn.Module):
+    """Query encoder f_q = projector(backbone(x)) with the --mlp head of MoCo v2 (Linear with bias,
+    ReLU, Linear; no BN), its momentum copy f_k (key_backbone, key_projector), and the queue of
+    the last K unit-norm keys [K, D] with its write pointer, all in the state dict."""
+
+    def __init__(self, arch, small_images, hidden_dim=None, out_dim=128, queue_size=65536,
+                 bn_splits=1):
+        super().__init__()
+        # The official code uses torchvision's ResNet with its default init (no zero-init).
+        self.backbone = resnet_backbone(arch, cifar_stem=small_images)
+        # The paper computes BN per GPU (8 GPUs, no SyncBN) and shuffles the keys across GPUs.
+        # One process has no GPUs to shuffle across: as the official CIFAR-10 demo, BN runs in
+        # `bn_splits` groups in both encoders and the key batch is shuffled (see keys), so a
+        # key's BN group holds other images than its query's, as with 8 GPUs.
+        if bn_splits > 1:
+            split_batchnorm(self.backbone, bn_splits)
+        hidden_dim = hidden_dim or self.backbone.feature_dim
+        self.projector = nn.Sequential(nn.Linear(self.backbone.feature_dim, hidden_dim),
+                                       nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        # Random unit vectors as the first negatives, as the official code.
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def forward(self, *views):
+        """Query projections (not normalised) of each view: a list of [n, D]."""
+        return [self.projector(self.backbone(x)) for x in views]
+
+    @torch.no_grad()
+    def momentum_update(self, m):
+        """theta_k <- m theta_k + (1 - m) theta_q for every parameter (the official code leaves
+        the key encoder's BN running statistics to its own forward passes)."""
+        query = [*self.backbone.parameters(), *self.projector.parameters()]
+        key = [*self.key_backbone.parameters(), *self.key_projector.parameters()]
+        torch._foreach_mul_(key, m)  # pk.mul_(m).add_(pq, alpha=1 - m) over all pairs at once
+        torch._foreach_add_(key, query, alpha=1 - m)
+
+    @torch.no_grad()
+    def keys(self, x, seed):
+        """Unit keys [n, D] of this rank's key views x [n, C, H, W], with shuffle BN (paper
+        section 3.3): the key views of all ranks are gathered and permuted by one random
+        permutation drawn on rank 0 and broadcast, each rank encodes its slice, and the keys are
+        gathered back and un-shuffled. BN then normalises a key with a random set of images,
+        not with the images of its query, so BN cannot leak which key is the positive. With one
+        process the batch is shuffled in place and SplitBatchNorm gives the per-GPU groups.
+        `seed` (from the step) makes the permutations the same after a resume."""
+        n, rank = x.shape[0], get_rank()
+        x_all = all_gather_tensor(x)                                   # [N, C, H, W]
+        g = torch.Generator(device=x.device).manual_seed(seed)  # on the device: no host sync
+        perm = torch.randperm(len(x_all), generator=g, device=x.device)
+        if get_world_size() > 1:
+            dist.broadcast(perm, src=0)
+        mine = x_all[perm[rank * n:(rank + 1) * n]]                    # [n, C, H, W] shuffled
+        if mine.is_cuda:
+            mine = mine.contiguous(memory_format=torch.channels_last)
+        k = F.normalize(self.key_projector(self.key_backbone(mine)).float(), dim=1)
+        k_all = all_gather_tensor(k)                                   # [N, D] shuffled order
+        return k_all[perm.argsort()][rank * n:(rank + 1) * n]          # [n, D] this rank's
+
+    @torch.no_grad()
+    def enqueue(self, k):
+        """Write the keys of ALL ranks (rank order) at the pointer: the queue stays identical on
+        every rank. K is a multiple of the global batch, so a batch never wraps around."""
+        k = all_gather_tensor(k)                                       # [N, D]
+        idx = (self.queue_ptr + torch.arange(len(k), device=k.device)) % len(self.queue)
+        self.queue[idx] = k                                            # no host sync
+        self.queue_ptr.copy_((self.queue_ptr + len(k)) % len(self.queue))
+
+
+# ------------------------------------------------------------------------------- loss
+
+def moco_loss(q, k, queue, temperature):
+    """InfoNCE of MoCo, one direction. q: [n, D] query projections (normalised here), k: [n, D]
+    unit keys of the same images, queue: [K, D] unit keys of earlier batches. With q_i unit,
+        l_i = -log( exp(q_i . k_i / T) / (exp(q_i . k_i / T) + sum_j exp(q_i . queue_j / T)) ),
+    i.e. cross-entropy of the logits [l_pos, l_neg] / T with label 0, averaged over the batch.
+    Keys and queue receive no gradient (stop-gradient). Needs no torch.distributed.
+    """
+    q = F.normalize(q, dim=1)                                          # [n, D]
+    k, queue = k.detach(), queue.detach()
+    l_pos = (q * k).sum(dim=1, keepdim=True)                           # [n, 1]
+    l_neg = q @ queue.T                                                # [n, K]
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature            # [n, 1 + K]
+    labels = torch.zeros(len(q), dtype=torch.long, device=q.device)    # the positive is column 0
+    return F.cross_entropy(logits, labels)
+
+
+# ------------------------------------------------------------------------------- training
+
+@exit_on_user_error
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, _, device = setup_distributed()
+    per_rank_batch = check_batch(args, world)
+    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
+    if args.queue_size % keys_per_step:
+        why = "global batch x 2, --symmetric" if args.symmetric else "the global batch"
+        raise UserError(f"--queue-size {args.queue_size} is not a multiple of the {keys_per_step} "
+                        f"keys enqueued per step ({why})")
+    if args.bn_splits is None:
+        args.bn_splits = 8 if world == 1 else 1
+    if per_rank_batch % args.bn_splits:
+        raise UserError(f"the batch per process {per_rank_batch} is not divisible by "
+                        f"--bn-splits {args.bn_splits}")
+    args.precision = resolve_precision(args.precision, device)
+    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
+    os.makedirs(args.run_dir, exist_ok=True)
+    log = Logger(args.run_dir, is_main=rank == 0)
+    seed_everything(args.seed + rank)
+
+    # data: two views per image; kNN monitor on the labelled train and val splits
+    train_set = build_dataset(args.data, "ssl", MultiView(moco_view(args), moco_view(args)),
+                              args.data_dir, args.synthetic_size, args.img_size, rank)
+    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
+    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
+                         seeded=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
+    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+
+    # model, optimizer, schedule. MoCo v2 uses no SyncBN (shuffle BN instead). DDP all-reduces
+    # the query encoder's gradients; the key encoder has no trainable parameters and runs outside
+    # the DDP forward. As in the official code, DDP also broadcasts rank 0's buffers (BN
+    # statistics, queue) at each forward: the queue is the same on every rank anyway.
+    model = MoCo(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim,
+                 args.queue_size, args.bn_splits)
+    model = distribute(model, device, world, args.compile, sync_bn=False)
+    # SGD with weight decay on every parameter, biases and BN included, as the official code.
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
+                                momentum=0.9, weight_decay=args.weight_decay)
+    scaler = grad_scaler(args.precision, device)
+    peak_lr = args.lr * args.batch_size / 256
+    total_steps = args.epochs * steps_per_epoch
+
+    # resume from the run directory if it holds a checkpoint (key encoder and queue included)
+    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+    ckpt = resume(ckpt_path, model, optimizer, scaler)
+    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
+    if ckpt:
+        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
+    else:
+        log.print(f"MoCo v2, {world} process(es) on {device}\n{format_args(args)}")
+        if rank == 0:
+            save_args(args, os.path.join(args.run_dir, "args.json"), world)
+        if args.knn_every:  # epoch-0 reference: the randomly initialised network
+            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (SGD, no warmup, cosine to "
+              f"0); queue {args.queue_size}, momentum {args.moco_momentum}, T {args.temperature}, "
+              f"BN groups {args.bn_splits} x {world}; {steps_per_epoch} steps per epoch")
+
+    def save(epoch, batch_in_epoch):
+        if rank == 0:
+            save_checkpoint(ckpt_path, "moco", args, model, optimizer, scaler, epoch,
+                            batch_in_epoch)
+
+    stop = StopSignal()
+    model.train()
+    moco = unwrap(model)
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
+        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        pos_sum = torch.zeros((), device=device)  # mean cosine of query and positive key
+        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
+        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+            step = epoch * steps_per_epoch + i
+            # Cosine per iteration with no warmup (the official code steps the cosine per epoch).
+            lr = warmup_cosine(step, total_steps, 0, peak_lr)
+            set_lr(optimizer, lr)
+            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x1, x2 = (x.to(memory_format=torch.channels_last) for x in (x1, x2))
+            moco.momentum_update(args.moco_momentum)  # m constant; BEFORE the keys, as official
+            shuffle_seed = (args.seed * 1_000_003 + step) * 2
+            with autocast(args.precision, device):
+                q = model(x1, x2) if args.symmetric else model(x1)     # queries, with gradient
+                k2 = moco.keys(x2, shuffle_seed)                       # [n, D] no gradient
+                k1 = moco.keys(x1, shuffle_seed + 1) if args.symmetric else None
+            q = [t.float() for t in q]                                 # loss math in fp32
+            loss = moco_loss(q[0], k2, moco.queue, args.temperature)
+            if args.symmetric:  # summed, as the official CIFAR-10 demo: each direction keeps
+                # the gradient scale of the one-direction loss
+                loss = loss + moco_loss(q[1], k1, moco.queue, args.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            # Enqueue after the loss (here after the step, which leaves the keys unchanged): the
+            # newest keys replace the oldest and become negatives from the next step on.
+            moco.enqueue(torch.cat([k1, k2]) if args.symmetric else k2)
+            pos_sim = (F.normalize(q[0].detach(), dim=1) * k2).sum(1).mean()  # mean cos(q, k+)
+            loss_sum, pos_sum = loss_sum + loss.detach(), pos_sum + pos_sim
+
+            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
+                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
+                          "momentum": args.moco_momentum, "pos_sim": pos_sim.item(),
+                          "img_per_s": (i + 1 - start_batch) * args.batch_size
+                          / (time.time() - epoch_start)}
+                progress.update(record)
+                log.log(record)
+            # every rank must stop at the same step: with several, agree every 10 steps
+            if (world == 1 or (i + 1) % 10 == 0) and broadcast_flag(stop.requested, device):
+                save(epoch, i + 1)
+                log.print(f"stop signal: saved {ckpt_path} at epoch {epoch}, batch {i + 1}")
+                if rank == 0 and requeue_slurm_job():
+                    log.print("requeued the Slurm job")
+                cleanup_distributed()
+                return
+
+        # end of epoch: monitor, log, checkpoint, export the backbone
+        steps_done = max(1, len(loader))
+        record = {"epoch": epoch + 1, "loss": (loss_sum / steps_done).item(),
+                  "pos_sim": (pos_sum / steps_done).item(), "momentum": args.moco_momentum,
+                  "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
+                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
+        if count_bad_images(train_set.bad_log):
+            record["bad_images"] = count_bad_images(train_set.bad_log)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn_top1(unwrap(model).backbone)
+        log.summary(record)
+        start_batch = 0
+        save(epoch + 1, 0)
+        if rank == 0:
+            export_backbone(unwrap(model).backbone, os.path.join(args.run_dir, "backbone.pt"))
+    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""SimSiam: Exploring Simple Siamese Representation Learning.
+
+Chen, He, CVPR 2021, arXiv 2011.10566.
+Official code (PyTorch): github.com/facebookresearch/simsiam
+
+Two augmented views of each image go through the same encoder f (ResNet + projection MLP) and
+a prediction MLP h; each view's prediction is pulled towards the other view's encoder output
+held constant (stop-gradient). No negatives, no momentum encoder: the stop-gradient alone keeps
+the outputs from collapsing, which the script watches through the std of the normalised output.
+Defaults are the paper's ImageNet recipe (ResNet-50, batch 512, SGD, lr 0.05 x batch/256, weight
+decay 1e-4, cosine, the predictor's lr fixed, 100 epochs: 68.1% linear top-1, official README).
+32 px images switch to the paper's CIFAR-10 recipe (appendix D: ResNet-18 with a 3x3 stem,
+2-layer projector, lr 0.03 x batch/256, weight decay 5e-4, no blur, 800 epochs: 91.8% linear).
+
+    python simsiam.py --data synthetic --arch resnet18 --epochs 1     # CPU smoke run, seconds
+    python simsiam.py --data cifar10                                  # CIFAR-10 recipe
+    torchrun --nproc_per_node=8 simsiam.py --data /imagenet           # ImageNet recipe, one node
+    sbatch slurm/train.sbatch simsiam.py --data /imagenet             # Slurm
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+                    autocast, broadcast_flag, broadcast_object, build_dataset, check_batch,
+                    cleanup_distributed, count_bad_images, distribute, exit_on_user_error,
+                    export_backbone, format_args, grad_scaler, knn_monitor, make_loader,
+                    recipe_values, requeue_slurm_job, resnet_backbone, resolve_precision,
+                    resolve_recipe, resume, save_args, save_checkpoint, seed_everything,
+                    setup_distributed, ssl_view, unwrap, warmup_cosine)
+
+# ------------------------------------------------------------------------------- arguments
+
+# The paper's ImageNet recipe (section 3 and appendix A, the official README's command with
+# --fix-pred-lr) and, for images <= 64 px, its CIFAR-10 recipe (appendix D: 2-layer projector,
+# no blur). Any flag given on the command line wins.
+IMAGENET = dict(arch="resnet50", epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4,
+                blur_prob=0.5, proj_layers=3)
+SMALL_IMAGES = dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, weight_decay=5e-4,
+                    blur_prob=0.0, proj_layers=2)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="SimSiam pre-training (Chen & He 2021). Recipe "
+                                "values in brackets; a flag given on the command line wins.")
+    add_common_args(p, "simsiam", IMAGENET, SMALL_IMAGES)
+    both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
+    g = p.add_argument_group("SimSiam")
+    g.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the predictor's lr at the peak value while the rest follows the "
+                        "cosine (default: on, as the official README's command; paper Table 1c: "
+                        "68.1%% with, 67.7%% without)")
+    g.add_argument("--blur-prob", type=float, help="Gaussian blur probability " + both("blur_prob"))
+    g.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear lr warmup (paper: 0; 10 for batches >= 1024, section 4.3)")
+    g.add_argument("--proj-layers", type=int, choices=[2, 3],
+                   help="projection MLP layers " + both("proj_layers"))
+    g.add_argument("--proj-dim", type=int, default=2048,
+                   help="projection hidden and output width (paper: 2048)")
+    g.add_argument("--pred-hidden-dim", type=int, default=512,
+                   help="prediction MLP bottleneck width (paper: 512)")
+    args = p.parse_args(argv)
+    return resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simsiam")
+
+
+# ------------------------------------------------------------------------------- augmentations
+
+def simsiam_view(args):
+    """MoCo v2's "aug+": crop (0.2, 1) + flip + colour jitter (0.4, 0.4, 0.4, 0.1) at p 0.8 +
+    grayscale p 0.2 + blur p 0.5 (ImageNet only): the same distribution for both views."""
+    return ssl_view(args.img_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+                    gray_p=0.2, blur_p=args.blur_prob)
+
+
+# ------------------------------------------------------------------------------- model
+
+class SimSiam(nn.Module):
+    """Encoder f = projector(backbone) and predictor h: p = h(f(x)), z = f(x).
+
+    Projector: (Linear, BN, ReLU) x (layers - 1), then Linear and BN without affine: BN after
+    every layer, as the official builder. Its width is the paper's 2048 for every backbone (the
+    official builder takes the backbone's width, also 2048 for ResNet-50, 512 for ResNet-18).
+    Predictor: the 2048 -> 512 -> 2048 bottleneck Linear-BN-ReLU-Linear, no BN on its output.
+    PyTorch's default initialisation everywhere, as the official code."""
+
+    def __init__(self, arch, small_images, proj_layers=3, dim=2048, pred_dim=512):
+        super().__init__()
+        # The official builder zero-initialises the last BN scale of each residual block.
+        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
+        layers, width = [], self.backbone.feature_dim
+        for _ in range(proj_layers - 1):
+            layers += [nn.Linear(width, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True)]
+            width = dim
+        # The official output layer has a bias it freezes (never trained); BN without affine
+        # subtracts the batch (or running) mean, which removes any constant: no bias is the same.
+        layers += [nn.Linear(width, dim, bias=False), nn.BatchNorm1d(dim, affine=False)]
+        self.projector = nn.Sequential(*layers)
+        self.predictor = nn.Sequential(
+            nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
+            nn.Linear(pred_dim, dim))
+
+    def forward(self, x1, x2):
+        # One view per pass, so BN normalises each view over its own batch, as the official code.
+        z1 = self.projector(self.backbone(x1))
+        z2 = self.projector(self.backbone(x2))
+        return self.predictor(z1), self.predictor(z2), z1, z2
+
+
+# ------------------------------------------------------------------------------- loss
+
+def simsiam_loss(p1, p2, z1, z2):
+    """Symmetrised negative cosine similarity with stop-gradient on z. p*, z*: [n, D].
+
+        D(p, z) = -cos(p, sg(z)) = -(p / ||p||) . (z / ||z||)     (z a constant)
+        L = 1/2 D(p1, z2) + 1/2 D(p2, z1),   averaged over the batch
+
+    The minimum is -1. Each sample's term depends on that sample alone: each rank averages
+    its own samples and DDP averages ranks, which is the mean over the global batch.
+    """
+    z1, z2 = z1.detach(), z2.detach()                           # stop-gradient: [n, D] constants
+    d12 = -F.cosine_similarity(p1, z2, dim=1)                   # [n] view 1 predicts view 2
+    d21 = -F.cosine_similarity(p2, z1, dim=1)                   # [n] view 2 predicts view 1
+    return 0.5 * d12.mean() + 0.5 * d21.mean()
+
+
+@torch.no_grad()
+def output_std(z):
+    """The paper's collapse indicator (section 4.1, Fig. 2): the std over the batch of each
+    dimension of z / ||z||, averaged over dimensions. z: [n, D]. About 1/sqrt(D) for
+    outputs spread over the sphere, 0 when every image gives the same output."""
+    return F.normalize(z, dim=1).std(dim=0).mean()
+
+
+# ------------------------------------------------------------------------------- training
+
+def simsiam_optimizer(model, peak_lr, weight_decay, fix_pred_lr):
+    """SGD, momentum 0.9, weight decay on EVERY parameter, BN and biases included (paper
+    appendix A; unlike LARS methods there is no exclusion). Two groups: the predictor,
+    flagged `fix_lr` if its rate stays at the peak, and everything else."""
+    model = unwrap(model)
+    predictor = list(model.predictor.parameters())
+    rest = [p for name, p in model.named_parameters() if not name.startswith("predictor.")]
+    groups = [{"params": rest, "fix_lr": False}, {"params": predictor, "fix_lr": fix_pred_lr}]
+    return torch.optim.SGD(groups, lr=peak_lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def set_simsiam_lr(optimizer, lr, peak_lr):
+    """The scheduled `lr` for every group but those flagged `fix_lr`, which keep `peak_lr`."""
+    for group in optimizer.param_groups:
+        group["lr"] = peak_lr if group["fix_lr"] else lr
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, _, device = setup_distributed()
+    per_rank_batch = check_batch(args, world)
+    args.precision = resolve_precision(args.precision, device)
+    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
+    os.makedirs(args.run_dir, exist_ok=True)
+    log = Logger(args.run_dir, is_main=rank == 0)
+    seed_everything(args.seed + rank)
+
+    # data: two views per image; kNN monitor on the labelled train and val splits
+    train_set = build_dataset(args.data, "ssl", MultiView(simsiam_view(args), simsiam_view(args)),
+                              args.data_dir, args.synthetic_size, args.img_size, rank)
+    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
+    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
+                         seeded=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
+    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+
+    # model, optimizer, schedule (SyncBN with several GPU processes, as the official code)
+    model = SimSiam(args.arch, args.small_images, args.proj_layers, args.proj_dim,
+                    args.pred_hidden_dim)
+    model = distribute(model, device, world, args.compile)
+    peak_lr = args.lr * args.batch_size / 256
+    optimizer = simsiam_optimizer(model, peak_lr, args.weight_decay, args.fix_pred_lr)
+    scaler = grad_scaler(args.precision, device)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+
+    # resume from the run directory if it holds a checkpoint
+    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+    ckpt = resume(ckpt_path, model, optimizer, scaler)
+    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
+    if ckpt:
+        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
+    else:
+        log.print(f"SimSiam, {world} process(es) on {device}\n{format_args(args)}")
+        if rank == 0:
+            save_args(args, os.path.join(args.run_dir, "args.json"), world)
+        if args.knn_every:  # epoch-0 reference: the randomly initialised network
+            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (SGD, {args.warmup_epochs} "
+              f"warmup epochs, cosine to 0; predictor "
+              f"{'fixed at ' + format(peak_lr, 'g') if args.fix_pred_lr else 'cosine too'}); "
+              f"{steps_per_epoch} steps per epoch")
+
+    def save(epoch, batch_in_epoch):
+        if rank == 0:
+            save_checkpoint(ckpt_path, "simsiam", args, model, optimizer, scaler, epoch,
+                            batch_in_epoch)
+
+    stop = StopSignal()
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
+        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        std_sum = torch.zeros((), device=device)
+        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
+        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+            step = epoch * steps_per_epoch + i
+            # Cosine per iteration; the official code steps it once per epoch (the same curve,
+            # smoother, and a mid-epoch resume needs no special case).
+            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+            set_simsiam_lr(optimizer, lr, peak_lr)
+            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x1 = x1.to(memory_format=torch.channels_last)
+                x2 = x2.to(memory_format=torch.channels_last)
+            with autocast(args.precision, device):
+                p1, p2, z1, z2 = model(x1, x2)
+            p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()  # loss math in fp32
+            loss = simsiam_loss(p1, p2, z1, z2)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+            z_std = output_std(torch.cat([z1, z2]))  # this rank's batch, both views
+            std_sum += z_std
+
+            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
+                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
+                          "z_std": z_std.item(),
+                          "img_per_s": (i + 1 - start_batch) * args.batch_size
+                          / (time.time() - epoch_start)}
+                progress.update(record)
+                log.log(record)
+            # every rank must stop at the same step: with several, agree every 10 steps
+            if (world == 1 or (i + 1) % 10 == 0) and broadcast_flag(stop.requested, device):
+                save(epoch, i + 1)
+                log.print(f"stop signal: saved {ckpt_path} at epoch {epoch}, batch {i + 1}")
+                if rank == 0 and requeue_slurm_job():
+                    log.print("requeued the Slurm job")
+                cleanup_distributed()
+                return
+
+        # end of epoch: monitor, log, checkpoint, export the backbone
+        record = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(loader))).item(),
+                  "z_std": (std_sum / max(1, len(loader))).item(),
+                  "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
+                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
+        if count_bad_images(train_set.bad_log):
+            record["bad_images"] = count_bad_images(train_set.bad_log)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn_top1(unwrap(model).backbone)
+        log.summary(record)
+        start_batch = 0
+        save(epoch + 1, 0)
+        if rank == 0:
+            export_backbone(unwrap(model).backbone, os.path.join(args.run_dir, "backbone.pt"))
+    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
