@@ -1,9 +1,13 @@
 """Helpers for the tests: run the real scripts by subprocess on tiny settings, make image folders."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
@@ -43,4 +47,38 @@ def make_image_folder(root, classes=3, train_per_class=8, val_per_class=3, size=
             for i in range(per_class):
                 pixels = rng.integers(0, 256, (size, size, 3)) // 2 + 40 * c
                 Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(folder / f"{i}.jpg", quality=90)
+    return Path(root)
+
+
+def run_until_signal(args, run_dir, after_step, timeout=240):
+    """Start `python <args>` (which must write to `run_dir`), send it SIGUSR1 as soon as its
+    log.jsonl holds a record of step >= `after_step`, and wait for its clean stop. Returns the
+    checkpoint it saved; fails if the run ended before the signal could be sent."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            log = Path(run_dir) / "log.jsonl"
+            if log.exists() and any(r.get("step", 0) >= after_step for r in read_log(run_dir)):
+                proc.send_signal(signal.SIGUSR1)
+                break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stop signal: saved" in out, "the run finished before the signal arrived"
+    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=False)
+
+
+def cifar10_subset(cifar10_dir, root, train_per_class, val_per_class):
+    """A class-balanced subset of the real CIFAR-10 JPEG tree under `root`, linked, not copied."""
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for cls in sorted(os.listdir(Path(cifar10_dir) / split)):
+            (Path(root) / split / cls).mkdir(parents=True)
+            for name in sorted(os.listdir(Path(cifar10_dir) / split / cls))[:per_class]:
+                os.symlink(Path(cifar10_dir) / split / cls / name, Path(root) / split / cls / name)
     return Path(root)

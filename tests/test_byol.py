@@ -3,11 +3,6 @@ stop-gradient, the recipe presets, and the script end to end (synthetic and real
 resume of the online AND target networks, linear_eval.py on its checkpoint)."""
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +10,7 @@ import torch.nn as nn
 
 from byol import BYOL, byol_loss, byol_views, ema_update, get_args
 from common import LARS, param_groups, set_lr, warmup_cosine
-from tests.helpers import REPO, TINY, ok, read_log, run
+from tests.helpers import TINY, cifar10_subset, ok, read_log, run, run_until_signal
 
 
 # ---------------------------------------------------------------- loss
@@ -211,12 +206,7 @@ def test_one_step_run_ema_after_the_step_then_linear_eval(tmp_path):
 
 
 def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
-    root = tmp_path / "cifar10"
-    for split, per_class in (("train", 4), ("val", 2)):
-        for cls in sorted(os.listdir(cifar10_dir / split)):
-            (root / split / cls).mkdir(parents=True)
-            for name in sorted(os.listdir(cifar10_dir / split / cls))[:per_class]:
-                os.symlink(cifar10_dir / split / cls / name, root / split / cls / name)
+    root = cifar10_subset(cifar10_dir, tmp_path / "cifar10", 4, 2)
     run_dir = tmp_path / "run"
     ok(run(["byol.py", "--data", root, "--img-size", "32", "--arch", "resnet18",
             "--batch-size", "20", "--epochs", "1", "--workers", "0", "--log-every", "1",
@@ -243,25 +233,8 @@ def test_interrupted_run_resumes_exactly_with_the_target(tmp_path):
     ok(run([*flags, "--workers", "0", "--run-dir", straight]))
 
     resumed = tmp_path / "resumed"
-    cmd = [sys.executable, *map(str, flags), "--workers", "2", "--run-dir", str(resumed)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (resumed / "log.jsonl").exists() and any(
-                    r.get("step", 0) >= 4 for r in read_log(resumed)):  # epoch 1 (3 steps) done
-                proc.send_signal(signal.SIGUSR1)
-                break
-            time.sleep(0.05)
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    assert "stop signal: saved" in out, "the run finished before the signal arrived"
-    stopped = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    stopped = run_until_signal([*flags, "--workers", "2", "--run-dir", resumed], resumed,
+                               after_step=4)  # in epoch 2
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
 
     proc = ok(run([*flags, "--workers", "2", "--run-dir", resumed]))

@@ -2,11 +2,6 @@
 processes), bad queue sizes, end to end with linear_eval.py, real JPEGs, and exact resume."""
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +11,7 @@ import torch.nn.functional as F
 import moco
 from common import MultiView, build_dataset, make_loader, resnet_backbone
 from tests import moco_ddp_check as ddp
-from tests.helpers import REPO, TINY, ok, read_log, run
+from tests.helpers import TINY, cifar10_subset, ok, read_log, run, run_until_signal
 
 
 def naive_moco_loss(q, k, queue, temperature):
@@ -298,12 +293,7 @@ def test_synthetic_run_then_linear_eval(straight_run, tmp_path):
 
 
 def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
-    root = tmp_path / "cifar10"
-    for split, per_class in (("train", 8), ("val", 4)):
-        for cls in sorted(os.listdir(cifar10_dir / split)):
-            (root / split / cls).mkdir(parents=True)
-            for name in sorted(os.listdir(cifar10_dir / split / cls))[:per_class]:
-                os.symlink(cifar10_dir / split / cls / name, root / split / cls / name)
+    root = cifar10_subset(cifar10_dir, tmp_path / "cifar10", 8, 4)
     run_dir = tmp_path / "run"
     ok(run(["moco.py", "--data", root, "--img-size", "32", "--arch", "resnet18",
             "--batch-size", "40", "--queue-size", "80", "--epochs", "1", "--workers", "0",
@@ -325,25 +315,8 @@ def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
     straight one none: this changes the draws from the global RNG, which the key shuffle must
     not depend on."""
     resumed = tmp_path / "resumed"
-    cmd = [sys.executable, *map(str, FLAGS), "--workers", "2", "--run-dir", str(resumed)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (resumed / "log.jsonl").exists() and any(
-                    r.get("step", 0) >= 4 for r in read_log(resumed)):  # epoch 1 done
-                proc.send_signal(signal.SIGUSR1)
-                break
-            time.sleep(0.05)
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    assert "stop signal: saved" in out, "the run finished before the signal arrived"
-    stopped = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    stopped = run_until_signal([*FLAGS, "--workers", "2", "--run-dir", resumed], resumed,
+                               after_step=4)  # in epoch 2
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] in (1, 2)  # mid-epoch
 
     proc = ok(run([*FLAGS, "--workers", "2", "--run-dir", resumed]))

@@ -2,17 +2,14 @@
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torchvision
 
 from common import resnet_backbone
-from tests.helpers import REPO, TINY, make_image_folder, ok, read_log, run
+from tests.helpers import (TINY, cifar10_subset, make_image_folder, ok, read_log, run,
+                           run_until_signal)
 
 
 def test_synthetic_run_then_linear_eval(tmp_path):
@@ -81,12 +78,7 @@ def test_imagefolder_with_truncated_jpeg_and_torchvision_backbone(tmp_path):
 
 def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     # A small class-balanced subset of the real JPEG tree, linked (not copied).
-    root = tmp_path / "cifar10"
-    for split, per_class in (("train", 20), ("val", 10)):
-        for cls in sorted(os.listdir(cifar10_dir / split)):
-            (root / split / cls).mkdir(parents=True)
-            for name in sorted(os.listdir(cifar10_dir / split / cls))[:per_class]:
-                os.symlink(cifar10_dir / split / cls / name, root / split / cls / name)
+    root = cifar10_subset(cifar10_dir, tmp_path / "cifar10", 20, 10)
     run_dir = tmp_path / "run"
     ok(run(["simclr.py", "--data", root, "--img-size", "32", "--arch", "resnet18",
             "--batch-size", "50", "--epochs", "1", "--workers", "0", "--run-dir", run_dir]))
@@ -121,25 +113,8 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     ok(run([*flags, "--workers", "0", "--run-dir", straight]))
 
     resumed = tmp_path / "resumed"
-    cmd = [sys.executable, *map(str, flags), "--workers", "2", "--run-dir", str(resumed)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (resumed / "log.jsonl").exists() and any(
-                    r.get("step", 0) >= 5 for r in read_log(resumed)):  # epoch 1 done
-                proc.send_signal(signal.SIGUSR1)
-                break
-            time.sleep(0.05)
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    assert "stop signal: saved" in out, "the run finished before the signal arrived"
-    stopped = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    stopped = run_until_signal([*flags, "--workers", "2", "--run-dir", resumed], resumed,
+                               after_step=5)  # in epoch 2
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
 
     proc = ok(run([*flags, "--workers", "2", "--run-dir", resumed]))

@@ -3,11 +3,6 @@ collapse indicator, the optimizer (weight decay everywhere, fixed predictor lr),
 script end to end (linear_eval.py on its checkpoint, real JPEGs, exact resume)."""
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +11,7 @@ import torch.nn as nn
 from common import warmup_cosine
 from simsiam import (SimSiam, get_args, output_std, set_simsiam_lr, simsiam_loss,
                      simsiam_optimizer)
-from tests.helpers import REPO, ok, read_log, run
+from tests.helpers import cifar10_subset, ok, read_log, run, run_until_signal
 
 
 # ------------------------------------------------------------------------------- loss
@@ -222,12 +217,7 @@ def test_checkpoint_keeps_predictor_lr_at_peak(straight_run):
 
 
 def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
-    root = tmp_path / "cifar10"
-    for split, per_class in (("train", 5), ("val", 3)):
-        for cls in sorted(os.listdir(cifar10_dir / split)):
-            (root / split / cls).mkdir(parents=True)
-            for name in sorted(os.listdir(cifar10_dir / split / cls))[:per_class]:
-                os.symlink(cifar10_dir / split / cls / name, root / split / cls / name)
+    root = cifar10_subset(cifar10_dir, tmp_path / "cifar10", 5, 3)
     run_dir = tmp_path / "run"
     ok(run(["simsiam.py", "--data", root, "--img-size", "32", "--arch", "resnet18",
             "--batch-size", "25", "--epochs", "1", "--workers", "0", "--proj-dim", "256",
@@ -245,25 +235,8 @@ def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
     """The straight run == the same run stopped by SIGUSR1 in epoch 2 and resumed (with 2
     loader workers instead of none: the augmentations are seeded per sample)."""
     resumed = tmp_path / "resumed"
-    cmd = [sys.executable, *map(str, FLAGS), "--workers", "2", "--run-dir", str(resumed)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (resumed / "log.jsonl").exists() and any(
-                    r.get("step", 0) >= 5 for r in read_log(resumed)):  # epoch 1 done
-                proc.send_signal(signal.SIGUSR1)
-                break
-            time.sleep(0.05)
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    assert "stop signal: saved" in out, "the run finished before the signal arrived"
-    stopped = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    stopped = run_until_signal([*FLAGS, "--workers", "2", "--run-dir", resumed], resumed,
+                               after_step=5)  # in epoch 2
     assert stopped["epoch"] == 1 and 1 <= stopped["batch_in_epoch"] < 4
     last = 4 + stopped["batch_in_epoch"] - 1  # the step whose lr the optimizer holds
     groups = stopped["optimizer"]["param_groups"]
