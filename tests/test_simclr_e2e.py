@@ -131,8 +131,9 @@ def test_interrupted_run_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_learns_on_real_cifar10(tmp_path, cifar10_dir):
-    """Opt-in (`pytest -m slow`, ~20 min on 2 cores): a short run on 5,000 real CIFAR-10 training
-    images raises kNN top-1 on the full val split above the random-initialisation value."""
+    """Opt-in (`pytest -m slow`, ~25 min on 2 cores): 3 epochs on 5,000 real CIFAR-10 training
+    images raise kNN top-1 on the full val split above the random-initialisation value
+    (measured: 27.5% -> 33.4%)."""
     root = tmp_path / "cifar10"
     for cls in sorted(os.listdir(cifar10_dir / "train")):
         (root / "train" / cls).mkdir(parents=True)
@@ -142,7 +143,7 @@ def test_learns_on_real_cifar10(tmp_path, cifar10_dir):
     run_dir = tmp_path / "run"
     ok(run(["simclr.py", "--data", root, "--img-size", "32", "--arch", "resnet18",
             "--batch-size", "256", "--epochs", "3", "--warmup-epochs", "1", "--workers", "2",
-            "--run-dir", run_dir], timeout=3600))
+            "--knn-every", "3", "--run-dir", run_dir], timeout=3600))
     log = read_log(run_dir)
     start, end = log[0]["knn_top1"], log[-1]["knn_top1"]
     assert end > start + 2, (start, end)
