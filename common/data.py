@@ -78,6 +78,17 @@ class MultiView:
         return "MultiView(\n" + "\n".join(repr(t) for t in self.transforms) + ")"
 
 
+def multi_crop(counts, sizes, scales, **view_kwargs):
+    """Multi-crop (SwAV, Caron et al. 2020): counts[i] views of sizes[i] px whose crop covers a
+    fraction scales[i] of the image, e.g. 2 x 224 px at (0.14, 1) + 6 x 96 px at (0.05, 0.14);
+    every crop then gets the same flip, colour, blur and solarize recipe (`ssl_view`'s other
+    arguments). Returns a MultiView: a list of crops, in the order of `counts`."""
+    if not (len(counts) == len(sizes) == len(scales)):
+        raise ValueError("multi_crop: counts, sizes and scales need one entry per crop group")
+    return MultiView(*[ssl_view(size, scale=tuple(scale), **view_kwargs)
+                       for n, size, scale in zip(counts, sizes, scales) for _ in range(n)])
+
+
 def eval_transform(size):
     """Resize + centre crop (ImageNet: 256 -> 224); small images are only resized."""
     resize = size if size <= 64 else round(size / 0.875)

@@ -99,6 +99,36 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x).flatten(0, 1)
 
 
+class _AllReduceWithGrad(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is an all_reduce(SUM) of the gradients.
+
+    When every rank computes the same loss from y = sum_r x_r, the gradient reaching x_r must
+    be sum_s d(loss_s)/dy = world x dL/dy, so that DDP's average over ranks gives the gradient of
+    the one global loss. An in-place `dist.all_reduce` in the forward is invisible to autograd
+    and gives gradients 1/world too small (the Barlow Twins bug of a peer library).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_with_grad(x):
+    """Sum of `x` over all ranks (same shape on every rank), differentiable as explained above;
+    `x` itself when torch.distributed is not initialised."""
+    if get_world_size() == 1:
+        return x
+    return _AllReduceWithGrad.apply(x)
+
+
 @torch.no_grad()
 def all_gather_tensor(x):
     """Concatenate `x` [n, ...] from all ranks (no gradient). Same n on every rank."""
