@@ -44,7 +44,8 @@ class Logger:
     def log(self, record):
         if not self.is_main:
             return
-        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        # 7 significant digits: short lines, and small learning rates keep their precision
+        record = {k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in record.items()}
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")

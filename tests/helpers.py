@@ -17,9 +17,14 @@ TINY = ["--arch", "resnet18", "--img-size", "16", "--synthetic-size", "64", "--b
         "--workers", "0", "--epochs", "1", "--log-every", "1"]
 
 
+# One intra-op thread per script run: tiny models gain nothing from more, and on a busy machine
+# competing thread pools make runs many times slower (torchrun sets the same for its workers).
+SUBPROCESS_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
 def run(args, timeout=300, env=None, **kw):
     """Run `python <args>` in the repository; return the CompletedProcess (text output)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, **SUBPROCESS_ENV, **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=full_env, **kw)
 
@@ -54,7 +59,7 @@ def run_until_signal(args, run_dir, after_step, timeout=240):
     """Start `python <args>` (which must write to `run_dir`), send it SIGUSR1 as soon as its
     log.jsonl holds a record of step >= `after_step`, and wait for its clean stop. Returns the
     checkpoint it saved; fails if the run ended before the signal could be sent."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **SUBPROCESS_ENV}
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

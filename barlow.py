@@ -1,0 +1,278 @@
+"""Barlow Twins: Self-Supervised Learning via Redundancy Reduction.
+
+Zbontar, Jing, Misra, LeCun, Deny, ICML 2021, arXiv 2103.03230.
+Official code (PyTorch): github.com/facebookresearch/barlowtwins
+
+Two augmented views of each image go through the same ResNet and a wide MLP projector. The loss
+drives the cross-correlation matrix of the two views' embeddings, each feature standardised over
+the global batch, towards the identity: its diagonal to 1 (invariance to the augmentations), its
+off-diagonal to 0 (redundancy reduction). No negatives, no predictor, no target network.
+Defaults are the official ImageNet recipe (ResNet-50, projector 8192-8192-8192, batch 2048,
+LARS, lr 0.2 for weights and 0.0048 for biases and BN x batch/256, lambda 0.0051, 1000 epochs:
+73.2% linear top-1 in the paper, 73.5% for the released checkpoint). 32 px images switch to a
+CIFAR-10 recipe; the paper has none, so ours takes solo-learn's (ResNet-18 with a 3x3 stem,
+projector 2048-2048-2048, batch 256, lr 0.3 x batch/256, wd 1e-4, no blur, 1000 epochs: 92.1%
+linear top-1 in solo-learn's results table).
+
+    python barlow.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, seconds
+    python barlow.py --data cifar10                                   # CIFAR-10 recipe
+    torchrun --nproc_per_node=8 barlow.py --data /imagenet            # ImageNet recipe, one node
+    sbatch slurm/train.sbatch barlow.py --data /imagenet              # Slurm
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn as nn
+from torchvision.transforms import InterpolationMode
+
+from common import (LARS, Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+                    all_reduce_with_grad, autocast, broadcast_flag, broadcast_object,
+                    build_dataset, check_batch, cleanup_distributed, count_bad_images,
+                    distribute, exit_on_user_error, export_backbone, format_args, get_world_size,
+                    grad_scaler, knn_monitor, make_loader, param_groups, recipe_values,
+                    requeue_slurm_job, resnet_backbone, resolve_precision, resolve_recipe,
+                    resume, save_args, save_checkpoint, seed_everything, set_lr,
+                    setup_distributed, ssl_view, unwrap, warmup_cosine)
+
+# ------------------------------------------------------------------------------- arguments
+
+# The official ImageNet recipe (the defaults of the official main.py) and, for images <= 64 px,
+# a CIFAR-10 recipe. There is no official one: ours takes solo-learn's CIFAR Barlow Twins
+# settings (projector 2048-2048-2048, the width CIFAR re-implementations use, batch 256, lr 0.3
+# x batch/256, wd 1e-4, lambda 0.0051, no blur, solarize 0 / 0.2, 1000 epochs) and gives biases
+# and BN the official ratio of rates, 0.3 x 0.0048 / 0.2. solo-learn also scales the loss by 0.1
+# and uses a LARS with eta 0.02 and lr clipping; we keep the official optimizer (eta 0.001, no
+# clipping) and the unscaled loss. Any flag given on the command line wins.
+IMAGENET = dict(arch="resnet50", epochs=1000, batch_size=2048, lr=0.2, lr_biases=0.0048,
+                weight_decay=1e-6, warmup_epochs=10, lambd=0.0051, projector="8192-8192-8192",
+                blur_probs=(1.0, 0.1), solarize_probs=(0.0, 0.2))
+SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=256, lr=0.3, lr_biases=0.0072,
+                    weight_decay=1e-4, warmup_epochs=10, lambd=0.0051, projector="2048-2048-2048",
+                    blur_probs=(0.0, 0.0), solarize_probs=(0.0, 0.2))
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Barlow Twins pre-training (Zbontar et al. 2021). "
+                                "Recipe values in brackets; a flag given on the command line wins.")
+    add_common_args(p, "barlow", IMAGENET, SMALL_IMAGES)
+    both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
+    g = p.add_argument_group("Barlow Twins", "--lr is the weights' base rate (paper: 0.2) and "
+                             "--weight-decay defaults to the official code's 1e-6 (the paper "
+                             "states 1.5e-6)")
+    g.add_argument("--lr-biases", type=float, help="base learning rate of biases and BN "
+                   "parameters, x batch/256 (paper: 0.0048) " + both("lr_biases"))
+    g.add_argument("--lambd", type=float, help="weight lambda of the off-diagonal (redundancy "
+                   "reduction) term; the paper writes 5e-3, the official code uses 0.0051 "
+                   + both("lambd"))
+    g.add_argument("--projector", help="projector widths, dash-separated: Linear (no bias)-BN-"
+                   "ReLU for each width but the last, then Linear (no bias) " + both("projector"))
+    g.add_argument("--blur-probs", type=float, nargs=2, metavar=("P1", "P2"),
+                   help="Gaussian blur probability of view 1 and view 2 " + both("blur_probs"))
+    g.add_argument("--solarize-probs", type=float, nargs=2, metavar=("P1", "P2"),
+                   help="solarisation probability of view 1 and view 2 " + both("solarize_probs"))
+    g.add_argument("--warmup-epochs", type=float, help="linear lr warmup " + both("warmup_epochs"))
+    args = resolve_recipe(p.parse_args(argv), IMAGENET, SMALL_IMAGES, "barlow")
+    widths = args.projector.split("-")
+    if not all(w.isdigit() and int(w) > 0 for w in widths):
+        raise UserError(f"--projector {args.projector}: expected widths like 8192-8192-8192")
+    if args.lr <= 0:
+        raise UserError("--lr must be positive (the biases' rate is set relative to it)")
+    return args
+
+
+# ------------------------------------------------------------------------------- augmentations
+
+def barlow_views(args):
+    """Crop (0.08, 1, bicubic as the official code) + flip + colour jitter (0.4, 0.4, 0.2, 0.1)
+    at p 0.8 + grayscale p 0.2, then the asymmetric part: blur p 1.0 / 0.1 and solarize p 0.0 /
+    0.2 for views 1 / 2 (small images: no blur, which removes most of 32 px images' detail)."""
+    return [ssl_view(args.img_size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                     gray_p=0.2, blur_p=blur_p, solarize_p=solarize_p,
+                     interpolation=InterpolationMode.BICUBIC)
+            for blur_p, solarize_p in zip(args.blur_probs, args.solarize_probs)]
+
+
+# ------------------------------------------------------------------------------- model
+
+class BarlowTwins(nn.Module):
+    """ResNet backbone f and projector g: z = g(f(x)). The projector of the official code: for
+    each width but the last, Linear (no bias) - BN - ReLU; then Linear (no bias). The BN without
+    scale or shift that standardises z before the cross-correlation is computed in the loss."""
+
+    def __init__(self, arch, small_images, projector="8192-8192-8192"):
+        super().__init__()
+        # The official code builds its ResNet-50 with zero_init_residual=True.
+        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
+        sizes = [self.backbone.feature_dim] + [int(w) for w in projector.split("-")]
+        layers = []
+        for d_in, d_out in zip(sizes[:-2], sizes[1:-1]):
+            layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out),
+                       nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
+        self.projector = nn.Sequential(*layers)
+
+    def forward(self, x1, x2):
+        """Projections z1, z2 [n, D] of the two views. Each view is a separate pass through the
+        network (BN statistics per view), as in the official code."""
+        return self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+
+
+# ------------------------------------------------------------------------------- loss
+
+def barlow_twins_loss(z1, z2, lambd, eps=1e-5):
+    """Barlow Twins loss over the GLOBAL batch of N. z1, z2: [n, D] projections of the two views
+    on this rank. Returns (loss, on-diagonal term, off-diagonal term).
+
+    Each feature is standardised with the global batch's mean and biased variance (+ eps): what
+    the official BatchNorm1d(affine=False), a SyncBN under DDP, computes in training mode. Then
+        C_ij = sum_b z1_bi z2_bj / N     (standardised z; cross-correlation of the views, [D, D])
+        L = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2
+    Sums over ranks go through all_reduce_with_grad, whose backward sums too. Every rank computes
+    the same L(S) of S = sum_r s_r, so the backward hands each rank's partial sum s_r the sum over
+    ranks of dL/dS = world x dL/dS, and rank r's gradient is g_r = world x dL/dS ds_r/dtheta. DDP
+    averages: (1/world) sum_r g_r = dL/dS sum_r ds_r/dtheta = dL/dtheta, the gradient of one
+    process holding the whole batch. The official code all-reduces C in place, which autograd
+    does not see: s_r gets dL/dS only, and the result is 1/world of dL/dtheta (a peer library
+    shipped that bug). LARS's trust ratio makes the weights' steps almost blind to that factor;
+    biases and BN, which it does not adapt, take steps world times larger here.
+    """
+    N = z1.shape[0] * get_world_size()
+    z = torch.stack([z1, z2])                                             # [2, n, D]
+    mean = all_reduce_with_grad(z.sum(dim=1, keepdim=True)) / N          # [2, 1, D]
+    var = all_reduce_with_grad((z - mean).pow(2).sum(dim=1, keepdim=True)) / N  # [2, 1, D]
+    z = (z - mean) / torch.sqrt(var + eps)                                # [2, n, D]
+    c = all_reduce_with_grad(z[0].T @ z[1]) / N                          # [D, D]
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    eye = torch.eye(c.shape[0], dtype=torch.bool, device=c.device)
+    off_diag = c.masked_fill(eye, 0.0).pow(2).sum()
+    return on_diag + lambd * off_diag, on_diag, off_diag
+
+
+# ------------------------------------------------------------------------------- training
+
+def barlow_optimizer(model, weight_decay, lr, lr_biases):
+    """LARS (momentum 0.9, eta 0.001) on the official code's two groups: weights (decayed,
+    adapted) and 1-D parameters (biases and BN: neither). set_lr multiplies the second group's
+    rate by its `lr_scale`, lr_biases / lr (0.0048 / 0.2 on ImageNet)."""
+    groups = param_groups(model, weight_decay)
+    groups[1]["lr_scale"] = lr_biases / lr
+    return LARS(groups, lr=0.0, momentum=0.9)
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, _, device = setup_distributed()
+    per_rank_batch = check_batch(args, world)
+    args.precision = resolve_precision(args.precision, device)
+    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
+    os.makedirs(args.run_dir, exist_ok=True)
+    log = Logger(args.run_dir, is_main=rank == 0)
+    seed_everything(args.seed + rank)
+
+    # data: two views per image; kNN monitor on the labelled train and val splits
+    train_set = build_dataset(args.data, "ssl", MultiView(*barlow_views(args)),
+                              args.data_dir, args.synthetic_size, args.img_size, rank)
+    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
+    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
+                         seeded=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
+    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+
+    # model, optimizer, schedule: both groups warm up, then follow a cosine to 0.001 x their peak
+    model = BarlowTwins(args.arch, args.small_images, args.projector)
+    model = distribute(model, device, world, args.compile)
+    optimizer = barlow_optimizer(model, args.weight_decay, args.lr, args.lr_biases)
+    scaler = grad_scaler(args.precision, device)
+    peak_lr = args.peak_lr = args.lr * args.batch_size / 256
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+
+    # resume from the run directory if it holds a checkpoint
+    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+    ckpt = resume(ckpt_path, model, optimizer, scaler)
+    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
+    if ckpt:
+        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
+    else:
+        log.print(f"Barlow Twins, {world} process(es) on {device}\n{format_args(args)}")
+        if rank == 0:
+            save_args(args, os.path.join(args.run_dir, "args.json"), world)
+        if args.knn_every:  # epoch-0 reference: the randomly initialised network
+            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g}, biases and BN "
+              f"{args.lr_biases} x {args.batch_size}/256 = {peak_lr * args.lr_biases / args.lr:g} "
+              f"(LARS, {args.warmup_epochs} warmup epochs, cosine to 0.001 x); lambda "
+              f"{args.lambd}; {steps_per_epoch} steps per epoch")
+
+    def save(epoch, batch_in_epoch):
+        if rank == 0:
+            save_checkpoint(ckpt_path, "barlow", args, model, optimizer, scaler, epoch,
+                            batch_in_epoch)
+
+    stop = StopSignal()
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
+        epoch_start, sums = time.time(), torch.zeros(3, device=device)  # loss, on-, off-diagonal
+        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
+        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+            step = epoch * steps_per_epoch + i
+            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=0.001 * peak_lr)
+            set_lr(optimizer, lr)  # biases and BN: lr x lr_biases / lr
+            x = torch.cat([x1, x2]).to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.to(memory_format=torch.channels_last)
+            with autocast(args.precision, device):
+                z1, z2 = model(*x.chunk(2))                            # views apart (BN per view)
+            # loss math in fp32 (the official code computes C under autocast)
+            loss, on_diag, off_diag = barlow_twins_loss(z1.float(), z2.float(), args.lambd)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            terms = torch.stack([loss, on_diag, off_diag]).detach()
+            sums += terms
+
+            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
+                loss_v, on_v, off_v = terms.tolist()
+                record = {"epoch": epoch, "step": step + 1, "loss": loss_v, "on_diag": on_v,
+                          "off_diag": off_v, "lr": lr, "lr_biases": optimizer.param_groups[1]["lr"],
+                          "img_per_s": (i + 1 - start_batch) * args.batch_size
+                          / (time.time() - epoch_start)}
+                progress.update(record)
+                log.log(record)
+            # every rank must stop at the same step: with several, agree every 10 steps
+            if (world == 1 or (i + 1) % 10 == 0) and broadcast_flag(stop.requested, device):
+                save(epoch, i + 1)
+                log.print(f"stop signal: saved {ckpt_path} at epoch {epoch}, batch {i + 1}")
+                if rank == 0 and requeue_slurm_job():
+                    log.print("requeued the Slurm job")
+                cleanup_distributed()
+                return
+
+        # end of epoch: monitor, log, checkpoint, export the backbone
+        loss_v, on_v, off_v = (sums / max(1, len(loader))).tolist()
+        record = {"epoch": epoch + 1, "loss": loss_v, "on_diag": on_v, "off_diag": off_v,
+                  "lr": optimizer.param_groups[0]["lr"],
+                  "lr_biases": optimizer.param_groups[1]["lr"],
+                  "epoch_time": time.time() - epoch_start,
+                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
+        if count_bad_images(train_set.bad_log):
+            record["bad_images"] = count_bad_images(train_set.bad_log)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn_top1(unwrap(model).backbone)
+        log.summary(record)
+        start_batch = 0
+        save(epoch + 1, 0)
+        if rank == 0:
+            export_backbone(unwrap(model).backbone, os.path.join(args.run_dir, "backbone.pt"))
+    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

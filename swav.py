@@ -1,0 +1,373 @@
+"""SwAV: Unsupervised Learning of Visual Features by Contrasting Cluster Assignments.
+
+Caron, Misra, Mairal, Goyal, Bojanowski, Joulin, NeurIPS 2020, arXiv 2006.09882.
+Official code (PyTorch): github.com/facebookresearch/swav
+
+Several crops of each image (multi-crop: 2 large + 6 small) go through a ResNet, an MLP projector
+and an L2 normalisation; their scores against K = 3000 learnable unit prototypes are turned into
+soft cluster assignments ("codes") by a few Sinkhorn-Knopp iterations that spread the global batch
+evenly over the prototypes. Each of the two large crops' codes is predicted from every other crop
+(swapped prediction). Defaults are the official 800-epoch recipe (ResNet-50, batch 4096, LARS,
+lr 0.3 x batch/256 = 4.8, 2 x 224 + 6 x 96 crops: 75.3% linear top-1 in the official README;
+200 epochs at batch 256 with a queue: 72.7%). 32 px images switch to solo-learn's CIFAR settings
+(the paper has none: ResNet-18 with a 3x3 stem, batch 256, lr 0.6, two 32 px crops, queue 3840
+from epoch 50, 1000 epochs: 89.2% linear top-1 reported by solo-learn, online classifier).
+
+    python swav.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, seconds
+    python swav.py --data cifar10                                     # CIFAR-10 settings
+    torchrun --nproc_per_node=8 swav.py --data /imagenet              # ImageNet recipe, one node
+    sbatch slurm/train.sbatch swav.py --data /imagenet                # Slurm
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (LARS, Logger, Progress, StopSignal, UserError, add_common_args,
+                    all_gather_tensor, all_reduce_with_grad, autocast, broadcast_flag,
+                    broadcast_object, build_dataset, check_batch, cleanup_distributed,
+                    count_bad_images, distribute, exit_on_user_error, export_backbone,
+                    format_args, get_world_size, grad_scaler, knn_monitor, make_loader,
+                    multi_crop, param_groups, recipe_values, requeue_slurm_job, resnet_backbone,
+                    resolve_precision, resolve_recipe, resume, save_args, save_checkpoint,
+                    seed_everything, set_lr, setup_distributed, unwrap, warmup_cosine)
+
+# ------------------------------------------------------------------------------- arguments
+
+# The official 800-epoch recipe (scripts/swav_800ep_pretrain.sh: base lr 4.8 = 0.3 x 4096/256,
+# warmup from 0.3, prototypes frozen for 313 iterations = one epoch, no queue) and, for images
+# <= 64 px, solo-learn's CIFAR settings, since the paper gives no CIFAR recipe: two 32 px crops
+# only (a 32 px image leaves too little to take smaller crops from; solo-learn also uses 2 crops),
+# no blur, queue 3840 from epoch 50, prototypes frozen 2 epochs. Any flag given wins.
+IMAGENET = dict(arch="resnet50", epochs=800, batch_size=4096, lr=0.3, weight_decay=1e-6,
+                warmup_epochs=10, warmup_start_lr=0.3, blur_prob=0.5, num_crops=(2, 6),
+                crop_scales=(0.14, 1.0, 0.05, 0.14), queue_start_epoch=15,
+                freeze_prototypes_epochs=1)
+SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=256, lr=0.6, weight_decay=1e-6,
+                    warmup_epochs=10, warmup_start_lr=0.0, blur_prob=0.0, num_crops=(2,),
+                    crop_scales=(0.14, 1.0), queue_start_epoch=50, freeze_prototypes_epochs=2)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="SwAV pre-training (Caron et al. 2020). Recipe "
+                                "values in brackets; a flag given on the command line wins. The "
+                                "official batch-256 recipe (72.7% at 200 epochs) is --batch-size "
+                                "256 --lr 0.6 --warmup-epochs 0 --epochs 200 (queue 3840 from "
+                                "epoch 15, lr to 0.0006, "
+                                "prototypes frozen for the first epoch = 5005 iterations).")
+    add_common_args(p, "swav", IMAGENET, SMALL_IMAGES)
+    both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
+    g = p.add_argument_group("SwAV")
+    g.add_argument("--num-crops", type=int, nargs="+", help="crops per group; the first group "
+                   "holds the 2 crops whose codes are predicted " + both("num_crops"))
+    g.add_argument("--crop-sizes", type=int, nargs="+", help="crop size of each group in px "
+                   "(ImageNet: 224 96, i.e. --img-size and 96/224 of it; small images: --img-size)")
+    g.add_argument("--crop-scales", type=float, nargs="+", metavar="S", help="area fraction "
+                   "of the crops, a MIN MAX pair per group " + both("crop_scales"))
+    g.add_argument("--blur-prob", type=float, help="Gaussian blur probability of every crop "
+                   + both("blur_prob"))
+    g.add_argument("--temperature", type=float, default=0.1, help="softmax temperature (0.1)")
+    g.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn entropy weight (0.05; "
+                   "smaller values give sharper codes, but exp(score / epsilon) must stay finite)")
+    g.add_argument("--sinkhorn-iters", type=int, default=3, help="Sinkhorn iterations (3)")
+    g.add_argument("--num-prototypes", type=int, default=3000, help="prototypes K (3000)")
+    g.add_argument("--proj-hidden-dim", type=int, default=2048, help="projector width (2048)")
+    g.add_argument("--proj-dim", type=int, default=128, help="embedding dim (128)")
+    g.add_argument("--queue-length", type=int, default=None, help="embeddings kept from earlier "
+                   "batches per assigned crop, rounded down to a multiple of the global batch "
+                   "(default: 3840 when the global batch is <= 256, as the official batch-256 "
+                   "recipe, else 0 = no queue, as the batch-4096 recipe)")
+    g.add_argument("--queue-start-epoch", type=int, help="first epoch (from 0) that fills the "
+                   "queue " + both("queue_start_epoch"))
+    g.add_argument("--freeze-prototypes-epochs", type=float, help="epochs during which the "
+                   "prototypes get no update (official: 313 iterations at batch 4096, 5005 at "
+                   "batch 256, one epoch each) " + both("freeze_prototypes_epochs"))
+    g.add_argument("--warmup-epochs", type=float, help="linear lr warmup " + both("warmup_epochs"))
+    g.add_argument("--warmup-start-lr", type=float, help="absolute lr at step 0 of the warmup "
+                   "(official: 0.3 before a peak of 4.8) " + both("warmup_start_lr"))
+    g.add_argument("--final-lr-ratio", type=float, default=0.001, help="final lr of the cosine "
+                   "as a fraction of the peak (official: 0.0048 / 4.8 and 0.0006 / 0.6 = 0.001)")
+    args = p.parse_args(argv)
+    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "swav")
+    if args.crop_sizes is None:
+        args.crop_sizes = ([args.img_size] if args.small_images
+                           else [args.img_size, round(args.img_size * 96 / 224)])
+    if args.queue_length is None:
+        args.queue_length = 3840 if args.batch_size <= 256 else 0
+    groups = len(args.num_crops)
+    if len(args.crop_sizes) != groups or len(args.crop_scales) != 2 * groups:
+        raise UserError(f"--num-crops has {groups} group(s): give as many --crop-sizes "
+                        f"({len(args.crop_sizes)} given) and a MIN MAX pair of --crop-scales per "
+                        f"group ({len(args.crop_scales)} values given)")
+    if args.num_crops[0] < 2 or min(args.num_crops) < 1:
+        raise UserError(f"--num-crops {args.num_crops}: the first group needs at least 2 crops "
+                        f"(crops 0 and 1 give the codes) and every group at least 1")
+    scales = args.crop_scales
+    if not all(0 < lo <= hi <= 1 for lo, hi in zip(scales[::2], scales[1::2])):
+        raise UserError(f"--crop-scales {scales}: each pair needs 0 < MIN <= MAX <= 1")
+    return args
+
+
+# ------------------------------------------------------------------------------- augmentations
+
+def swav_crops(args):
+    """Multi-crop: num_crops[i] crops of crop_sizes[i] px covering crop_scales[i] of the image,
+    each with flip + colour jitter (0.8, 0.8, 0.8, 0.2) at p 0.8 + grayscale p 0.2 + blur
+    (ImageNet: p 0.5 on every crop, as the official code; small images: none)."""
+    scales = list(zip(args.crop_scales[::2], args.crop_scales[1::2]))
+    return multi_crop(args.num_crops, args.crop_sizes, scales, jitter=(0.8, 0.8, 0.8, 0.2),
+                      jitter_p=0.8, gray_p=0.2, blur_p=args.blur_prob)
+
+
+# ------------------------------------------------------------------------------- model
+
+class SwAV(nn.Module):
+    """Backbone f, projector g = Linear(bias)-BN-ReLU-Linear (as the official head) and the
+    prototypes C, a bias-free Linear whose K rows are kept unit-norm: embeddings
+    z = g(f(x)) / ||g(f(x))|| and scores z C^T, the cosines of z with every prototype."""
+
+    def __init__(self, arch, small_images, hidden_dim=2048, out_dim=128, num_prototypes=3000):
+        super().__init__()
+        # The official ResNet-50 has a zero_init_residual option that main_swav.py leaves off.
+        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=False)
+        self.projector = nn.Sequential(
+            nn.Linear(self.backbone.feature_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
+
+    @torch.no_grad()
+    def normalize_prototypes(self):
+        """C <- C / ||C|| row by row; called at the start of every iteration, before the forward."""
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def forward(self, crops):
+        """crops: list of [n, 3, h, w]. Consecutive crops of the same size go through the backbone
+        in ONE pass (BN statistics per resolution group, as the official code), the projector sees
+        all crops at once. Returns embeddings [C*n, D] and scores [C*n, K], crop-major."""
+        features, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(crops[start:end])))  # [(end-start)*n, F]
+            start = end
+        z = F.normalize(self.projector(torch.cat(features)), dim=1)      # [C*n, D]
+        return z, self.prototypes(z)                                     # [C*n, K]
+
+
+@torch.no_grad()
+def push_queue(queue, embeddings, n):
+    """Shift this rank's queue [2, L, D] by n rows (dropping the oldest) and write the newest
+    embeddings of crops 0 and 1 (the first 2n rows of `embeddings`) on top, as the official code."""
+    queue[:, n:] = queue[:, :-n].clone()
+    queue[:, :n] = embeddings[:2 * n].view(2, n, -1)
+
+
+def gather_queue(queue):
+    """The queues of all ranks side by side: [2, world * L, D], in rank order (for checkpoints)."""
+    return all_gather_tensor(queue.transpose(0, 1)).transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------- loss
+
+def sinkhorn(scores, epsilon, iters):
+    """Soft codes Q of this rank's samples by Sinkhorn-Knopp over the GLOBAL batch (B samples of
+    all ranks, K prototypes). scores: [b, K] on this rank. Starting from Q = exp(scores / eps)^T
+    [K, b] scaled to a total mass of 1, each iteration makes every prototype's mass 1/K (row sums,
+    all-reduced: they span all ranks), then every sample's mass 1/B (column sums, local). The
+    codes are B Q^T [b, K]: each sample's codes sum to 1, each prototype gets about B/K of them.
+    Scores are cosines (|s| <= 1), so exp(s / eps) stays finite in fp32 for the usual eps; as
+    the official code, no maximum is subtracted.
+    """
+    Q = torch.exp(scores / epsilon).T                           # [K, b]
+    K, B = Q.shape[0], Q.shape[1] * get_world_size()            # equal b on every rank
+    Q = Q / all_reduce_with_grad(Q.sum())                       # total mass 1
+    for _ in range(iters):
+        Q = Q / all_reduce_with_grad(Q.sum(dim=1, keepdim=True)) / K  # [K, 1] prototype masses
+        Q = Q / Q.sum(dim=0, keepdim=True) / B                  # [1, b] sample masses (local)
+    return (Q * B).T                                            # [b, K]
+
+
+def swav_loss(scores, batch_size, temperature, epsilon, sinkhorn_iters, queue_scores=None):
+    """Swapped prediction. scores: [C*n, K] of this rank's C crops of n images (crop-major);
+    queue_scores: None or [2, L, K], the queued embeddings of crops 0 and 1 scored against the
+    current prototypes. For each assigned crop a in {0, 1}, codes q_a = Sinkhorn(scores_a) (the
+    queue's scores prepended: more samples to spread over K, only the batch's codes kept), then
+        l_a = 1/(C-1) sum_{v != a} mean_batch( -sum_k q_a,k log softmax(scores_v / T)_k )
+    and L = (l_0 + l_1) / 2. The codes carry no gradient. Sinkhorn's sums span all ranks; the rest
+    is per sample, so DDP's gradient average gives the gradient of the global mean.
+    """
+    n, crops = batch_size, scores.shape[0] // batch_size
+    loss = 0.0
+    for a in (0, 1):
+        with torch.no_grad():
+            s = scores[a * n:(a + 1) * n]                                     # [n, K]
+            if queue_scores is not None:
+                s = torch.cat([queue_scores[a], s])                           # [L + n, K]
+            q = sinkhorn(s, epsilon, sinkhorn_iters)[-n:]                     # [n, K]
+        for v in range(crops):
+            if v != a:
+                log_p = F.log_softmax(scores[v * n:(v + 1) * n] / temperature, dim=1)  # [n, K]
+                loss = loss - (q * log_p).sum(dim=1).mean() / (crops - 1)
+    return loss / 2
+
+
+# ------------------------------------------------------------------------------- training
+
+@exit_on_user_error
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, _, device = setup_distributed()
+    per_rank_batch = check_batch(args, world)
+    args.precision = resolve_precision(args.precision, device)
+    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
+    os.makedirs(args.run_dir, exist_ok=True)
+    log = Logger(args.run_dir, is_main=rank == 0)
+    seed_everything(args.seed + rank)
+    if args.queue_length % args.batch_size:  # as the official code: whole batches only
+        rounded = args.queue_length - args.queue_length % args.batch_size
+        log.print(f"--queue-length {args.queue_length} rounded down to {rounded}, a multiple of "
+                  f"the global batch {args.batch_size}")
+        args.queue_length = rounded
+
+    # data: multi-crop views of each image; kNN monitor on the labelled train and val splits
+    train_set = build_dataset(args.data, "ssl", swav_crops(args), args.data_dir,
+                              args.synthetic_size, args.img_size, rank)
+    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
+    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
+                         seeded=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
+    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+
+    # model, optimizer, schedule. The official code wraps plain SGD in LARC, whose weight decay
+    # and trust ratio apply to every parameter; like the other scripts here, our LARS excludes
+    # biases and BN parameters (every 1-D parameter) from both. The prototypes are a weight.
+    model = SwAV(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim,
+                 args.num_prototypes)
+    model = distribute(model, device, world, args.compile)
+    swav = unwrap(model)
+    optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
+    scaler = grad_scaler(args.precision, device)
+    peak_lr = args.peak_lr = args.lr * args.batch_size / 256
+    final_lr = peak_lr * args.final_lr_ratio
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    freeze_steps = round(args.freeze_prototypes_epochs * steps_per_epoch)
+    # Each rank queues its own embeddings (queue_length / world rows per assigned crop): a plain
+    # tensor, not a buffer of the model, which DDP would overwrite with rank 0's at every forward.
+    queue = (torch.zeros(2, args.queue_length // world, args.proj_dim, device=device)
+             if args.queue_length else None)
+
+    # resume from the run directory if it holds a checkpoint (the queue included)
+    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+    ckpt = resume(ckpt_path, model, optimizer, scaler)
+    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
+    if ckpt:
+        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
+        saved_length = 0 if ckpt.get("queue") is None else ckpt["queue"].shape[1]
+        if saved_length != args.queue_length:
+            raise UserError(f"{ckpt_path} holds a queue of {saved_length} rows, --queue-length "
+                            f"is {args.queue_length}")
+        if queue is not None:  # this rank's rows (with another world size the rows are re-split)
+            rows = queue.shape[1]
+            queue.copy_(ckpt["queue"][:, rank * rows:(rank + 1) * rows])
+    else:
+        log.print(f"SwAV, {world} process(es) on {device}\n{format_args(args)}")
+        if rank == 0:
+            save_args(args, os.path.join(args.run_dir, "args.json"), world)
+        if args.knn_every:  # epoch-0 reference: the randomly initialised network
+            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (LARS, {args.warmup_epochs} "
+              f"warmup epochs from {args.warmup_start_lr:g}, cosine to {final_lr:g}); crops "
+              f"{' + '.join(f'{c} x {s}' for c, s in zip(args.num_crops, args.crop_sizes))} px; "
+              f"queue {args.queue_length} from epoch {args.queue_start_epoch}; prototypes frozen "
+              f"for {freeze_steps} steps; {steps_per_epoch} steps per epoch")
+
+    def queue_in_use(step):
+        """The queue fills from --queue-start-epoch on and joins Sinkhorn once full (the official
+        test "last row non-zero", here from the step count: no host sync)."""
+        queued = step - args.queue_start_epoch * steps_per_epoch  # steps that pushed before
+        return queue is not None and queued >= 0 and queued * per_rank_batch >= queue.shape[1]
+
+    def save(epoch, batch_in_epoch):  # called on every rank: the queues are gathered
+        full_queue = None if queue is None else gather_queue(queue).cpu()  # [2, length, D]
+        if rank == 0:
+            save_checkpoint(ckpt_path, "swav", args, model, optimizer, scaler, epoch,
+                            batch_in_epoch, queue=full_queue)
+
+    stop = StopSignal()
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
+        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
+        for i, (crops, _) in enumerate(progress, start=start_batch):
+            step = epoch * steps_per_epoch + i
+            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=final_lr)
+            if step < warmup_steps:  # linear from --warmup-start-lr (official), not from 0
+                lr = args.warmup_start_lr + (peak_lr - args.warmup_start_lr) * step / warmup_steps
+            set_lr(optimizer, lr)
+            swav.normalize_prototypes()                                # unit prototypes first
+            crops = [c.to(device, non_blocking=True) for c in crops]   # C x [n, 3, h, w]
+            if device.type == "cuda":
+                crops = [c.to(memory_format=torch.channels_last) for c in crops]
+            with autocast(args.precision, device):
+                z, scores = model(crops)
+            z, scores = z.float(), scores.float()                      # loss math in fp32
+            queue_scores = None
+            if queue is not None and epoch >= args.queue_start_epoch:
+                with torch.no_grad():
+                    if queue_in_use(step):  # scored with the current prototypes, before the push
+                        queue_scores = queue @ swav.prototypes.weight.T        # [2, L, K]
+                    push_queue(queue, z.detach(), per_rank_batch)
+            loss = swav_loss(scores, per_rank_batch, args.temperature, args.epsilon,
+                             args.sinkhorn_iters, queue_scores)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if step < freeze_steps:  # frozen prototypes: no gradient, so LARS skips them
+                swav.prototypes.weight.grad = None  # (no update, no decay, no momentum)
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+
+            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
+                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
+                          "queue": queue_in_use(step), "prototypes_frozen": step < freeze_steps,
+                          "img_per_s": (i + 1 - start_batch) * args.batch_size
+                          / (time.time() - epoch_start)}
+                progress.update(record)
+                log.log(record)
+            # every rank must stop at the same step: with several, agree every 10 steps
+            if (world == 1 or (i + 1) % 10 == 0) and broadcast_flag(stop.requested, device):
+                save(epoch, i + 1)
+                log.print(f"stop signal: saved {ckpt_path} at epoch {epoch}, batch {i + 1}")
+                if rank == 0 and requeue_slurm_job():
+                    log.print("requeued the Slurm job")
+                cleanup_distributed()
+                return
+
+        # end of epoch: monitor, log, checkpoint, export the backbone
+        record = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(loader))).item(),
+                  "lr": optimizer.param_groups[0]["lr"],  # and the queue, at the last step
+                  "queue": queue_in_use((epoch + 1) * steps_per_epoch - 1),
+                  "epoch_time": time.time() - epoch_start,
+                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
+        if count_bad_images(train_set.bad_log):
+            record["bad_images"] = count_bad_images(train_set.bad_log)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn_top1(unwrap(model).backbone)
+        log.summary(record)
+        start_batch = 0
+        save(epoch + 1, 0)
+        if rank == 0:
+            export_backbone(unwrap(model).backbone, os.path.join(args.run_dir, "backbone.pt"))
+    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning.
+
+Bardes, Ponce, LeCun, ICLR 2022, arXiv 2105.04906.
+Official code: github.com/facebookresearch/vicreg
+
+Two augmented views of each image go through a ResNet and an expander MLP; the loss has three
+terms and no negatives: invariance (mean squared distance between the two embeddings of an
+image), variance (a hinge keeping the std of every embedding dimension over the batch above 1)
+and covariance (pushes the off-diagonal covariances of the embedding dimensions to 0). Defaults
+are the paper's ImageNet recipe (ResNet-50, expander 8192-8192-8192, batch 2048, LARS, lr 0.2 x
+batch/256, coefficients 25 / 25 / 1, 1000 epochs: 73.2% linear top-1). 32 px images switch to a
+CIFAR-10 recipe (ResNet-18 with a 3x3 stem, expander 2048-2048-2048, batch 256, lr 0.3, wd 1e-4,
+no blur, 1000 epochs: solo-learn reports 92.1% linear top-1 with its online linear probe).
+
+    python vicreg.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, seconds
+    python vicreg.py --data cifar10                                   # CIFAR-10 recipe
+    torchrun --nproc_per_node=8 vicreg.py --data /imagenet            # ImageNet recipe, one node
+    sbatch slurm/train.sbatch vicreg.py --data /imagenet              # Slurm
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+
+from common import (LARS, Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+                    autocast, broadcast_flag, broadcast_object, build_dataset, check_batch,
+                    cleanup_distributed, count_bad_images, distribute, exit_on_user_error,
+                    export_backbone, format_args, gather_with_grad, grad_scaler, knn_monitor,
+                    make_loader, param_groups, recipe_values, requeue_slurm_job, resnet_backbone,
+                    resolve_precision, resolve_recipe, resume, save_args, save_checkpoint,
+                    seed_everything, set_lr, setup_distributed, ssl_view, unwrap, warmup_cosine)
+
+# ------------------------------------------------------------------------------- arguments
+
+# The paper's ImageNet recipe (the official main_vicreg.py and its README's 1000-epoch command:
+# batch 2048, base lr 0.2; 1000 epochs as the paper's result, where the code's default is 100).
+# For images <= 64 px there is no official recipe: these are solo-learn's CIFAR settings (ResNet-18,
+# expander 2048-2048-2048 as the peers use on CIFAR, batch 256, lr 0.3 x batch/256, wd 1e-4, 1000
+# epochs). solo-learn's LARS has eta 0.02 and lr clipping and its CIFAR views are symmetric (crop
+# scale 0.2-1, solarize 0.1 on both); we keep the official optimizer and the official asymmetric
+# views, minus the blur that erases most of a 32 px image. Any flag given on the command line wins.
+IMAGENET = dict(arch="resnet50", epochs=1000, batch_size=2048, lr=0.2, weight_decay=1e-6,
+                warmup_epochs=10, expander="8192-8192-8192", blur_probs=(1.0, 0.1),
+                solarize_probs=(0.0, 0.2))
+SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=256, lr=0.3, weight_decay=1e-4,
+                    warmup_epochs=10, expander="2048-2048-2048", blur_probs=(0.0, 0.0),
+                    solarize_probs=(0.0, 0.2))
+TERMS = ("loss", "invariance", "variance", "covariance")  # logged; the three terms unweighted
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="VICReg pre-training (Bardes et al. 2022). Recipe "
+                                "values in brackets; a flag given on the command line wins.")
+    add_common_args(p, "vicreg", IMAGENET, SMALL_IMAGES)
+    both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
+    g = p.add_argument_group("VICReg", "--lr: the paper's base rates for small batches (appendix "
+                             "C.4) are 0.8 at batch 128, 0.5 at 256, 0.4 at 512, 0.3 above (the "
+                             "official README's batch-512 command uses 0.3)")
+    g.add_argument("--sim-coeff", type=float, default=25.0,
+                   help="invariance coefficient lambda (paper: 25)")
+    g.add_argument("--std-coeff", type=float, default=25.0,
+                   help="variance coefficient mu (paper: 25)")
+    g.add_argument("--cov-coeff", type=float, default=1.0,
+                   help="covariance coefficient nu (paper: 1)")
+    g.add_argument("--expander", help="expander widths, dash-separated: Linear-BN-ReLU per hidden "
+                   "width, then a Linear without bias (the official --mlp) " + both("expander"))
+    g.add_argument("--blur-probs", type=float, nargs=2, metavar=("P1", "P2"),
+                   help="Gaussian blur probability of view 1 and view 2 " + both("blur_probs"))
+    g.add_argument("--solarize-probs", type=float, nargs=2, metavar=("P1", "P2"),
+                   help="solarisation probability of view 1 and view 2 " + both("solarize_probs"))
+    g.add_argument("--warmup-epochs", type=float, help="linear lr warmup " + both("warmup_epochs"))
+    args = resolve_recipe(p.parse_args(argv), IMAGENET, SMALL_IMAGES, "vicreg")
+    widths = args.expander.split("-")
+    if not all(w.isdigit() and int(w) > 0 for w in widths):
+        raise UserError(f"--expander {args.expander}: expected positive widths joined by '-', "
+                        f"e.g. 8192-8192-8192")
+    return args
+
+
+# ------------------------------------------------------------------------------- augmentations
+
+def vicreg_views(args):
+    """The Barlow Twins views, as the official code: bicubic crop (0.08, 1) + flip + colour
+    jitter (0.4, 0.4, 0.2, 0.1) at p 0.8 + grayscale p 0.2, then blur p 1.0 / 0.1 and solarize
+    p 0.0 / 0.2 for views 1 / 2 (small images: no blur)."""
+    return [ssl_view(args.img_size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                     gray_p=0.2, blur_p=blur_p, solarize_p=solarize_p,
+                     interpolation=InterpolationMode.BICUBIC)
+            for blur_p, solarize_p in zip(args.blur_probs, args.solarize_probs)]
+
+
+# ------------------------------------------------------------------------------- model
+
+def expander_mlp(in_dim, spec):
+    """'8192-8192-8192' -> Linear(in, 8192) - BN - ReLU - Linear(8192, 8192) - BN - ReLU -
+    Linear(8192, 8192, no bias), PyTorch's default initialisation, as the official Projector."""
+    dims = [in_dim] + [int(w) for w in spec.split("-")]
+    layers = []
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1], bias=False))
+
+
+class VICReg(nn.Module):
+    """ResNet backbone f and expander h (the paper's name for the projector): z = h(f(x))."""
+
+    def __init__(self, arch, small_images, expander="8192-8192-8192"):
+        super().__init__()
+        # The official ResNet zero-initialises the last BN scale of each residual block.
+        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
+        self.expander = expander_mlp(self.backbone.feature_dim, expander)
+
+    def forward(self, x1, x2):
+        """Embeddings z1, z2 [n, D] of the two views. Each view is a separate forward pass (BN
+        statistics per view), as in the official code, within one call (one DDP forward)."""
+        return tuple(self.expander(self.backbone(x)) for x in (x1, x2))
+
+
+# ------------------------------------------------------------------------------- loss
+
+def vicreg_loss(z1, z2, sim_coeff, std_coeff, cov_coeff, eps=1e-4):
+    """VICReg loss. z1, z2: [n, D] embeddings of the two views on this rank (fp32).
+    Returns (loss, invariance, variance, covariance), the three terms unweighted.
+
+        loss = sim_coeff * s(Z1, Z2) + std_coeff * (v(Z1) + v(Z2)) / 2 + cov_coeff * (c(Z1) + c(Z2))
+        s = mean_{i,d} (z1_id - z2_id)^2                   on this rank's n images
+        v(Z) = mean_d relu(1 - sqrt(Var_i z_id + eps))     unbiased variance over the global N
+        c(Z) = sum_{d != e} C_de^2 / D,  C = (Z - mean)^T (Z - mean) / (N - 1)
+    As the official code, v and c use the GLOBAL batch, gathered from all ranks WITH gradients:
+    every rank computes the same v and c, and the gather's backward sums each slice's gradient
+    over ranks, so DDP's average gives the single-process gradient. s stays local: DDP's average
+    of equal per-rank means is the global mean.
+    """
+    invariance = F.mse_loss(z1, z2)                                # local batch
+    z1, z2 = gather_with_grad(z1), gather_with_grad(z2)            # [N, D] all ranks, with grad
+    N, D = z1.shape
+    z1, z2 = z1 - z1.mean(dim=0), z2 - z2.mean(dim=0)              # [N, D] centred
+
+    def hinge(z):                                                  # mean_d relu(1 - std_d)
+        return F.relu(1 - torch.sqrt(z.var(dim=0) + eps)).mean()
+
+    def off_diagonal(z):                                           # sum_{d != e} C_de^2 / D
+        c = z.T @ z / (N - 1)                                      # [D, D]
+        eye = torch.eye(D, dtype=torch.bool, device=c.device)
+        return c.masked_fill(eye, 0.0).pow(2).sum() / D
+
+    variance = hinge(z1) / 2 + hinge(z2) / 2                       # averaged over the branches
+    covariance = off_diagonal(z1) + off_diagonal(z2)               # summed, as the official code
+    loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    return loss, invariance, variance, covariance
+
+
+# ------------------------------------------------------------------------------- training
+
+@exit_on_user_error
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, _, device = setup_distributed()
+    per_rank_batch = check_batch(args, world)
+    args.precision = resolve_precision(args.precision, device)
+    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
+    os.makedirs(args.run_dir, exist_ok=True)
+    log = Logger(args.run_dir, is_main=rank == 0)
+    seed_everything(args.seed + rank)
+
+    # data: two views per image; kNN monitor on the labelled train and val splits
+    train_set = build_dataset(args.data, "ssl", MultiView(*vicreg_views(args)),
+                              args.data_dir, args.synthetic_size, args.img_size, rank)
+    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
+    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
+                         seeded=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
+    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+
+    # model, optimizer, schedule: one lr for both parameter groups, as the official code
+    model = VICReg(args.arch, args.small_images, args.expander)
+    model = distribute(model, device, world, args.compile)
+    optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
+    scaler = grad_scaler(args.precision, device)
+    peak_lr = args.peak_lr = args.lr * args.batch_size / 256
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+
+    # resume from the run directory if it holds a checkpoint
+    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+    ckpt = resume(ckpt_path, model, optimizer, scaler)
+    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
+    if ckpt:
+        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
+    else:
+        log.print(f"VICReg, {world} process(es) on {device}\n{format_args(args)}")
+        if rank == 0:
+            save_args(args, os.path.join(args.run_dir, "args.json"), world)
+        if args.knn_every:  # epoch-0 reference: the randomly initialised network
+            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (LARS, {args.warmup_epochs} "
+              f"warmup epochs, cosine to {0.001 * peak_lr:g}); loss = {args.sim_coeff} x "
+              f"invariance + {args.std_coeff} x variance + {args.cov_coeff} x covariance; "
+              f"{steps_per_epoch} steps per epoch")
+
+    def save(epoch, batch_in_epoch):
+        if rank == 0:
+            save_checkpoint(ckpt_path, "vicreg", args, model, optimizer, scaler, epoch,
+                            batch_in_epoch)
+
+    stop = StopSignal()
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
+        epoch_start, sums = time.time(), torch.zeros(len(TERMS), device=device)
+        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
+        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+            step = epoch * steps_per_epoch + i
+            # warmup from 0, then cosine down to 0.001 x peak, as the official code
+            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=0.001 * peak_lr)
+            set_lr(optimizer, lr)
+            x = torch.cat([x1, x2]).to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.to(memory_format=torch.channels_last)
+            with autocast(args.precision, device):
+                z1, z2 = model(*x.chunk(2))                            # views apart (BN per view)
+            # The official code computes the loss under fp16 autocast; NaN losses are reported
+            # with it (vicreg#27): the variance and covariance math runs in fp32 here.
+            loss, *terms = vicreg_loss(z1.float(), z2.float(), args.sim_coeff, args.std_coeff,
+                                       args.cov_coeff)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            values = torch.stack([loss, *terms]).detach()               # [4] loss and its terms
+            sums += values
+
+            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
+                record = {"epoch": epoch, "step": step + 1, **dict(zip(TERMS, values.tolist())),
+                          "lr": lr, "img_per_s": (i + 1 - start_batch) * args.batch_size
+                          / (time.time() - epoch_start)}
+                progress.update(record)
+                log.log(record)
+            # every rank must stop at the same step: with several, agree every 10 steps
+            if (world == 1 or (i + 1) % 10 == 0) and broadcast_flag(stop.requested, device):
+                save(epoch, i + 1)
+                log.print(f"stop signal: saved {ckpt_path} at epoch {epoch}, batch {i + 1}")
+                if rank == 0 and requeue_slurm_job():
+                    log.print("requeued the Slurm job")
+                cleanup_distributed()
+                return
+
+        # end of epoch: monitor, log, checkpoint, export the backbone. The invariance (and so the
+        # loss) is rank 0's local value; variance and covariance are those of the global batch.
+        record = {"epoch": epoch + 1, **dict(zip(TERMS, (sums / max(1, len(loader))).tolist())),
+                  "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
+                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
+        if count_bad_images(train_set.bad_log):
+            record["bad_images"] = count_bad_images(train_set.bad_log)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn_top1(unwrap(model).backbone)
+        log.summary(record)
+        start_batch = 0
+        save(epoch + 1, 0)
+        if rank == 0:
+            export_backbone(unwrap(model).backbone, os.path.join(args.run_dir, "backbone.pt"))
+    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
