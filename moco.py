@@ -323,8 +323,11 @@ def main(argv=None):
                           / (time.time() - epoch_start)}
                 progress.update(record)
                 log.log(record)
-            # every rank must stop at the same step: with several, agree every 10 steps
-            if (world == 1 or (i + 1) % 10 == 0) and broadcast_flag(stop.requested, device):
+            # every rank must stop at the same step: with several, agree every 10 steps. A
+            # signal in the epoch's last step is taken at the next epoch's first check, after
+            # the epoch's summary and checkpoint.
+            if ((world == 1 or (i + 1) % 10 == 0) and i + 1 < steps_per_epoch
+                    and broadcast_flag(stop.requested, device)):
                 save(epoch, i + 1)
                 log.print(f"stop signal: saved {ckpt_path} at epoch {epoch}, batch {i + 1}")
                 if rank == 0 and requeue_slurm_job():

@@ -147,3 +147,45 @@ def test_learns_on_real_cifar10(tmp_path, cifar10_dir):
     log = read_log(run_dir)
     start, end = log[0]["knn_top1"], log[-1]["knn_top1"]
     assert end > start + 2, (start, end)
+
+
+def test_stop_signal_in_the_last_step_of_an_epoch(tmp_path, monkeypatch):
+    """A signal that arrives during an epoch's last step is taken after the epoch's summary and
+    checkpoint, at the next epoch's first step: never as a checkpoint at the very end of an
+    epoch, which a resumed run would replay as an empty epoch with loss 0. In-process, with the
+    signal sent by the loader's iterator while it hands out epoch 1's last batch."""
+    import signal
+
+    import simclr
+    from common import Progress
+
+    epochs_started = []
+
+    class SignalInLastStep(Progress):
+        def __iter__(self):
+            epochs_started.append(True)
+            for j, item in enumerate(super().__iter__()):
+                if len(epochs_started) == 1 and j == 1:  # epoch 1, step 2 of 2
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                yield item
+
+    run_dir = tmp_path / "run"
+    flags = ["--data", "synthetic", *TINY, "--epochs", "2", "--knn-every", "0",
+             "--run-dir", str(run_dir)]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        monkeypatch.setattr(simclr, "Progress", SignalInLastStep)
+        simclr.main(flags)
+        ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+        assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 1)
+        assert [r["epoch"] for r in read_log(run_dir) if "step" not in r] == [1]
+
+        monkeypatch.setattr(simclr, "Progress", Progress)
+        simclr.main(flags)  # resumes at epoch 2, step 2
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    summaries = [r for r in read_log(run_dir) if "step" not in r]
+    assert [r["epoch"] for r in summaries] == [1, 2]
+    assert all(r["loss"] > 1 for r in summaries)  # NT-Xent of batch 32 is near 2 log 63
+    assert [r["step"] for r in read_log(run_dir) if "step" in r] == [1, 2, 3, 4]
