@@ -14,7 +14,7 @@ CIFAR-10 recipe; the paper has none, so ours takes solo-learn's (ResNet-18 with 
 projector 2048-2048-2048, batch 256, lr 0.3 x batch/256, wd 1e-4, no blur, 1000 epochs: 92.1%
 linear top-1 in solo-learn's results table).
 
-    python barlow.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, seconds
+    python barlow.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, ~1 minute
     python barlow.py --data cifar10                                   # CIFAR-10 recipe
     torchrun --nproc_per_node=8 barlow.py --data /imagenet            # ImageNet recipe, one node
     sbatch slurm/train.sbatch barlow.py --data /imagenet              # Slurm

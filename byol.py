@@ -13,7 +13,7 @@ about 66.5% in the SimSiam paper's table 4). 32 px images switch to a CIFAR-10 r
 with a 3x3 stem, batch 512, lr 1.0 x batch/256, tau_base 0.996, no blur, 800 epochs: 91.9% linear
 top-1 reported by the BYOL-HPC reproduction).
 
-    python byol.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, seconds
+    python byol.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, ~1 minute
     python byol.py --data cifar10                                     # CIFAR-10 recipe
     torchrun --nproc_per_node=8 byol.py --data /imagenet              # ImageNet recipe, one node
     sbatch slurm/train.sbatch byol.py --data /imagenet                # Slurm

@@ -11,7 +11,7 @@ SGD lr 0.03, temperature 0.2, cosine, 200 epochs: 67.5% linear top-1; 800 epochs
 512, lr 0.06, queue 4096, momentum 0.99, temperature 0.1, 200 epochs), for which the demo
 reports 82.6% kNN top-1 (85.3% with the symmetric loss) after 200 epochs.
 
-    python moco.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, seconds
+    python moco.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, ~1 minute
     python moco.py --data cifar10                                     # CIFAR-10 recipe
     torchrun --nproc_per_node=8 moco.py --data /imagenet              # ImageNet recipe, one node
     sbatch slurm/train.sbatch moco.py --data /imagenet                # Slurm

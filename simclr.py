@@ -11,7 +11,7 @@ lr 0.3 x batch/256, temperature 0.1, 100 epochs: 64.5% linear top-1 in the paper
 (ResNet-18 with a 3x3 stem, batch 512, temperature 0.5, colour strength 0.5, no blur, 1000
 epochs: about 91% linear top-1 reported by the official README; 94.0% in the paper with a ResNet-50).
 
-    python simclr.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, seconds
+    python simclr.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, ~1 minute
     python simclr.py --data cifar10                                   # CIFAR-10 recipe
     torchrun --nproc_per_node=8 simclr.py --data /imagenet            # ImageNet recipe, one node
     sbatch slurm/train.sbatch simclr.py --data /imagenet              # Slurm

@@ -12,7 +12,7 @@ decay 1e-4, cosine, the predictor's lr fixed, 100 epochs: 68.1% linear top-1, of
 32 px images switch to the paper's CIFAR-10 recipe (appendix D: ResNet-18 with a 3x3 stem,
 2-layer projector, lr 0.03 x batch/256, weight decay 5e-4, no blur, 800 epochs: 91.8% linear).
 
-    python simsiam.py --data synthetic --arch resnet18 --epochs 1     # CPU smoke run, seconds
+    python simsiam.py --data synthetic --arch resnet18 --epochs 1     # CPU smoke run, ~1 minute
     python simsiam.py --data cifar10                                  # CIFAR-10 recipe
     torchrun --nproc_per_node=8 simsiam.py --data /imagenet           # ImageNet recipe, one node
     sbatch slurm/train.sbatch simsiam.py --data /imagenet             # Slurm

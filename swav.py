@@ -13,7 +13,7 @@ lr 0.3 x batch/256 = 4.8, 2 x 224 + 6 x 96 crops: 75.3% linear top-1 in the offi
 (the paper has none: ResNet-18 with a 3x3 stem, batch 256, lr 0.6, two 32 px crops, queue 3840
 from epoch 50, 1000 epochs: 89.2% linear top-1 reported by solo-learn, online classifier).
 
-    python swav.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, seconds
+    python swav.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, ~1 minute
     python swav.py --data cifar10                                     # CIFAR-10 settings
     torchrun --nproc_per_node=8 swav.py --data /imagenet              # ImageNet recipe, one node
     sbatch slurm/train.sbatch swav.py --data /imagenet                # Slurm

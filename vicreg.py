@@ -12,7 +12,7 @@ batch/256, coefficients 25 / 25 / 1, 1000 epochs: 73.2% linear top-1). 32 px ima
 CIFAR-10 recipe (ResNet-18 with a 3x3 stem, expander 2048-2048-2048, batch 256, lr 0.3, wd 1e-4,
 no blur, 1000 epochs: solo-learn reports 92.1% linear top-1 with its online linear probe).
 
-    python vicreg.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, seconds
+    python vicreg.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, ~1 minute
     python vicreg.py --data cifar10                                   # CIFAR-10 recipe
     torchrun --nproc_per_node=8 vicreg.py --data /imagenet            # ImageNet recipe, one node
     sbatch slurm/train.sbatch vicreg.py --data /imagenet              # Slurm
