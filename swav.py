@@ -10,8 +10,8 @@ evenly over the prototypes. Each of the two large crops' codes is predicted from
 (swapped prediction). Defaults are the official 800-epoch recipe (ResNet-50, batch 4096, LARS,
 lr 0.3 x batch/256 = 4.8, 2 x 224 + 6 x 96 crops: 75.3% linear top-1 in the official README;
 200 epochs at batch 256 with a queue: 72.7%). 32 px images switch to solo-learn's CIFAR settings
-(the paper has none: ResNet-18 with a 3x3 stem, batch 256, lr 0.6, two 32 px crops, queue 3840
-from epoch 50, 1000 epochs: 89.2% linear top-1 reported by solo-learn, online classifier).
+(the paper has none: ResNet-18 with a 3x3 stem, batch 256, lr 0.6, two 32 px crops, a queue of
+3840 from epoch 50, 1000 epochs: 89.2% linear top-1 reported by solo-learn, online classifier).
 
     python swav.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, ~1 minute
     python swav.py --data cifar10                                     # CIFAR-10 settings
@@ -307,9 +307,9 @@ def main(argv=None):
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, (crops, _) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=final_lr)
-            if step < warmup_steps:  # linear from --warmup-start-lr (official), not from 0
-                lr = args.warmup_start_lr + (peak_lr - args.warmup_start_lr) * step / warmup_steps
+            # warmup from --warmup-start-lr (official: 0.3), not from 0
+            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=final_lr,
+                               start=args.warmup_start_lr)
             set_lr(optimizer, lr)
             swav.normalize_prototypes()                                # unit prototypes first
             crops = [c.to(device, non_blocking=True) for c in crops]   # C x [n, 3, h, w]

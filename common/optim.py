@@ -52,11 +52,11 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def warmup_cosine(step, total_steps, warmup_steps, peak, final=0.0):
-    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine from `peak` to `final`
-    at `total_steps`. Called every iteration; used for learning rates and EMA momenta."""
+def warmup_cosine(step, total_steps, warmup_steps, peak, final=0.0, start=0.0):
+    """Linear warmup from `start` to `peak` over `warmup_steps`, then cosine from `peak` to
+    `final` at `total_steps`. Called every iteration; used for learning rates and EMA momenta."""
     if step < warmup_steps:
-        return peak * step / warmup_steps
+        return start + (peak - start) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -48,6 +48,10 @@ def test_warmup_cosine_values():
     assert warmup_cosine(0, 50, 0, 0.996, final=1.0) == pytest.approx(0.996)
     assert warmup_cosine(25, 50, 0, 0.996, final=1.0) == pytest.approx(0.998)
     assert warmup_cosine(50, 50, 0, 0.996, final=1.0) == pytest.approx(1.0)
+    # SwAV's warmup from a non-zero rate: 0.3 -> 4.8 over 10 steps
+    assert warmup_cosine(0, 100, 10, 4.8, start=0.3) == pytest.approx(0.3)
+    assert warmup_cosine(5, 100, 10, 4.8, start=0.3) == pytest.approx(2.55)
+    assert warmup_cosine(10, 100, 10, 4.8, start=0.3) == pytest.approx(4.8)
 
 
 def test_knn_against_naive_vote():
