@@ -210,8 +210,8 @@ def main(argv=None):
                     and broadcast_flag(stop.requested, device)):
                 save(epoch, i + 1)
                 log.print(f"stop signal: saved {ckpt_path} at epoch {epoch}, batch {i + 1}")
-                if rank == 0 and requeue_slurm_job():
-                    log.print("requeued the Slurm job")
+                if rank == 0 and (message := requeue_slurm_job()):
+                    log.print(message)
                 cleanup_distributed()
                 return
 

@@ -112,10 +112,19 @@ class StopSignal:
 
 
 def requeue_slurm_job():
-    """Put this Slurm job back in the queue (same job id, so the same run directory).
-    Returns False outside Slurm."""
+    """Put this Slurm job back in the queue: the requeued job keeps its id, hence its run
+    directory, and resumes from the checkpoint. Slurm then ends the job's processes (the output
+    shows "CANCELLED ... DUE TO JOB REQUEUE"). Returns a line for the log, None outside Slurm."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
-        return False
-    subprocess.run(["scontrol", "requeue", job], check=False)
-    return True
+        return None
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                              timeout=120)
+        error = done.stderr.strip() if done.returncode else None
+    except (OSError, subprocess.SubprocessError) as e:
+        error = str(e)
+    if error:  # e.g. a job submitted with --no-requeue
+        return (f"could not requeue Slurm job {job} ({error}): submit it again with the same "
+                f"--run-dir to resume")
+    return f"requeued Slurm job {job}"

@@ -5,6 +5,7 @@
 with a learnable class structure, for offline smoke runs and tests).
 """
 import os
+import signal
 import sys
 
 import torch
@@ -267,6 +268,15 @@ class ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self.skip)
 
 
+def ignore_stop_signals(worker_id=None):
+    """Loader workers leave SIGUSR1 and SIGTERM to the main process, which saves at a step
+    boundary. Slurm signals every process of a job step, workers included, and a worker killed by
+    one (the default action; with the spawn or forkserver start methods workers do not inherit
+    the main process's handlers) would crash the run before it could save."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, workers, rank=0, world_size=1, shuffle=True, seed=0,
                 drop_last=True, seeded=False):
     """DataLoader over this rank's shard; `batch_size` is per rank. `seeded`: each sample's
@@ -275,4 +285,5 @@ def make_loader(dataset, batch_size, workers, rank=0, world_size=1, shuffle=True
                                seeded)
     return DataLoader(SeededSamples(dataset) if seeded else dataset, batch_size=batch_size,
                       sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      drop_last=drop_last, persistent_workers=workers > 0)
+                      drop_last=drop_last, persistent_workers=workers > 0,
+                      worker_init_fn=ignore_stop_signals)

@@ -5,6 +5,7 @@ import os
 import sys
 import time
 
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 
@@ -13,7 +14,9 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main):
-    """Decorator for a script's main(): a UserError prints `error: ...` and exits with 2."""
+    """Decorator for a script's main(): a UserError prints `error: ...` and exits with 2. Other
+    exceptions are also recorded for torchrun (`record`), whose failure summary then names the
+    failing rank with its traceback instead of only an exit code."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
@@ -21,7 +24,7 @@ def exit_on_user_error(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
-    return wrapper
+    return record(wrapper)
 
 
 class Logger:

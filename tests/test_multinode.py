@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -53,3 +54,40 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path):
     init = simclr.SimCLR("resnet18", small_images=True).state_dict()
     assert not torch.equal(init["backbone.conv1.weight"], a["model"]["backbone.conv1.weight"])
     assert [r["loss"] for r in read_log(one_node)] == [r["loss"] for r in read_log(two_nodes)]
+
+
+INJECT = """\
+import os
+import simclr
+
+if os.environ["RANK"] == "1":  # rank 1 fails in its third step
+    steps, loss = [], simclr.nt_xent_loss
+
+    def failing_loss(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("injected failure on rank 1")
+        return loss(*args, **kwargs)
+
+    simclr.nt_xent_loss = failing_loss
+simclr.main()
+"""
+
+
+def test_a_failing_rank_ends_the_job_and_torchrun_shows_its_traceback(tmp_path):
+    """One rank raises: torchrun stops the other instead of leaving it waiting in a collective,
+    and its failure summary names the rank with the traceback (the scripts' main() is wrapped
+    in torchrun's `record`; without it the summary says only "To enable traceback see ...")."""
+    entry = tmp_path / "inject.py"
+    entry.write_text(INJECT)
+    start = time.time()
+    proc = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", entry,
+                "--data", "synthetic", *TINY, "--knn-every", "0", "--epochs", "100",
+                "--synthetic-size", "256", "--run-dir", tmp_path / "run"], timeout=240)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert time.time() - start < 120, "the surviving rank hung"
+    summary = output.split("Root Cause (first observed failure)")[1]
+    assert "rank      : 1" in summary, output
+    assert "RuntimeError: injected failure on rank 1" in summary, output
+    assert "To enable traceback" not in summary, output
