@@ -5,6 +5,7 @@ reduces to the identity, so losses and tests run unchanged without `torch.distri
 """
 import datetime
 import os
+import re
 import subprocess
 
 import torch
@@ -19,12 +20,18 @@ def _slurm_master_addr():
                              capture_output=True, text=True, check=True, timeout=30)
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        # Without scontrol, expand the simple forms ourselves: 'a,b' and 'gpu[03-05,07]'.
-        head = nodelist.split(",")[0]
-        if "[" in nodelist:
-            prefix, rest = nodelist.split("[", 1)
-            head = prefix + rest.split("]")[0].split(",")[0].split("-")[0]
+        return first_host(nodelist)
+
+
+def first_host(nodelist):
+    """The first host of a Slurm node list, without scontrol: 'gpu[03-05,07],cpu1' -> 'gpu03',
+    'a,b' -> 'a', 'n[1-2]-ib' -> 'n1-ib'."""
+    head = re.match(r"[^,\[]*(?:\[[^\]]*\][^,\[]*)?", nodelist).group(0)
+    if "[" not in head:
         return head
+    prefix, rest = head.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
 
 
 def setup_distributed(timeout_minutes=30):

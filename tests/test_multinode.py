@@ -2,6 +2,7 @@
 meeting through a c10d rendezvous train together and end with exactly the weights of one
 `torchrun --nproc_per_node=2` launch (gloo, CPU, the same seed)."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path):
 
 INJECT = """\
 import os
+import signal
 import simclr
 
 if os.environ["RANK"] == "1":  # rank 1 fails in its third step
@@ -91,3 +93,30 @@ def test_a_failing_rank_ends_the_job_and_torchrun_shows_its_traceback(tmp_path):
     assert "rank      : 1" in summary, output
     assert "RuntimeError: injected failure on rank 1" in summary, output
     assert "To enable traceback" not in summary, output
+
+
+def test_sigterm_to_torchrun_saves_mid_epoch(tmp_path):
+    """Outside Slurm: SIGTERM to torchrun (what `kill` and most schedulers send) is passed on to
+    the workers, which save at the next step they agree on and exit before torchrun's shutdown
+    timeout (30 s) would kill them."""
+    run_dir = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              "simclr.py", "--data", "synthetic", *TINY, "--knn-every", "0",
+              "--synthetic-size", "960", "--run-dir", str(run_dir)]  # 30 steps per epoch
+    proc = subprocess.Popen(launch, cwd=REPO, env={**os.environ, **SUBPROCESS_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / "log.jsonl").exists() and len(read_log(run_dir)) >= 2:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.05)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stop signal: saved" in output, output
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (0, 10), output
+    assert [r["step"] for r in read_log(run_dir)] == list(range(1, 11))

@@ -23,6 +23,7 @@ import torch
 
 from common.checkpoint import requeue_slurm_job
 from common.data import make_loader
+from common.dist import first_host
 from tests.helpers import REPO, read_log
 
 PROGRAMS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "srun",
@@ -278,6 +279,21 @@ def test_requeue_reports_what_scontrol_did(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "43")
     message = requeue_slurm_job()
     assert message.startswith("could not requeue Slurm job 43 (Requested operation is disabled)")
+
+
+def test_first_host_of_a_node_list(tmp_path):
+    """The master address when scontrol is not at hand (with it: `scontrol show hostnames`)."""
+    assert first_host("gpu[03-05,07],cpu1") == "gpu03"
+    assert first_host("a1,gpu[1-2]") == "a1"
+    assert first_host("node7") == "node7"
+    assert first_host("n[12-13]-ib,m1") == "n12-ib"
+    if shutil.which("scontrol"):  # the two agree (scontrol needs a slurm.conf, not a cluster)
+        (tmp_path / "slurm.conf").write_text("ClusterName=x\nSlurmctldHost=localhost\n")
+        env = {**os.environ, "SLURM_CONF": str(tmp_path / "slurm.conf")}
+        for nodelist in ("gpu[03-05,07],cpu1", "a1,gpu[1-2]", "node7", "gpu[3-4]"):
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=30, env=env)
+            assert out.stdout.split()[0] == first_host(nodelist), (nodelist, out.stderr)
 
 
 class Numbers(torch.utils.data.Dataset):
