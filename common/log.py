@@ -14,9 +14,10 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main):
-    """Decorator for a script's main(): a UserError prints `error: ...` and exits with 2. Other
-    exceptions are also recorded for torchrun (`record`), whose failure summary then names the
-    failing rank with its traceback instead of only an exit code."""
+    """Decorator for a script's main(): a UserError prints `error: ...` and exits with 2. Under
+    torchrun, other exceptions are also recorded (`record`) in the error file torchrun gives each
+    worker, so that its failure summary shows the failing rank's traceback, not only its exit
+    code."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
@@ -24,7 +25,7 @@ def exit_on_user_error(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
-    return record(wrapper)
+    return record(wrapper) if "TORCHELASTIC_ERROR_FILE" in os.environ else wrapper
 
 
 class Logger:
