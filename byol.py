@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+from common import (LARS, Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
                     autocast, broadcast_flag, broadcast_object, build_dataset, check_batch,
                     cleanup_distributed, count_bad_images, distribute, exit_on_user_error,
                     export_backbone, format_args, grad_scaler, knn_monitor, make_loader,
@@ -189,8 +189,9 @@ def main(argv=None):
     seed_everything(args.seed + rank)
 
     # data: two views per image; kNN monitor on the labelled train and val splits
-    train_set = build_dataset(args.data, "ssl", MultiView(*byol_views(args)),
-                              args.data_dir, args.synthetic_size, args.img_size, rank)
+    views = ViewPipeline(byol_views(args), args.aug, args.seed, rank)
+    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
+                              args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
     loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
                          seeded=True)
@@ -240,9 +241,7 @@ def main(argv=None):
             # tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2: the same cosine, from tau_base to 1
             tau = warmup_cosine(step, total_steps, 0, args.tau_base, final=1.0)
             set_lr(optimizer, lr)
-            x = torch.cat([x1, x2]).to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.to(memory_format=torch.channels_last)
+            x = torch.cat(views.to_device([x1, x2], device, step))
             with autocast(args.precision, device):
                 p1, p2, z1, z2 = model(*x.chunk(2))                    # views apart (BN per view)
             loss = byol_loss(p1.float(), p2.float(), z1.float(), z2.float())  # loss math in fp32

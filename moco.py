@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
                     all_gather_tensor, autocast, broadcast_flag, broadcast_object, build_dataset,
                     check_batch, cleanup_distributed, count_bad_images, distribute,
                     exit_on_user_error, export_backbone, format_args, get_rank, get_world_size,
@@ -234,8 +234,9 @@ def main(argv=None):
     seed_everything(args.seed + rank)
 
     # data: two views per image; kNN monitor on the labelled train and val splits
-    train_set = build_dataset(args.data, "ssl", MultiView(moco_view(args), moco_view(args)),
-                              args.data_dir, args.synthetic_size, args.img_size, rank)
+    views = ViewPipeline([moco_view(args)] * 2, args.aug, args.seed, rank)
+    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
+                              args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
     loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
                          seeded=True)
@@ -292,9 +293,7 @@ def main(argv=None):
             # Cosine per iteration with no warmup (the official code steps the cosine per epoch).
             lr = warmup_cosine(step, total_steps, 0, peak_lr)
             set_lr(optimizer, lr)
-            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x1, x2 = (x.to(memory_format=torch.channels_last) for x in (x1, x2))
+            x1, x2 = views.to_device([x1, x2], device, step)
             moco.momentum_update(args.moco_momentum)  # m constant; BEFORE the keys, as official
             shuffle_seed = (args.seed * 1_000_003 + step) * 2
             with autocast(args.precision, device):

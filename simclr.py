@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+from common import (LARS, Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
                     autocast, broadcast_flag, broadcast_object, build_dataset, check_batch,
                     cleanup_distributed, count_bad_images, distribute, exit_on_user_error,
                     export_backbone, format_args, gather_with_grad, get_rank, grad_scaler,
@@ -136,8 +136,9 @@ def main(argv=None):
     seed_everything(args.seed + rank)
 
     # data: two views per image; kNN monitor on the labelled train and val splits
-    train_set = build_dataset(args.data, "ssl", MultiView(simclr_view(args), simclr_view(args)),
-                              args.data_dir, args.synthetic_size, args.img_size, rank)
+    views = ViewPipeline([simclr_view(args)] * 2, args.aug, args.seed, rank)
+    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
+                              args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
     loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
                          seeded=True)
@@ -184,9 +185,7 @@ def main(argv=None):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
             set_lr(optimizer, lr)
-            x = torch.cat([x1, x2]).to(device, non_blocking=True)     # BN sees both views
-            if device.type == "cuda":
-                x = x.to(memory_format=torch.channels_last)
+            x = torch.cat(views.to_device([x1, x2], device, step))     # BN sees both views
             with autocast(args.precision, device):
                 z = model(x)
             z1, z2 = z.float().chunk(2)                                # loss math in fp32

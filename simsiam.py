@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
                     autocast, broadcast_flag, broadcast_object, build_dataset, check_batch,
                     cleanup_distributed, count_bad_images, distribute, exit_on_user_error,
                     export_backbone, format_args, grad_scaler, knn_monitor, make_loader,
@@ -166,8 +166,9 @@ def main(argv=None):
     seed_everything(args.seed + rank)
 
     # data: two views per image; kNN monitor on the labelled train and val splits
-    train_set = build_dataset(args.data, "ssl", MultiView(simsiam_view(args), simsiam_view(args)),
-                              args.data_dir, args.synthetic_size, args.img_size, rank)
+    views = ViewPipeline([simsiam_view(args)] * 2, args.aug, args.seed, rank)
+    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
+                              args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
     loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
                          seeded=True)
@@ -220,10 +221,7 @@ def main(argv=None):
             # smoother, and a mid-epoch resume needs no special case).
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
             set_simsiam_lr(optimizer, lr, peak_lr)
-            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x1 = x1.to(memory_format=torch.channels_last)
-                x2 = x2.to(memory_format=torch.channels_last)
+            x1, x2 = views.to_device([x1, x2], device, step)
             with autocast(args.precision, device):
                 p1, p2, z1, z2 = model(x1, x2)
             p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()  # loss math in fp32

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Logger, Progress, StopSignal, UserError, add_common_args,
+from common import (LARS, Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
                     all_gather_tensor, all_reduce_with_grad, autocast, broadcast_flag,
                     broadcast_object, build_dataset, check_batch, cleanup_distributed,
                     count_bad_images, distribute, exit_on_user_error, export_backbone,
@@ -234,8 +234,9 @@ def main(argv=None):
         args.queue_length = rounded
 
     # data: multi-crop views of each image; kNN monitor on the labelled train and val splits
-    train_set = build_dataset(args.data, "ssl", swav_crops(args), args.data_dir,
-                              args.synthetic_size, args.img_size, rank)
+    views = ViewPipeline(swav_crops(args), args.aug, args.seed, rank)
+    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
+                              args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
     loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
                          seeded=True)
@@ -312,9 +313,7 @@ def main(argv=None):
                                start=args.warmup_start_lr)
             set_lr(optimizer, lr)
             swav.normalize_prototypes()                                # unit prototypes first
-            crops = [c.to(device, non_blocking=True) for c in crops]   # C x [n, 3, h, w]
-            if device.type == "cuda":
-                crops = [c.to(memory_format=torch.channels_last) for c in crops]
+            crops = views.to_device(crops, device, step)               # C x [n, 3, h, w]
             with autocast(args.precision, device):
                 z, scores = model(crops)
             z, scores = z.float(), scores.float()                      # loss math in fp32

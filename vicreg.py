@@ -24,9 +24,8 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
 
-from common import (LARS, Logger, MultiView, Progress, StopSignal, UserError, add_common_args,
+from common import (LARS, Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
                     autocast, broadcast_flag, broadcast_object, build_dataset, check_batch,
                     cleanup_distributed, count_bad_images, distribute, exit_on_user_error,
                     export_backbone, format_args, gather_with_grad, grad_scaler, knn_monitor,
@@ -89,7 +88,7 @@ def vicreg_views(args):
     p 0.0 / 0.2 for views 1 / 2 (small images: no blur)."""
     return [ssl_view(args.img_size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
                      gray_p=0.2, blur_p=blur_p, solarize_p=solarize_p,
-                     interpolation=InterpolationMode.BICUBIC)
+                     interpolation="bicubic")
             for blur_p, solarize_p in zip(args.blur_probs, args.solarize_probs)]
 
 
@@ -168,8 +167,9 @@ def main(argv=None):
     seed_everything(args.seed + rank)
 
     # data: two views per image; kNN monitor on the labelled train and val splits
-    train_set = build_dataset(args.data, "ssl", MultiView(*vicreg_views(args)),
-                              args.data_dir, args.synthetic_size, args.img_size, rank)
+    views = ViewPipeline(vicreg_views(args), args.aug, args.seed, rank)
+    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
+                              args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
     loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
                          seeded=True)
@@ -219,9 +219,7 @@ def main(argv=None):
             # warmup from 0, then cosine down to 0.001 x peak, as the official code
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=0.001 * peak_lr)
             set_lr(optimizer, lr)
-            x = torch.cat([x1, x2]).to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.to(memory_format=torch.channels_last)
+            x = torch.cat(views.to_device([x1, x2], device, step))
             with autocast(args.precision, device):
                 z1, z2 = model(*x.chunk(2))                            # views apart (BN per view)
             # The official code computes the loss under fp16 autocast; NaN losses are reported

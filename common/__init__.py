@@ -4,9 +4,10 @@ from common.args import (add_common_args, check_batch, format_args, recipe_value
                          save_args)
 from common.checkpoint import (StopSignal, export_backbone, load_checkpoint, requeue_slurm_job,
                                resume, rng_state, save_checkpoint, seed_everything, set_rng_state)
-from common.data import (IMAGENET_MEAN, IMAGENET_STD, MultiView, RandomGaussianBlur,
-                         build_dataset, count_bad_images, eval_transform, linear_train_transform,
-                         make_loader, multi_crop, ssl_view)
+from common.augment import (IMAGENET_MEAN, IMAGENET_STD, ViewPipeline, ViewRecipe, multi_crop,
+                            ssl_view)
+from common.data import (build_dataset, count_bad_images, eval_transform, linear_train_transform,
+                         make_loader)
 from common.dist import (all_gather_tensor, all_reduce_with_grad, broadcast_flag, broadcast_object,
                          cleanup_distributed, gather_with_grad, get_rank, get_world_size,
                          setup_distributed)

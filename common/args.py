@@ -18,6 +18,17 @@ def recipe_values(key, imagenet, small):
     return f"(ImageNet: {imagenet[key]}, small images: {small[key]})"
 
 
+def default_workers():
+    """Loader workers per training process: the CPUs it may use (Slurm's --cpus-per-task, or the
+    node's CPUs shared among torchrun's local processes) minus one for the training loop."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        cpus = int(os.environ["SLURM_CPUS_PER_TASK"])
+    else:
+        cpus //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (cpus or 1) - 1)
+
+
 def add_common_args(parser, method, imagenet, small):
     """Add the shared flags. Flags whose value depends on the recipe default to None and are
     filled by `resolve_recipe` from the script's ImageNet or small-image recipe."""
@@ -32,8 +43,17 @@ def add_common_args(parser, method, imagenet, small):
                    help="crop size; default 224 for an ImageFolder, 32 for CIFAR and synthetic, 96 "
                         "for STL-10. Sizes <= 64 select the small-image (CIFAR) recipe, with a 3x3 "
                         "stride-1 stem and no max-pool")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data-loading processes per rank (default: min(8, CPUs))")
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help="data-loading processes per rank (default: the CPUs of this process's "
+                        "share of the node, minus one for the training loop: "
+                        f"{default_workers()} here)")
+    aug = g.add_mutually_exclusive_group()
+    aug.add_argument("--gpu-aug", dest="aug", action="store_const", const="gpu", default="fast",
+                     help="workers only decode, crop, resize and flip; colour jitter, grayscale, "
+                          "blur, solarize and normalisation run batched on the GPU (default: all "
+                          "on the CPU, with PIL's uint8 operations)")
+    aug.add_argument("--torchvision-aug", dest="aug", action="store_const", const="torchvision",
+                     help="the standard torchvision transforms (slower; for comparison)")
     g.add_argument("--synthetic-size", type=int, default=512,
                    help="number of training images of --data synthetic, val: a quarter (default: 512)")
     g = parser.add_argument_group("training")

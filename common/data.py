@@ -10,13 +10,13 @@ import sys
 
 import torch
 import torchvision
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
+from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.log import UserError
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TORCHVISION_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}
 DOWNLOAD_FILES = {"cifar10": "cifar-10-python.tar.gz (or its folder cifar-10-batches-py/)",
                   "cifar100": "cifar-100-python.tar.gz (or its folder cifar-100-python/)",
@@ -27,68 +27,7 @@ def default_img_size(data):
     return {"cifar10": 32, "cifar100": 32, "synthetic": 32, "stl10": 96}.get(data, 224)
 
 
-# ---------------------------------------------------------------- augmentations
-
-class RandomGaussianBlur:
-    """Gaussian blur with sigma ~ U(0.1, 2.0) applied with probability p.
-
-    PIL's own Gaussian filter (radius = sigma) rather than torchvision's GaussianBlur on PIL
-    images, which is ~5x slower; the official SimCLR code truncates its kernel at 10% of the
-    image side, PIL at ~3 sigma: the same blur for the sigmas sampled here.
-    """
-
-    def __init__(self, p, sigma=(0.1, 2.0)):
-        self.p, self.sigma = p, sigma
-
-    def __call__(self, img):
-        if torch.rand(()) >= self.p:
-            return img
-        sigma = float(torch.empty(()).uniform_(*self.sigma))
-        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
-
-    def __repr__(self):
-        return f"RandomGaussianBlur(p={self.p}, sigma={self.sigma})"
-
-
-def ssl_view(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
-             blur_p=0.0, solarize_p=0.0, interpolation=T.InterpolationMode.BILINEAR):
-    """One augmented view: random resized crop, flip, colour jitter (random order, as
-    torchvision's ColorJitter and the official SimCLR code), grayscale, blur, solarize."""
-    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
-           T.RandomHorizontalFlip(),
-           T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
-           T.RandomGrayscale(p=gray_p)]
-    if blur_p > 0:
-        ops.append(RandomGaussianBlur(blur_p))
-    if solarize_p > 0:
-        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
-    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(ops)
-
-
-class MultiView:
-    """Apply each transform to the same image: returns [view_1, ..., view_k]."""
-
-    def __init__(self, *transforms):
-        self.transforms = transforms
-
-    def __call__(self, img):
-        return [t(img) for t in self.transforms]
-
-    def __repr__(self):
-        return "MultiView(\n" + "\n".join(repr(t) for t in self.transforms) + ")"
-
-
-def multi_crop(counts, sizes, scales, **view_kwargs):
-    """Multi-crop (SwAV, Caron et al. 2020): counts[i] views of sizes[i] px whose crop covers a
-    fraction scales[i] of the image, e.g. 2 x 224 px at (0.14, 1) + 6 x 96 px at (0.05, 0.14);
-    every crop then gets the same flip, colour, blur and solarize recipe (`ssl_view`'s other
-    arguments). Returns a MultiView: a list of crops, in the order of `counts`."""
-    if not (len(counts) == len(sizes) == len(scales)):
-        raise ValueError("multi_crop: counts, sizes and scales need one entry per crop group")
-    return MultiView(*[ssl_view(size, scale=tuple(scale), **view_kwargs)
-                       for n, size, scale in zip(counts, sizes, scales) for _ in range(n)])
-
+# ---------------------------------------------------------------- evaluation transforms
 
 def eval_transform(size):
     """Resize + centre crop (ImageNet: 256 -> 224); small images are only resized."""

@@ -9,7 +9,8 @@ import torchvision
 from common import (LARS, UserError, gather_with_grad, infer_arch, knn_predict, make_loader,
                     param_groups, resnet_backbone, warmup_cosine)
 from common.checkpoint import atomic_save, load_checkpoint, save_checkpoint
-from common.data import SyntheticImages, ssl_view
+from common.augment import FastView, ssl_view
+from common.data import SyntheticImages
 
 
 def test_lars_step_by_hand():
@@ -123,7 +124,7 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path):
 
 
 def test_augmentations_depend_on_seed_epoch_index_not_workers():
-    view = ssl_view(16, blur_p=0.5, solarize_p=0.2)
+    view = FastView(ssl_view(16, blur_p=0.5, solarize_p=0.2))
     data = SyntheticImages(24, 16, transform=view)
 
     def epoch_batches(workers, epoch, skip=0):

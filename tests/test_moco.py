@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moco
-from common import MultiView, build_dataset, make_loader, resnet_backbone
+from common import ViewPipeline, build_dataset, make_loader, resnet_backbone
 from tests import moco_ddp_check as ddp
 from tests.helpers import TINY, cifar10_subset, ok, read_log, run, run_until_signal
 
@@ -275,11 +275,12 @@ def test_synthetic_run_then_linear_eval(straight_run, tmp_path):
     # the same seeded views, the saved key encoder (the last momentum update precedes those
     # keys), plain BN per group of 4 and the permutation of step index 5, seed (0 + 5) * 2.
     margs = moco.get_args(FLAGS[1:])
-    two_views = MultiView(moco.moco_view(margs), moco.moco_view(margs))
+    two_views = ViewPipeline([moco.moco_view(margs)] * 2)
     views = build_dataset("synthetic", "ssl", two_views, synthetic_size=24, img_size=16)
     loader = make_loader(views, 8, 0, seed=0, seeded=True)
     loader.sampler.set_epoch(1)
     (_, x2), _ = list(loader)[-1]
+    (x2,) = two_views.to_device([x2], torch.device("cpu"))
     plain = moco.MoCo("resnet18", small_images=True, queue_size=24).train()
     plain.load_state_dict(state)
     assert torch.allclose(state["queue"][16:], naive_keys(plain, x2, 10, groups=2), atol=1e-5)

@@ -1,0 +1,189 @@
+"""View augmentation: one recipe per view, three implementations of it.
+
+A method script describes each view with a `ViewRecipe` (its paper's crop scale, colour
+jitter, grayscale, blur and solarize probabilities). `ViewPipeline(recipes, mode)` is the data
+loader's transform (image -> list of views) plus `to_device`, run in the training step:
+
+- "fast" (default): the image is decoded once for all views; each view is cropped, resized,
+  flipped, jittered, grayscaled, blurred and solarized with PIL's uint8 operations (the blur:
+  PIL's filter, not torchvision's 5x slower one); workers hand over uint8 tensors (4x less to
+  copy than floats) and `to_device` converts and normalises them on the device.
+- "gpu" (`--gpu-aug`): workers only decode, crop, resize and flip into uint8 tensors; colour
+  jitter, grayscale, blur, solarize and normalisation run batched on the device with
+  per-sample random parameters (common/gpu_aug.py).
+- "torchvision" (`--torchvision-aug`): the standard torchvision composition (RandomResizedCrop,
+  ColorJitter, GaussianBlur, ..., ToTensor, Normalize): the reference, for comparison.
+
+"fast" draws its random numbers from torch's generator exactly as the torchvision composition
+does, so for a seeded sample both pipelines pick the same crop, flip, jitter factors and order,
+grayscale, blur sigma and solarize decisions; only the blur's implementation differs.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
+from torchvision.transforms import functional as F
+
+from common.gpu_aug import blur_kernel_size, gpu_augment
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+PIL_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """One augmented view: a random resized crop to `size` px covering `scale` of the image
+    with aspect ratio in `ratio`, a horizontal flip (p 0.5), colour jitter (brightness,
+    contrast, saturation, hue strengths, in random order) with probability `jitter_p`,
+    grayscale with `gray_p`, Gaussian blur (sigma ~ U(blur_sigma)) with `blur_p`, solarize
+    (pixels >= 128 inverted) with `solarize_p`."""
+    size: int
+    scale: tuple = (0.08, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple = (0.1, 2.0)
+    solarize_p: float = 0.0
+    interpolation: str = "bilinear"  # or "bicubic"
+
+
+def ssl_view(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
+             blur_p=0.0, solarize_p=0.0, interpolation="bilinear"):
+    """The usual SSL view (crop, flip, colour jitter, grayscale, blur, solarize) as a recipe."""
+    return ViewRecipe(size, tuple(scale), jitter=tuple(jitter), jitter_p=jitter_p, gray_p=gray_p,
+                      blur_p=blur_p, solarize_p=solarize_p, interpolation=interpolation)
+
+
+def multi_crop(counts, sizes, scales, **view):
+    """Multi-crop (SwAV, Caron et al. 2020): counts[i] views of sizes[i] px whose crop covers a
+    fraction scales[i] of the image, e.g. 2 x 224 px at (0.14, 1) + 6 x 96 px at (0.05, 0.14);
+    every crop gets the same flip, colour, blur and solarize recipe (`ssl_view`'s other
+    arguments). Returns the list of recipes, in the order of `counts`."""
+    if not (len(counts) == len(sizes) == len(scales)):
+        raise ValueError("multi_crop: counts, sizes and scales need one entry per crop group")
+    return [ssl_view(size, scale=tuple(scale), **view)
+            for n, size, scale in zip(counts, sizes, scales) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- in the data-loader workers
+
+def reference_view(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The standard torchvision composition of `recipe`, with float normalised output."""
+    ops = [T.RandomResizedCrop(recipe.size, recipe.scale, recipe.ratio,
+                               INTERPOLATION[recipe.interpolation]),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(*recipe.jitter)], p=recipe.jitter_p),
+           T.RandomGrayscale(p=recipe.gray_p)]
+    if recipe.blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(recipe.size), recipe.blur_sigma)],
+                                 p=recipe.blur_p))
+    if recipe.solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=recipe.solarize_p))
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def crop_and_flip(img, recipe):
+    """Random resized crop and horizontal flip of a PIL image, drawing from torch's generator
+    as T.RandomResizedCrop and T.RandomHorizontalFlip do, pixel for pixel as torchvision (a
+    resize straight from the crop box is ~5% faster here, but its filter also reads the pixels
+    just outside the box)."""
+    top, left, h, w = T.RandomResizedCrop.get_params(img, list(recipe.scale), list(recipe.ratio))
+    img = img.crop((left, top, left + w, top + h)).resize((recipe.size, recipe.size),
+                                                          PIL_RESAMPLE[recipe.interpolation])
+    if torch.rand(1) < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+class FastView:
+    """`recipe` on a PIL image with PIL's uint8 operations -> uint8 tensor [3, size, size]."""
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.jitter = T.ColorJitter(*recipe.jitter)  # on PIL images: PIL's ImageEnhance ops
+
+    def __call__(self, img):
+        r = self.recipe
+        img = crop_and_flip(img, r)
+        if not r.jitter_p < torch.rand(1):  # the draws of T.RandomApply, T.RandomGrayscale, ...
+            img = self.jitter(img)
+        if torch.rand(1) < r.gray_p:
+            img = F.rgb_to_grayscale(img, num_output_channels=3)
+        if r.blur_p > 0 and not r.blur_p < torch.rand(1):
+            sigma = torch.empty(1).uniform_(*r.blur_sigma).item()
+            # PIL's Gaussian filter (box passes, radius sigma) is ~5x faster than torchvision's
+            # exact kernel; tests/test_augment.py measures the difference
+            img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
+        if r.solarize_p > 0 and torch.rand(1).item() < r.solarize_p:
+            img = ImageOps.solarize(img, 128)
+        return to_uint8_tensor(img)
+
+
+def to_uint8_tensor(img):
+    """PIL RGB image -> uint8 tensor [3, H, W], without a float conversion."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+class CropOnlyView:
+    """The workers' part of --gpu-aug: crop, resize and flip -> uint8 tensor [3, size, size]."""
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+
+    def __call__(self, img):
+        return to_uint8_tensor(crop_and_flip(img, self.recipe))
+
+
+# ---------------------------------------------------------------- the pipeline
+
+class ViewPipeline:
+    """`pipeline(img)` -> [view_1, ..., view_k] (the dataset transform, in the workers);
+    `pipeline.to_device(views, device, step)` -> the batched views as normalised floats on the
+    device (in the training step; with --gpu-aug, augmented there, with random parameters
+    seeded from (seed, step, rank) so that a resumed run draws the same ones)."""
+
+    def __init__(self, recipes, mode="fast", seed=0, rank=0):
+        if mode not in ("fast", "gpu", "torchvision"):
+            raise ValueError(f"unknown augmentation mode {mode!r}")
+        self.recipes, self.mode, self.seed, self.rank = list(recipes), mode, seed, rank
+        make = {"fast": FastView, "gpu": CropOnlyView, "torchvision": reference_view}[mode]
+        self.views = [make(r) for r in self.recipes]
+
+    def __call__(self, img):
+        return [view(img) for view in self.views]
+
+    def to_device(self, views, device, step=0):
+        if self.mode == "torchvision":  # already normalised floats
+            return [channels_last(x.to(device, non_blocking=True), device) for x in views]
+        views = [x.to(device, non_blocking=True) for x in views]
+        if self.mode == "gpu":
+            views = self._augment(views, step)
+        else:
+            views = [x.float().div_(255) for x in views]
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        return [channels_last(x.sub_(mean).div_(std), device) for x in views]
+
+    def _augment(self, views, step):
+        """Views with the same recipe (SwAV's crops of one size) are augmented as one batch."""
+        generator = torch.Generator().manual_seed(
+            ((self.seed * 1_000_003 + step) * 10_007 + self.rank) % 2**63)
+        out = [None] * len(views)
+        for recipe in dict.fromkeys(self.recipes):
+            idx = [i for i, r in enumerate(self.recipes) if r == recipe]
+            batch = gpu_augment(torch.cat([views[i] for i in idx]), recipe, generator)
+            for i, x in zip(idx, batch.chunk(len(idx))):
+                out[i] = x
+        return out
+
+    def __repr__(self):
+        return f"ViewPipeline({self.mode}, " + ", ".join(map(repr, self.recipes)) + ")"
+
+
+def channels_last(x, device):
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x

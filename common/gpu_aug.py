@@ -1,0 +1,171 @@
+"""Batched colour jitter, grayscale, blur and solarize on the device (`--gpu-aug`).
+
+Each op takes per-sample factors and matches, image by image, torchvision's functional op on
+float images (torchvision.transforms.v2.functional). The random parameters are drawn on the
+CPU, as torchvision's transforms draw them per image, so that a seeded generator reproduces a
+step's augmentations exactly (resume) and selecting samples needs no device-to-host sync.
+"""
+import torch
+import torch.nn.functional as F
+
+# torchvision's rgb_to_grayscale weights (0.2989, not 0.299), so that contrast, saturation and
+# grayscale agree with it to float precision
+GRAY = (0.2989, 0.587, 0.114)
+
+
+def blur_kernel_size(size):
+    """Odd kernel width of about 10% of the view (23 px at 224, 9 at 96, 3 at 32), as the
+    official SimCLR and BYOL code (kernel_size = size // 10, made odd)."""
+    return 2 * (size // 20) + 1
+
+
+def _per_sample(f, x):
+    """Factors [n] -> [n, 1, 1, 1] on x's device and dtype, to broadcast over the images."""
+    return f.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+
+
+def _luma(x):
+    r, g, b = x.unbind(1)
+    return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b).unsqueeze(1)
+
+
+def _blend(x, other, f):
+    f = _per_sample(f, x)
+    return (x * f + other * (1 - f)).clamp(0, 1)
+
+
+def adjust_brightness(x, f):
+    return (x * _per_sample(f, x)).clamp(0, 1)
+
+
+def adjust_contrast(x, f):
+    return _blend(x, _luma(x).mean(dim=(-2, -1), keepdim=True), f)
+
+
+def adjust_saturation(x, f):
+    return _blend(x, _luma(x), f)
+
+
+def _rgb_to_hsv(x):
+    r, g, b = x.unbind(1)
+    v, lo = x.amax(1), x.amin(1)
+    d = v - lo
+    # gray pixels (d == 0) get hue 0 and saturation 0; the divisors are made safe rather than
+    # the NaNs cleaned up afterwards. Where two channels tie for the maximum, both branches
+    # give the same hue.
+    s = d / torch.where(v > 0, v, 1.0)
+    dd = torch.where(d > 0, d, 1.0)
+    h = torch.where(v == r, (g - b) / dd,
+                    torch.where(v == g, 2 + (b - r) / dd, 4 + (r - g) / dd))
+    return torch.remainder(h / 6, 1.0), s, v
+
+
+def _hsv_to_rgb(h, s, v):
+    # closed form, one channel at a time (n = 5, 3, 1 for r, g, b): no sector lookup needed
+    channels = []
+    for n in (5, 3, 1):
+        k = torch.remainder(n + 6 * h, 6.0)
+        channels.append(v - v * s * torch.minimum(k, 4 - k).clamp(0, 1))
+    return torch.stack(channels, 1)
+
+
+def adjust_hue(x, shift):
+    h, s, v = _rgb_to_hsv(x)
+    h = torch.remainder(h + _per_sample(shift, x).squeeze(1), 1.0)
+    return _hsv_to_rgb(h, s, v)
+
+
+def grayscale(x):
+    # a real copy, not an expanded view: callers normalise the result in place
+    return _luma(x).repeat(1, 3, 1, 1)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Per-sample sigma [n]; reflect padding, as F.gaussian_blur(img, [k, k], [s, s])."""
+    n, c, height, width = x.shape
+    t = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - (kernel_size - 1) / 2
+    w = torch.exp(-t ** 2 / (2 * _per_sample(sigma, x).view(-1, 1) ** 2))
+    w = (w / w.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one kernel per image channel
+    p = kernel_size // 2
+    # the Gaussian is separable: padding once, then a row pass and a column pass, gives the
+    # same result as the 2-D kernel on the padded image, at 2k instead of k^2 products a pixel
+    y = F.pad(x, (p, p, p, p), mode="reflect").reshape(1, n * c, height + 2 * p, width + 2 * p)
+    y = F.conv2d(y, w.view(n * c, 1, 1, kernel_size), groups=n * c)
+    y = F.conv2d(y, w.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return y.view(n, c, height, width)
+
+
+def solarize(x, mask):
+    # 0.5 lies midway between 127/255 and 128/255, so images that came from uint8 flip exactly
+    # the pixels RandomSolarize(128) flips on the uint8 image, whatever the float rounding
+    mask = mask.to(x.device).view(-1, 1, 1, 1)
+    return torch.where(mask & (x >= 0.5), 1 - x, x)
+
+
+JITTER = (("brightness", adjust_brightness), ("contrast", adjust_contrast),
+          ("saturation", adjust_saturation), ("hue", adjust_hue))
+
+
+def sample_params(n, recipe, generator):
+    """Per-sample random parameters for n images, drawn on the CPU from `generator`, as
+    torchvision draws them per image: *_on [n] bool masks, brightness / contrast / saturation
+    [n] ~ U(max(0, 1 - s), 1 + s), hue [n] ~ U(-h, h), order [n, 4] a random permutation of the
+    four jitter ops (ColorJitter's randperm(4)), sigma [n] ~ U(blur_sigma). A dict of CPU
+    tensors; every entry is always drawn, so the generator's stream does not depend on p."""
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator)
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * rand(n)
+
+    b, c, s, h = recipe.jitter
+    return {
+        "jitter_on": rand(n) < recipe.jitter_p,
+        "brightness": uniform(max(0.0, 1 - b), 1 + b),
+        "contrast": uniform(max(0.0, 1 - c), 1 + c),
+        "saturation": uniform(max(0.0, 1 - s), 1 + s),
+        "hue": uniform(-h, h),
+        "order": rand(n, 4).argsort(1),  # sorting i.i.d. uniforms: a uniform permutation
+        "gray_on": rand(n) < recipe.gray_p,
+        "blur_on": rand(n) < recipe.blur_p,
+        "sigma": uniform(*recipe.blur_sigma),
+        "solarize_on": rand(n) < recipe.solarize_p,
+    }
+
+
+def _on_subset(x, mask, fn, *factors):
+    """x with fn(x[mask], factors[mask]) written back. The mask is read on the CPU (no sync),
+    and only the selected images are computed."""
+    idx = mask.nonzero().squeeze(1)
+    if len(idx) == 0:
+        return x
+    factors = [f[idx] for f in factors]
+    if len(idx) == len(x):
+        return fn(x, *factors)
+    idx_dev = idx.to(x.device)
+    return x.index_copy(0, idx_dev, fn(x[idx_dev], *factors))
+
+
+def apply_params(x, params, recipe):
+    """x: float [n, 3, H, W] in [0, 1] on any device -> the augmented images, float in [0, 1]:
+    colour jitter (each sample's ops in its own order), grayscale, Gaussian blur (kernel size
+    from the image's width), solarize, each where its mask is on."""
+    p = {k: v.cpu() for k, v in params.items()}
+    for slot in range(4):
+        for j, (name, op) in enumerate(JITTER):
+            if recipe.jitter[j] == 0:  # ColorJitter leaves out an op of strength 0
+                continue
+            x = _on_subset(x, p["jitter_on"] & (p["order"][:, slot] == j), op, p[name])
+    x = _on_subset(x, p["gray_on"], grayscale)
+    k = blur_kernel_size(x.shape[-1])
+    x = _on_subset(x, p["blur_on"], lambda y, s: gaussian_blur(y, s, k), p["sigma"])
+    if p["solarize_on"].any():
+        x = solarize(x, p["solarize_on"])
+    return x
+
+
+def gpu_augment(x_uint8, recipe, generator):
+    """uint8 [n, 3, H, W] (on the device) -> augmented float [n, 3, H, W] in [0, 1], not
+    normalised; a new tensor, safe to modify in place."""
+    params = sample_params(len(x_uint8), recipe, generator)
+    return apply_params(x_uint8.float().div(255), params, recipe)
