@@ -21,7 +21,8 @@ def blur_kernel_size(size):
 
 def _per_sample(f, x):
     """Factors [n] -> [n, 1, 1, 1] on x's device and dtype, to broadcast over the images."""
-    return f.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    # non_blocking: the host queues the copy and goes on, no wait for the device's queue
+    return f.to(device=x.device, non_blocking=True).to(x.dtype).view(-1, 1, 1, 1)
 
 
 def _luma(x):
@@ -98,7 +99,7 @@ def gaussian_blur(x, sigma, kernel_size):
 def solarize(x, mask):
     # 0.5 lies midway between 127/255 and 128/255, so images that came from uint8 flip exactly
     # the pixels RandomSolarize(128) flips on the uint8 image, whatever the float rounding
-    mask = mask.to(x.device).view(-1, 1, 1, 1)
+    mask = mask.to(x.device, non_blocking=True).view(-1, 1, 1, 1)
     return torch.where(mask & (x >= 0.5), 1 - x, x)
 
 
@@ -142,14 +143,16 @@ def _on_subset(x, mask, fn, *factors):
     factors = [f[idx] for f in factors]
     if len(idx) == len(x):
         return fn(x, *factors)
-    idx_dev = idx.to(x.device)
-    return x.index_copy(0, idx_dev, fn(x[idx_dev], *factors))
+    idx_dev = idx.to(x.device, non_blocking=True)
+    return x.index_copy_(0, idx_dev, fn(x[idx_dev], *factors))  # x is ours: in place
 
 
-def apply_params(x, params, recipe):
+def apply_params(x, params, recipe, inplace=False):
     """x: float [n, 3, H, W] in [0, 1] on any device -> the augmented images, float in [0, 1]:
     colour jitter (each sample's ops in its own order), grayscale, Gaussian blur (kernel size
-    from the image's width), solarize, each where its mask is on."""
+    from the image's width), solarize, each where its mask is on. `inplace`: x may be
+    overwritten (saves a copy of the batch)."""
+    x = x if inplace else x.clone()
     p = {k: v.cpu() for k, v in params.items()}
     for slot in range(4):
         for j, (name, op) in enumerate(JITTER):
@@ -168,4 +171,4 @@ def gpu_augment(x_uint8, recipe, generator):
     """uint8 [n, 3, H, W] (on the device) -> augmented float [n, 3, H, W] in [0, 1], not
     normalised; a new tensor, safe to modify in place."""
     params = sample_params(len(x_uint8), recipe, generator)
-    return apply_params(x_uint8.float().div(255), params, recipe)
+    return apply_params(x_uint8.float().div(255), params, recipe, inplace=True)

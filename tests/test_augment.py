@@ -1,9 +1,10 @@
 """The three augmentation pipelines of common/augment.py against torchvision's transforms.
 
-"fast" draws its random numbers exactly as the torchvision composition does, so for the same
-seed it must produce the same pixels (its blur, PIL's filter, is compared separately); the
-workers' part of "gpu" must be the reference crop and flip; the device part (common/gpu_aug.py,
-tested op by op in test_gpu_aug.py) is compared here through the statistics of whole pipelines.
+Both draw their random numbers as the torchvision composition does: the same crop boxes and
+flips (torch's uint8 resize within a few levels of PIL's), and for "fast" then exactly torchvision's
+colour pixels (its blur, PIL's filter, is compared separately). The device part of "gpu"
+(common/gpu_aug.py, tested op by op in test_gpu_aug.py) is compared here through the
+statistics of whole pipelines.
 """
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from common.augment import (IMAGENET_MEAN, IMAGENET_STD, CropOnlyView, FastView, ViewPipeline,
-                            reference_view, ssl_view)
+from common.augment import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, CropOnlyView, FastView,
+                            ViewPipeline, crop_and_flip, image_pixels, reference_view, ssl_view)
 from tests.helpers import ok, read_log, run, run_until_signal
 
 CPU = torch.device("cpu")
@@ -33,18 +34,50 @@ def normalised(x_uint8):
     return (x_uint8.float() / 255 - mean) / std
 
 
-@pytest.mark.parametrize("recipe", [
+RECIPES = [
     ssl_view(32, jitter=(0.8, 0.8, 0.8, 0.2), solarize_p=0.5),              # SimCLR-like
     ssl_view(24, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), gray_p=0.5,
              solarize_p=0.2, interpolation="bicubic"),                       # Barlow-like
     ssl_view(16, scale=(0.05, 0.14), jitter=(0.4, 0.0, 0.4, 0.0), jitter_p=1.0),
-])
-def test_fast_view_equals_the_torchvision_composition_for_the_same_seed(recipe):
-    img, ref, fast = photo(), reference_view(recipe), FastView(recipe)
+]
+
+
+def after_the_crop(recipe):
+    """The torchvision composition of `recipe` without its crop and flip (and with its
+    ToTensor and Normalize), to apply to our crop."""
+    return T.Compose(reference_view(recipe).transforms[2:])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_crop_and_flip_match_torchvision(recipe):
+    """The same crop boxes and flips as T.RandomResizedCrop + T.RandomHorizontalFlip for the
+    same seed; torch's antialiased uint8 resize against PIL's: they round differently, so about
+    a quarter of the values differ by one level (bicubic: up to 3 levels)."""
+    img = photo()
+    crop_flip = T.Compose([T.RandomResizedCrop(recipe.size, recipe.scale, recipe.ratio,
+                                               INTERPOLATION[recipe.interpolation]),
+                           T.RandomHorizontalFlip(), T.PILToTensor()])
+    for seed in range(40):
+        torch.manual_seed(seed)
+        expected = crop_flip(img).int()
+        torch.manual_seed(seed)
+        got = crop_and_flip(image_pixels(img), recipe)
+        assert got.dtype == torch.uint8 and got.shape == (3, recipe.size, recipe.size)
+        diff = (got.int() - expected).abs()
+        assert diff.max() <= 3 and diff.float().mean() < 0.4, (seed, diff.max())
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fast_view_draws_and_colours_as_torchvision(recipe):
+    """After the crop, the fast view's jitter (factors and order), grayscale and solarize give
+    exactly torchvision's pixels for the same seed: it draws the same random numbers in the
+    same order and applies the same PIL operations."""
+    img, fast, rest = photo(), FastView(recipe), after_the_crop(recipe)
     changed = 0
     for seed in range(40):
         torch.manual_seed(seed)
-        expected = ref(img)
+        cropped = crop_and_flip(image_pixels(img), recipe)  # the crop's draws come first
+        expected = rest(Image.fromarray(np.ascontiguousarray(cropped.permute(1, 2, 0))))
         torch.manual_seed(seed)
         got = fast(img)
         assert got.dtype == torch.uint8 and got.shape == (3, recipe.size, recipe.size)
@@ -55,33 +88,35 @@ def test_fast_view_equals_the_torchvision_composition_for_the_same_seed(recipe):
 
 def test_fast_blur_is_close_to_torchvision_gaussian_blur():
     """PIL's Gaussian filter (box passes, radius = sigma) against torchvision's exact kernel
-    (23 px at 224), with the same crop and the same sigma: on average within 1/255, every pixel
+    (23 px at 224), on the same crop with the same sigma: on average within 1/255, every pixel
     within 12/255 (measured: mean 0.3/255, max 9/255)."""
     recipe = ssl_view(224, jitter_p=0.0, gray_p=0.0, blur_p=1.0)
     img = photo(500, 375)
-    ref, fast = reference_view(recipe), FastView(recipe)
+    fast, rest = FastView(recipe), after_the_crop(recipe)
     for seed in range(6):
         torch.manual_seed(seed)
-        expected = ref(img)
+        cropped = crop_and_flip(image_pixels(img), recipe)
+        expected = rest(Image.fromarray(np.ascontiguousarray(cropped.permute(1, 2, 0))))
         torch.manual_seed(seed)
         got = fast(img)
         diff = (normalised(got) - expected) * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
         assert diff.abs().mean() < 1.0 and diff.abs().max() <= 12.0, (seed, diff.abs().max())
-    # and blurring did happen: without it the views differ far more
-    torch.manual_seed(0)
-    unblurred = normalised(CropOnlyView(recipe)(img))
-    torch.manual_seed(0)
-    assert ((unblurred - ref(img)) * 0.226 * 255).abs().mean() > 2.0
+        # and blurring did happen: the unblurred crop differs far more
+        unblurred = (normalised(cropped) - expected) * 0.226 * 255
+        assert unblurred.abs().mean() > 2.0
 
 
-def test_gpu_mode_workers_do_the_reference_crop_and_flip():
-    recipe = ssl_view(24, scale=(0.14, 1.0), jitter_p=0.0, gray_p=0.0)  # crop and flip only
-    img, ref, crop = photo(), reference_view(recipe), CropOnlyView(recipe)
-    for seed in range(20):
-        torch.manual_seed(seed)
-        expected = ref(img)
-        torch.manual_seed(seed)
-        assert torch.allclose(normalised(crop(img)), expected, atol=1e-5), seed
+def test_gpu_mode_workers_crop_and_flip_only():
+    recipe = ssl_view(24, scale=(0.14, 1.0), blur_p=1.0, solarize_p=1.0)
+    img = photo()
+    pipeline = ViewPipeline([recipe, recipe], "gpu")
+    torch.manual_seed(3)
+    views = pipeline(img)
+    torch.manual_seed(3)
+    pixels = image_pixels(img)
+    expected = [crop_and_flip(pixels, recipe), crop_and_flip(pixels, recipe)]
+    assert all(torch.equal(v, e) for v, e in zip(views, expected))
+    assert not torch.equal(views[0], views[1])
 
 
 def test_to_device_normalises_like_totensor_and_normalize():
@@ -139,13 +174,16 @@ FLAGS = ["simclr.py", "--data", "synthetic", "--arch", "resnet18", "--img-size",
          "--knn-every", "0", "--workers", "0"]
 
 
-def test_fast_and_torchvision_pipelines_train_identically(tmp_path):
-    """SimCLR's small-image recipe has no blur, the one operation the fast pipeline implements
-    differently: a run with it and a run with --torchvision-aug see the same pixels."""
-    fast, reference = tmp_path / "fast", tmp_path / "reference"
-    ok(run([*FLAGS, "--epochs", "1", "--run-dir", fast]))
-    ok(run([*FLAGS, "--epochs", "1", "--torchvision-aug", "--run-dir", reference]))
-    assert [r["loss"] for r in read_log(fast)] == [r["loss"] for r in read_log(reference)]
+def test_the_three_pipelines_train_on_the_same_views(tmp_path):
+    """SimCLR's small-image recipe has no blur: the fast and torchvision pipelines give the same
+    views up to the resize's rounding, so the first step's loss (same initial network) agrees
+    to 1e-4; the --gpu-aug run draws its colour parameters elsewhere and differs by more."""
+    losses = {}
+    for name, flag in (("fast", []), ("torchvision", ["--torchvision-aug"]), ("gpu", ["--gpu-aug"])):
+        ok(run([*FLAGS, "--epochs", "1", *flag, "--run-dir", tmp_path / name]))
+        losses[name] = read_log(tmp_path / name)[0]["loss"]
+    assert losses["fast"] == pytest.approx(losses["torchvision"], rel=1e-4)
+    assert losses["gpu"] != pytest.approx(losses["torchvision"], rel=1e-3)
 
 
 def test_gpu_aug_run_resumes_exactly(tmp_path):
@@ -159,6 +197,3 @@ def test_gpu_aug_run_resumes_exactly(tmp_path):
     a = torch.load(straight / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    fast = read_log(straight)[0]["loss"]
-    ok(run([*FLAGS, "--epochs", "1", "--run-dir", tmp_path / "fast"]))
-    assert read_log(tmp_path / "fast")[0]["loss"] != fast  # the device augmentation did run
