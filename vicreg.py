@@ -26,12 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (LARS, Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    autocast, broadcast_flag, broadcast_object, build_dataset, check_batch,
-                    cleanup_distributed, count_bad_images, distribute, exit_on_user_error,
-                    export_backbone, format_args, gather_with_grad, grad_scaler, knn_monitor,
-                    make_loader, param_groups, recipe_values, requeue_slurm_job, resnet_backbone,
-                    resolve_precision, resolve_recipe, resume, save_args, save_checkpoint,
-                    seed_everything, set_lr, setup_distributed, ssl_view, unwrap, warmup_cosine)
+                    autocast, broadcast_object, build_dataset, check_batch, cleanup_distributed,
+                    distribute, end_epoch, exit_on_user_error, format_args, gather_with_grad,
+                    grad_scaler, knn_monitor, make_loader, param_groups, recipe_values,
+                    resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
+                    save_checkpoint, seed_everything, set_lr, setup_distributed, ssl_view,
+                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -239,16 +239,8 @@ def main(argv=None):
                           / (time.time() - epoch_start)}
                 progress.update(record)
                 log.log(record)
-            # every rank must stop at the same step: with several, agree every 10 steps. A
-            # signal in the epoch's last step is taken at the next epoch's first check, after
-            # the epoch's summary and checkpoint.
-            if ((world == 1 or (i + 1) % 10 == 0) and i + 1 < steps_per_epoch
-                    and broadcast_flag(stop.requested, device)):
-                save(epoch, i + 1)
-                log.print(f"stop signal: saved {ckpt_path} at epoch {epoch}, batch {i + 1}")
-                if rank == 0 and (message := requeue_slurm_job()):
-                    log.print(message)
-                cleanup_distributed()
+            if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
+                stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
                 return
 
         # end of epoch: monitor, log, checkpoint, export the backbone. The invariance (and so the
@@ -256,15 +248,9 @@ def main(argv=None):
         record = {"epoch": epoch + 1, **dict(zip(TERMS, (sums / max(1, len(loader))).tolist())),
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
-        if count_bad_images(train_set.bad_log):
-            record["bad_images"] = count_bad_images(train_set.bad_log)
-        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            record["knn_top1"] = knn_top1(unwrap(model).backbone)
-        log.summary(record)
+        end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1, train_set.bad_log,
+                  rank)
         start_batch = 0
-        save(epoch + 1, 0)
-        if rank == 0:
-            export_backbone(unwrap(model).backbone, os.path.join(args.run_dir, "backbone.pt"))
     log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
     cleanup_distributed()
 

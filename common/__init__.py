@@ -13,6 +13,7 @@ from common.dist import (all_gather_tensor, all_reduce_with_grad, broadcast_flag
                          setup_distributed)
 from common.knn import capped, extract_features, knn_accuracy, knn_monitor, knn_predict
 from common.log import Logger, Progress, UserError, exit_on_user_error
+from common.loop import end_epoch, stop_agreed, stop_and_requeue
 from common.model import (autocast, distribute, grad_scaler, infer_arch, resnet_backbone,
                           resolve_precision, unwrap)
 from common.optim import LARS, param_groups, set_lr, warmup_cosine
