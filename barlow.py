@@ -171,7 +171,7 @@ def main(argv=None):
     seed_everything(args.seed + rank)
 
     # data: two views per image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline(barlow_views(args), args.aug, args.seed, rank)
+    views = ViewPipeline(barlow_views(args), args.aug, args.seed, rank, args.channels_last)
     train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
                               args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
@@ -184,7 +184,7 @@ def main(argv=None):
 
     # model, optimizer, schedule: both groups warm up, then follow a cosine to 0.001 x their peak
     model = BarlowTwins(args.arch, args.small_images, args.projector)
-    model = distribute(model, device, world, args.compile)
+    model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
     optimizer = barlow_optimizer(model, args.weight_decay, args.lr, args.lr_biases)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr = args.lr * args.batch_size / 256

@@ -175,7 +175,7 @@ class MoCo(nn.Module):
         if get_world_size() > 1:
             dist.broadcast(perm, src=0)
         mine = x_all[perm[rank * n:(rank + 1) * n]]                    # [n, C, H, W] shuffled
-        if mine.is_cuda:
+        if x.is_contiguous(memory_format=torch.channels_last):  # indexing returns NCHW
             mine = mine.contiguous(memory_format=torch.channels_last)
         k = F.normalize(self.key_projector(self.key_backbone(mine)).float(), dim=1)
         k_all = all_gather_tensor(k)                                   # [N, D] shuffled order
@@ -233,7 +233,7 @@ def main(argv=None):
     seed_everything(args.seed + rank)
 
     # data: two views per image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline([moco_view(args)] * 2, args.aug, args.seed, rank)
+    views = ViewPipeline([moco_view(args)] * 2, args.aug, args.seed, rank, args.channels_last)
     train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
                               args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
@@ -250,7 +250,8 @@ def main(argv=None):
     # statistics, queue) at each forward: the queue is the same on every rank anyway.
     model = MoCo(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim,
                  args.queue_size, args.bn_splits)
-    model = distribute(model, device, world, args.compile, sync_bn=False)
+    model = distribute(model, device, world, args.compile, sync_bn=False,
+                       channels_last=args.channels_last)
     # SGD with weight decay on every parameter, biases and BN included, as the official code.
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
                                 momentum=0.9, weight_decay=args.weight_decay)

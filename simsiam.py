@@ -166,7 +166,7 @@ def main(argv=None):
     seed_everything(args.seed + rank)
 
     # data: two views per image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline([simsiam_view(args)] * 2, args.aug, args.seed, rank)
+    views = ViewPipeline([simsiam_view(args)] * 2, args.aug, args.seed, rank, args.channels_last)
     train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
                               args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
@@ -180,7 +180,7 @@ def main(argv=None):
     # model, optimizer, schedule (SyncBN with several GPU processes, as the official code)
     model = SimSiam(args.arch, args.small_images, args.proj_layers, args.proj_dim,
                     args.pred_hidden_dim)
-    model = distribute(model, device, world, args.compile)
+    model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
     peak_lr = args.lr * args.batch_size / 256
     optimizer = simsiam_optimizer(model, peak_lr, args.weight_decay, args.fix_pred_lr)
     scaler = grad_scaler(args.precision, device)

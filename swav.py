@@ -234,7 +234,7 @@ def main(argv=None):
         args.queue_length = rounded
 
     # data: multi-crop views of each image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline(swav_crops(args), args.aug, args.seed, rank)
+    views = ViewPipeline(swav_crops(args), args.aug, args.seed, rank, args.channels_last)
     train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
                               args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
@@ -250,7 +250,7 @@ def main(argv=None):
     # biases and BN parameters (every 1-D parameter) from both. The prototypes are a weight.
     model = SwAV(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim,
                  args.num_prototypes)
-    model = distribute(model, device, world, args.compile)
+    model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
     swav = unwrap(model)
     optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
     scaler = grad_scaler(args.precision, device)

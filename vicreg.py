@@ -167,7 +167,7 @@ def main(argv=None):
     seed_everything(args.seed + rank)
 
     # data: two views per image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline(vicreg_views(args), args.aug, args.seed, rank)
+    views = ViewPipeline(vicreg_views(args), args.aug, args.seed, rank, args.channels_last)
     train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
                               args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
@@ -180,7 +180,7 @@ def main(argv=None):
 
     # model, optimizer, schedule: one lr for both parameter groups, as the official code
     model = VICReg(args.arch, args.small_images, args.expander)
-    model = distribute(model, device, world, args.compile)
+    model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
     optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr = args.lr * args.batch_size / 256

@@ -1,4 +1,5 @@
 """The flags every method script shares, recipe resolution, and the run directory."""
+import argparse
 import json
 import os
 import platform
@@ -71,6 +72,10 @@ def add_common_args(parser, method, imagenet, small):
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto (default): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, hold the model's weights and the input batches in channels_last "
+                        "(NHWC) memory, the layout tensor-core convolutions run fastest in "
+                        "(default: on; --no-channels-last keeps PyTorch's NCHW)")
     g.add_argument("--run-dir", default=None,
                    help=f"output folder (default: runs/{method}/<Slurm job id or timestamp>); "
                         f"running again with the same folder resumes from its checkpoint.pt")

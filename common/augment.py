@@ -163,10 +163,11 @@ class ViewPipeline:
     device (in the training step; with --gpu-aug, augmented there, with random parameters
     seeded from (seed, step, rank) so that a resumed run draws the same ones)."""
 
-    def __init__(self, recipes, mode="fast", seed=0, rank=0):
+    def __init__(self, recipes, mode="fast", seed=0, rank=0, channels_last=True):
         if mode not in ("fast", "gpu", "torchvision"):
             raise ValueError(f"unknown augmentation mode {mode!r}")
         self.recipes, self.mode, self.seed, self.rank = list(recipes), mode, seed, rank
+        self.channels_last = channels_last  # on CUDA, the batches in the model's memory layout
         make = {"fast": FastView, "gpu": CropOnlyView, "torchvision": reference_view}[mode]
         self.views = [make(r) for r in self.recipes]
 
@@ -177,7 +178,7 @@ class ViewPipeline:
 
     def to_device(self, views, device, step=0):
         if self.mode == "torchvision":  # already normalised floats
-            return [channels_last(x.to(device, non_blocking=True), device) for x in views]
+            return [self._layout(x.to(device, non_blocking=True)) for x in views]
         views = [x.to(device, non_blocking=True) for x in views]
         if self.mode == "gpu":
             views = self._augment(views, step)
@@ -185,7 +186,7 @@ class ViewPipeline:
             views = [x.float().div_(255) for x in views]
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device, non_blocking=True)
-        return [channels_last(x.sub_(mean).div_(std), device) for x in views]
+        return [self._layout(x.sub_(mean).div_(std)) for x in views]
 
     def _augment(self, views, step):
         """Views with the same recipe (SwAV's crops of one size) are augmented as one batch."""
@@ -199,9 +200,10 @@ class ViewPipeline:
                 out[i] = x
         return out
 
+    def _layout(self, x):
+        if self.channels_last and x.is_cuda:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def __repr__(self):
         return f"ViewPipeline({self.mode}, " + ", ".join(map(repr, self.recipes)) + ")"
-
-
-def channels_last(x, device):
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x

@@ -55,6 +55,9 @@ def setup_distributed(timeout_minutes=30):
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
+        # every step has the same shapes: cuDNN times its convolution algorithms on the first
+        # and keeps the fastest (as the official MoCo code does); not bit-reproducible on GPUs
+        torch.backends.cudnn.benchmark = True
     else:
         device = torch.device("cpu")
     if world > 1:

@@ -66,15 +66,16 @@ def grad_scaler(precision, device):
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def distribute(model, device, world_size, compile=False, sync_bn=True):
+def distribute(model, device, world_size, compile=False, sync_bn=True, channels_last=True):
     """Move `model` to `device`, with SyncBatchNorm (GPU) and DDP when world > 1, channels_last on
-    CUDA, and torch.compile if asked. Returns the wrapped model; `unwrap` gives it back."""
+    CUDA unless turned off, and torch.compile if asked. Returns the wrapped model; `unwrap` gives
+    it back."""
     if world_size > 1 and sync_bn and device.type == "cuda":
         # PyTorch's SyncBatchNorm runs on GPUs only: CPU processes (gloo, for testing)
         # normalise over their own part of the batch.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(

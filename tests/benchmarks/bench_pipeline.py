@@ -3,11 +3,13 @@ each ViewPipeline mode, and, on a CUDA machine, the device side of --gpu-aug and
 
     python tests/benchmarks/bench_pipeline.py                          # CPU table, a few minutes
     python tests/benchmarks/bench_pipeline.py --e2e --json bench.json  # + byol.py runs (GPU)
+    python tests/benchmarks/bench_pipeline.py --no-cpu --e2e fast,gpu+compile,gpu+nchw
 
 A benchmark, not a test: pytest collects test_*.py only, so this file is never run by it.
 """
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -132,20 +134,30 @@ def seconds_per_call(fn, iters, warmup=3):
 
 
 def gpu_augment_rates(batch, iters):
+    """Images/s of the device side of --gpu-aug: each BYOL view's augmentation alone, and
+    to_device as the training step runs it (upload from pinned memory, augment, normalise)."""
+    recs = recipes()["byol 2x224"]
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
     generator = torch.Generator().manual_seed(0)
-    return {f"gpu_augment byol view {i}, batch {batch}":
-            batch / seconds_per_call(lambda: gpu_augment(x, recipe, generator), iters)
-            for i, recipe in enumerate(recipes()["byol 2x224"], 1)}
+    rates = {f"gpu_augment, byol view {i}, batch {batch}":
+             batch / seconds_per_call(lambda: gpu_augment(x.clone(), recipe, generator), iters)
+             for i, recipe in enumerate(recs, 1)}
+    pipeline = ViewPipeline(recs, "gpu")
+    host = [x.cpu().pin_memory() for _ in recs]
+    rates[f"to_device, byol 2 views, batch {batch} (images/s)"] = batch / seconds_per_call(
+        lambda: pipeline.to_device(host, torch.device("cuda"), 0), iters)
+    return rates
 
 
-def model_step_rate(batch, iters, compile):
+def model_step_rate(batch, iters, compile, channels_last):
     """BYOL ResNet-50 steps as byol.py's main() runs them, on random normalised views."""
     device = torch.device("cuda")
-    model = distribute(byol.BYOL("resnet50", False, 4096, 256), device, 1, compile)
+    model = distribute(byol.BYOL("resnet50", False, 4096, 256), device, 1, compile,
+                       channels_last=channels_last)
     optimizer = LARS(param_groups(model, 1e-6), lr=0.45, momentum=0.9)
-    x = torch.randn(2 * batch, 3, 224, 224, device=device).contiguous(
-        memory_format=torch.channels_last)
+    x = torch.randn(2 * batch, 3, 224, 224, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
         with autocast("bf16", device):
@@ -169,9 +181,14 @@ def image_folder(paths, root, n_train):
     return root
 
 
+E2E_FLAGS = {"torchvision": ["--torchvision-aug"], "fast": [], "gpu": ["--gpu-aug"],
+             "compile": ["--compile"], "nchw": ["--no-channels-last"]}
+
+
 def byol_run_rates(root, run_dir, batch, flags):
     """img/s of a 1-epoch byol.py run: its last logged figure, which averages from the epoch's
-    start (warm-up and compilation included), and the rate between the last two records."""
+    start (start-up and compilation included), and the steady rate over the last 40% of the
+    steps (after the loader's prefetched batches, filled during start-up, are used up)."""
     cmd = [sys.executable, "byol.py", "--data", str(root), "--arch", "resnet50", "--img-size",
            "224", "--precision", "bf16", "--batch-size", str(batch), "--epochs", "1",
            "--knn-every", "0", "--log-every", "10", "--run-dir", str(run_dir), *flags]
@@ -181,34 +198,60 @@ def byol_run_rates(root, run_dir, batch, flags):
         return None, None
     lines = (run_dir / "log.jsonl").read_text().splitlines()
     steps = [r for r in map(json.loads, lines) if "step" in r]
-    if len(steps) < 2:
-        return (steps[-1]["img_per_s"] if steps else None), None
     # a record's time since the epoch's start is step * batch / img_per_s
-    (s1, r1), (s2, r2) = [(r["step"], r["img_per_s"]) for r in steps[-2:]]
-    return r2, (s2 - s1) * batch / (s2 * batch / r2 - s1 * batch / r1)
+    seconds = {r["step"]: r["step"] * batch / r["img_per_s"] for r in steps}
+    last = steps[-1]["step"]
+    first = min(s for s in seconds if s >= 0.6 * last)
+    if first == last:
+        return steps[-1]["img_per_s"], None
+    return steps[-1]["img_per_s"], (last - first) * batch / (seconds[last] - seconds[first])
 
 
 def bench_gpu(args, paths, tmp):
+    torch.backends.cudnn.benchmark = True  # as setup_distributed() sets it for the scripts
     results = gpu_augment_rates(args.batch_size, args.iters)
-    for compile in (False, True):
-        name = f"model step alone{', compiled' if compile else ''} (bf16, batch {args.batch_size})"
-        results[name] = model_step_rate(args.batch_size, args.iters, compile)
-        torch.cuda.empty_cache()  # the first model's cached blocks are of no use to the second
+    for config in args.model_step:
+        name = f"model step alone, {config} (bf16, batch {args.batch_size})"
+        results[name] = model_step_rate(args.batch_size, args.iters, "compile" in config,
+                                        not config.startswith("nchw"))
+        torch.cuda.empty_cache()  # one model's cached blocks are of no use to the next
+        print(f"  {name:<62} {results[name]:9.0f} img/s", flush=True)
     if args.e2e:
-        root = image_folder(paths, tmp / "imagefolder", args.e2e_images)
-        for compile in (False, True):
-            for label, flags in (("torchvision", ["--torchvision-aug"]), ("fast", []),
-                                 ("gpu", ["--gpu-aug"])):
-                flags = flags + (["--compile"] if compile else [])
-                last, steady = byol_run_rates(root, tmp / f"run-{label}-{compile}",
-                                              args.batch_size, flags)
-                name = f"byol.py {label}{', compiled' if compile else ''}"
-                results[name + ": last record"] = last
-                results[name + ": last 10 steps"] = steady
-    print(f"\n{torch.cuda.get_device_name()}")
+        root = image_folder(paths, tmp / "imagefolder", args.e2e_steps * args.batch_size)
+        for config in args.e2e:
+            flags = [f for part in config.split("+") for f in E2E_FLAGS[part]]
+            last, steady = byol_run_rates(root, tmp / f"run-{config}", args.batch_size, flags)
+            name = f"byol.py {config} ({' '.join(flags) or 'defaults'})"
+            results[name + ": whole epoch"] = last
+            results[name + ": steady"] = steady
+            print(f"  {name:<62} {last or 0:9.0f} img/s epoch, {steady or 0:6.0f} steady",
+                  flush=True)
+    print(f"\n{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs")
     for name, rate in results.items():
-        print(f"  {name:<55} {'failed' if rate is None else f'{rate:9.0f} img/s'}")
+        print(f"  {name:<62} {'failed' if rate is None else f'{rate:9.0f} img/s'}")
     return results
+
+
+def step_configs(text):
+    configs = [c.strip() for c in text.split(",") if c.strip()]
+    for config in configs:
+        if config not in STEP_CONFIGS:
+            raise argparse.ArgumentTypeError(f"{config!r}: one of {', '.join(STEP_CONFIGS)}")
+    return configs
+
+
+STEP_CONFIGS = ("channels_last", "nchw", "channels_last+compile", "nchw+compile")
+
+
+def e2e_configs(text):
+    configs = [c.strip() for c in text.split(",") if c.strip()]
+    for config in configs:
+        parts = config.split("+")
+        if parts[0] not in MODES or any(p not in ("compile", "nchw") for p in parts[1:]):
+            raise argparse.ArgumentTypeError(
+                f"{config!r}: a pipeline ({', '.join(MODES)}) optionally followed by +compile "
+                f"and/or +nchw")
+    return configs
 
 
 def main():
@@ -218,9 +261,17 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, median (default 3)")
     p.add_argument("--batch-size", type=int, default=256, help="GPU batch per view (default 256)")
     p.add_argument("--iters", type=int, default=20, help="timed GPU iterations (default 20)")
-    p.add_argument("--e2e", action="store_true", help="also time byol.py runs (GPU)")
-    p.add_argument("--e2e-images", type=int, default=256 * 30,
-                   help="training images of the byol.py runs (default 7680: 30 steps)")
+    p.add_argument("--no-cpu", action="store_true", help="skip the per-core CPU table")
+    p.add_argument("--model-step", type=step_configs, default=list(STEP_CONFIGS),
+                   help="model-step configurations to time on the GPU, comma-separated "
+                        f"(default: all of {','.join(STEP_CONFIGS)}; '' for none)")
+    p.add_argument("--e2e", type=e2e_configs, nargs="?", const=["torchvision", "fast", "gpu"],
+                   help="also time 1-epoch byol.py runs (GPU), one per comma-separated config: a "
+                        "pipeline (torchvision, fast, gpu), +compile for --compile, +nchw for "
+                        "--no-channels-last; e.g. 'fast,gpu,gpu+compile,gpu+nchw' (default when "
+                        "given alone: torchvision,fast,gpu)")
+    p.add_argument("--e2e-steps", type=int, default=100,
+                   help="steps of each byol.py run (default 100)")
     p.add_argument("--json", type=Path, help="write the figures to this file")
     args = p.parse_args()
 
@@ -228,8 +279,10 @@ def main():
         tmp = Path(tmp)
         paths, origin = make_images(args.images, args.image_dir or tmp / "jpeg")
         print(f"images: {origin}")
-        results = {"images": origin, "cpu": bench_cpu(paths, args.rounds)}
-        print_cpu(results["cpu"])
+        results = {"images": origin}
+        if not args.no_cpu:
+            results["cpu"] = bench_cpu(paths, args.rounds)
+            print_cpu(results["cpu"])
         if torch.cuda.is_available():
             results["gpu"] = {"device": torch.cuda.get_device_name(),
                               **bench_gpu(args, paths, tmp)}
