@@ -35,6 +35,13 @@ def ok(proc):
     return proc
 
 
+def assert_same_tensors(a, b):
+    """Two state dicts (weights, buffers, queues) hold the same keys and bit-identical tensors."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def read_log(run_dir):
     with open(Path(run_dir) / "log.jsonl") as f:
         return [json.loads(line) for line in f]

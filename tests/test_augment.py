@@ -14,7 +14,7 @@ from torchvision import transforms as T
 
 from common.augment import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, CropOnlyView, FastView,
                             ViewPipeline, crop_and_flip, image_pixels, reference_view, ssl_view)
-from tests.helpers import ok, read_log, run, run_until_signal
+from tests.helpers import assert_same_tensors, ok, read_log, run, run_until_signal
 
 CPU = torch.device("cpu")
 
@@ -196,4 +196,4 @@ def test_gpu_aug_run_resumes_exactly(tmp_path):
     ok(run([*FLAGS, "--gpu-aug", "--run-dir", resumed]))
     a = torch.load(straight / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(a, b)

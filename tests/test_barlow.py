@@ -13,7 +13,7 @@ from barlow import (BarlowTwins, barlow_optimizer, barlow_twins_loss, barlow_vie
                     main)
 from common import set_lr
 from tests import barlow_ddp_check as ddp
-from tests.helpers import cifar10_subset, ok, read_log, run, run_until_signal
+from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_signal
 
 
 # ------------------------------------------------------------------------------- loss
@@ -254,9 +254,7 @@ def test_interrupted_run_resumes_exactly_and_the_schedule(straight, tmp_path):
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)
     assert (a["epoch"], b["epoch"]) == (2, 2)
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_tensors(a["model"], b["model"])
     state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert state_a.keys() == state_b.keys() and len(state_a) > 0
     for i in state_a:

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from byol import BYOL, byol_loss, byol_views, ema_update, get_args
 from common import LARS, param_groups, set_lr, warmup_cosine
-from tests.helpers import TINY, cifar10_subset, ok, read_log, run, run_until_signal
+from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, ok, read_log, run,
+                           run_until_signal)
 
 
 # ---------------------------------------------------------------- loss
@@ -239,9 +240,7 @@ def test_interrupted_run_resumes_exactly_with_the_target(tmp_path):
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)
     assert (a["epoch"], b["epoch"]) == (2, 2)
     assert any(k.startswith("target_backbone.") for k in a["model"])
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_tensors(a["model"], b["model"])
     assert not torch.equal(a["model"]["target_backbone.conv1.weight"],
                            a["model"]["backbone.conv1.weight"])
     state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import moco
 from common import ViewPipeline, build_dataset, make_loader, resnet_backbone
 from tests import moco_ddp_check as ddp
-from tests.helpers import TINY, cifar10_subset, ok, read_log, run, run_until_signal
+from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, ok, read_log, run,
+                           run_until_signal)
 
 
 def naive_moco_loss(q, k, queue, temperature):
@@ -327,8 +328,7 @@ def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
     assert (a["epoch"], b["epoch"]) == (2, 2)
     method_state = {"queue", "queue_ptr", "key_backbone.conv1.weight", "key_projector.2.bias"}
     assert method_state <= set(a["model"])
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_tensors(a["model"], b["model"])
     # 6 steps x 8 keys into K = 24: the pointer is at 48 mod 24 = 0, and the queue moved on
     # after the stop (the comparison is not between two copies of the stopped state)
     assert int(a["model"]["queue_ptr"]) == 0 and int(stopped["model"]["queue_ptr"]) != 0

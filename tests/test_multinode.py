@@ -11,7 +11,7 @@ import time
 import torch
 
 import simclr
-from tests.helpers import REPO, SUBPROCESS_ENV, TINY, ok, read_log, run
+from tests.helpers import REPO, SUBPROCESS_ENV, TINY, assert_same_tensors, ok, read_log, run
 
 FLAGS = ["simclr.py", "--data", "synthetic", *TINY, "--knn-every", "0"]
 
@@ -46,9 +46,7 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path):
     a = torch.load(one_node / "checkpoint.pt", weights_only=False)
     b = torch.load(two_nodes / "checkpoint.pt", weights_only=False)
     assert (a["epoch"], b["epoch"]) == (1, 1)
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_tensors(a["model"], b["model"])
     # the runs trained (the comparison is not between two untouched initialisations) and their
     # logs agree step by step
     torch.manual_seed(0)  # what simclr.py seeds (seed 0 + rank 0) before it builds the model

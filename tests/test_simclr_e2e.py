@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 from common import resnet_backbone
-from tests.helpers import (TINY, cifar10_subset, make_image_folder, ok, read_log, run,
-                           run_until_signal)
+from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, make_image_folder, ok,
+                           read_log, run, run_until_signal)
 
 
 def test_synthetic_run_then_linear_eval(tmp_path):
@@ -122,8 +122,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)
     assert (a["epoch"], b["epoch"]) == (2, 2)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_tensors(a["model"], b["model"])
     # the log keeps the lines written before the stop, and the steps are continuous
     steps = [r["step"] for r in read_log(resumed) if "step" in r]
     assert steps == list(range(1, 9))

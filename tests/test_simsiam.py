@@ -11,7 +11,7 @@ import torch.nn as nn
 from common import warmup_cosine
 from simsiam import (SimSiam, get_args, output_std, set_simsiam_lr, simsiam_loss,
                      simsiam_optimizer)
-from tests.helpers import cifar10_subset, ok, read_log, run, run_until_signal
+from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_signal
 
 
 # ------------------------------------------------------------------------------- loss
@@ -248,9 +248,7 @@ def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
     a = torch.load(straight_run / "checkpoint.pt", weights_only=False)
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)
     assert (a["epoch"], b["epoch"]) == (2, 2)
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:  # backbone, projector, predictor, BN running statistics
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_tensors(a["model"], b["model"])
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys()
     for k in sa:  # SGD momentum buffers

@@ -24,7 +24,7 @@ import torch
 from common.checkpoint import requeue_slurm_job
 from common.data import make_loader
 from common.dist import first_host
-from tests.helpers import REPO, read_log
+from tests.helpers import REPO, assert_same_tensors, read_log
 
 PROGRAMS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "srun",
             "sinfo"]
@@ -342,8 +342,7 @@ def test_requeued_job_resumes_exactly(cluster, preempted):
     assert [r["loss"] for r in log if "step" in r] == [r["loss"] for r in reference if "step" in r]
     a, b = final_weights(cluster.run_dir(preempted)), final_weights(cluster.run_dir(uninterrupted))
     assert (a["epoch"], a["batch_in_epoch"]) == (b["epoch"], b["batch_in_epoch"]) == (2, 0)
-    for k in b["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_tensors(a["model"], b["model"])
     for k in b["optimizer"]["state"]:
         assert torch.equal(a["optimizer"]["state"][k]["momentum_buffer"],
                            b["optimizer"]["state"][k]["momentum_buffer"]), k

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from common import LARS, UserError, ViewPipeline, build_dataset, param_groups, set_lr
 from swav import SwAV, get_args, push_queue, sinkhorn, swav_crops, swav_loss
 from tests import swav_ddp_check as ddp
-from tests.helpers import TINY, cifar10_subset, ok, read_log, run, run_until_signal
+from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, ok, read_log, run,
+                           run_until_signal)
 
 
 # ---------------------------------------------------------------- Sinkhorn and the loss
@@ -359,9 +360,7 @@ def test_interrupted_run_resumes_exactly_with_the_queue(tmp_path):
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)
     assert (a["epoch"], b["epoch"]) == (2, 2)
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_tensors(a["model"], b["model"])
     state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert state_a.keys() == state_b.keys()
     for i in state_a:

@@ -10,7 +10,7 @@ import torch
 import vicreg
 from common import UserError, ViewPipeline, build_dataset, make_loader, resnet_backbone
 from tests import vicreg_ddp_check as ddp
-from tests.helpers import cifar10_subset, ok, read_log, run, run_until_signal
+from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_signal
 
 
 # ---------------------------------------------------------------- loss
@@ -286,9 +286,7 @@ def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
     a = torch.load(straight_run / "checkpoint.pt", weights_only=False)
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)
     assert (a["epoch"], b["epoch"]) == (2, 2)
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_tensors(a["model"], b["model"])
     assert not torch.equal(a["model"]["expander.0.weight"], stopped["model"]["expander.0.weight"])
     state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert state_a.keys() == state_b.keys() and len(state_a) > 0
