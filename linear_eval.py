@@ -1,21 +1,37 @@
-"""Linear evaluation of a frozen backbone: the standard protocol of self-supervised learning.
+"""Evaluation of a pre-trained backbone: linear probe, semi-supervised fine-tuning, kNN.
 
-The backbone of any cleanssl checkpoint (`checkpoint.pt` of any method, or the plain
-torchvision `backbone.pt`) is frozen in eval mode (BN uses its running statistics, no
-gradients); a linear classifier on its pooled features is trained with SGD (momentum 0.9,
-weight decay 0, cosine schedule, lr 0.1 x batch/256) on random-resized crops and flips, and
-evaluated on resize + centre crop. Reported: top-1 and top-5 on the val split after the FINAL
-epoch (not the best epoch). Architecture and stem are read from the checkpoint.
+The standard protocols of self-supervised learning, on one process, one node (torchrun) or a
+Slurm job (srun), and resumable, as the training scripts:
+
+- linear (default): the backbone is frozen in eval mode (BN keeps its running statistics, no
+  gradients); a linear head on its pooled features is trained with SGD (momentum 0.9, no weight
+  decay, cosine, lr 0.1 x batch/256; ImageNet: 90 epochs, batch 1024; images <= 64 px: 100
+  epochs, batch 512) on random-resized crops and flips, evaluated on centre crops of the val split.
+- `--cached-features`: features of centre crops extracted once, without augmentation; the head
+  trains on them in seconds. Faster, but not the standard protocol's numbers.
+- `--finetune`: the semi-supervised protocol: backbone and head trained together (BN in train
+  mode) on 1% or 10% of the labels (`--train-percent`, or a published list `--train-subset`),
+  with VICReg's, Barlow Twins' or SimCLR's recipe (`--recipe`).
+- `--knn`: weighted kNN top-1 (cosine similarity, k=200, T=0.07; Wu et al. 2018).
+- `--eval-only HEAD`: top-1/top-5 with a saved `linear_head.pt`, no training.
+
+`--ckpt` reads any cleanssl checkpoint.pt or backbone.pt and the official ResNet releases of
+MoCo v1/v2, SimSiam, SwAV, Barlow Twins and VICReg (common/weights.py), never unpickling code.
+The run directory (runs/linear_eval/<Slurm job id or timestamp>) gets args.json, log.jsonl,
+checkpoint.pt (every epoch and on SIGUSR1/SIGTERM: the same command resumes), linear_head.pt
+(weights and class names), result.json and, fine-tuned, backbone.pt.
 
     python linear_eval.py --ckpt runs/simclr/<run>/checkpoint.pt --data cifar10
-    python linear_eval.py --ckpt backbone.pt --data /imagenet                     # 90 epochs
-    python linear_eval.py --ckpt backbone.pt --data cifar10 --cached-features     # seconds
-    python linear_eval.py --ckpt backbone.pt --data cifar10 --knn                 # kNN top-1
-
-It runs as one process (one GPU, or the CPU).
+    torchrun --nproc_per_node=8 linear_eval.py --ckpt runs/byol/<run>/checkpoint.pt --data /imagenet
+    sbatch slurm/train.sbatch linear_eval.py --ckpt runs/byol/<run>/backbone.pt --data /imagenet
+    torchrun --nproc_per_node=8 linear_eval.py --ckpt backbone.pt --data /imagenet --finetune --train-percent 1
+    python linear_eval.py --ckpt moco_v2_800ep_pretrain.pth.tar --data /imagenet     # an official release
+    python linear_eval.py --ckpt backbone.pt --data cifar10 --eval-only runs/linear_eval/<run>/linear_head.pt
+    python linear_eval.py --ckpt backbone.pt --data cifar10 --knn
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -23,183 +39,402 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (UserError, autocast, build_dataset, eval_transform, exit_on_user_error,
-                    extract_features, infer_arch, knn_predict, linear_train_transform,
-                    load_checkpoint, make_loader, resnet_backbone, resolve_precision,
-                    seed_everything, setup_distributed, warmup_cosine)
-from common.checkpoint import FORMAT
-from common.data import default_img_size
+from common.args import check_batch, default_workers, format_args, save_args
+from common.checkpoint import (StopSignal, export_backbone, head_layer, read_head, resume,
+                               save_checkpoint, save_head, seed_everything)
+from common.data import (build_dataset, count_bad_images, default_img_size, eval_transform,
+                         labelled_subset, linear_train_transform, make_loader)
+from common.dist import (all_gather_tensor, broadcast_object, cleanup_distributed,
+                         setup_distributed)
+from common.knn import extract_features, knn_predict
+from common.log import Logger, Progress, UserError, exit_on_user_error
+from common.loop import save_or_stop, stop_agreed, stop_and_requeue
+from common.model import autocast, distribute, grad_scaler, resolve_precision, unwrap
+from common.optim import warmup_cosine
+from common.weights import load_backbone
 
-# Protocol defaults: SimCLR's (90 epochs, lr 0.1 x batch/256, SGD momentum 0.9, no decay;
-# the official repo uses batch 4096 on TPUs, 1024 fits one GPU) and, for images <= 64 px,
-# the official CIFAR-10 command (100 epochs, batch 512).
-IMAGENET = dict(epochs=90, batch_size=1024, lr=0.1)
-SMALL_IMAGES = dict(epochs=100, batch_size=512, lr=0.1)
+# ------------------------------------------------------------------------------- arguments
+
+# Linear protocol: MoCo v3's main_lincls.py (SGD momentum 0.9, lr 0.1 x batch/256, batch 1024,
+# 90 epochs, cosine, no decay; the SimCLR paper's 90 epochs and lr rule) and, for images
+# <= 64 px, the official SimCLR CIFAR-10 command (100 epochs, batch 512).
+LINEAR = dict(epochs=90, batch_size=1024, lr=0.1, lr_backbone=0.0, weight_decay=0.0,
+              nesterov=False)
+LINEAR_SMALL = dict(LINEAR, epochs=100, batch_size=512)
+# Semi-supervised fine-tuning, per recipe and fraction of the labels. Base learning rates, x
+# batch/256 as everywhere here: at the official batch of 256 they are the official values.
+EVALUATE_PY = dict(batch_size=256, epochs=20, weight_decay=0.0, nesterov=False)
+SIMCLR_B5 = dict(batch_size=4096, lr=0.05, lr_backbone=0.05, weight_decay=0.0, nesterov=True)
+FINETUNE = {
+    # facebookresearch/vicreg README, evaluate.py (SGD momentum 0.9, cosine): 1% and 10%
+    "vicreg": {1: dict(EVALUATE_PY, lr=0.08, lr_backbone=0.03),
+               10: dict(EVALUATE_PY, lr=0.1, lr_backbone=0.01)},
+    # facebookresearch/barlowtwins README, evaluate.py: the 1% command (the only one published)
+    "barlow": {1: dict(EVALUATE_PY, lr=0.5, lr_backbone=0.005)},
+    # SimCLR paper, appendix B.5: Nesterov momentum 0.9, batch 4096, lr 0.05 x batch/256 for
+    # all weights, no warmup, no weight decay; 60 epochs on 1% of the labels, 30 on 10%
+    "simclr": {1: dict(SIMCLR_B5, epochs=60), 10: dict(SIMCLR_B5, epochs=30)},
+}
+# What must not change when a run directory is resumed (another evaluation is an error).
+SAME_RUN = ("ckpt", "data", "img_size", "finetune", "cached_features", "train_percent",
+            "train_subset", "subset_seed", "epochs", "batch_size", "seed")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Linear (or kNN) evaluation of a frozen backbone. "
-                                "Defaults in brackets: ImageNet / images <= 64 px.")
-    p.add_argument("--ckpt", required=True, help="checkpoint.pt of any cleanssl method, or backbone.pt")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, cifar10, "
-                                                 "cifar100, stl10 or synthetic")
-    p.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10 live (data)")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="default: the checkpoint's training size, else by dataset")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs of the head (90 / 100)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (1024 / 512)")
-    p.add_argument("--lr", type=float, default=None, help="base lr, scaled x batch/256 (0.1 / 0.1)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the head (0)")
-    p.add_argument("--cached-features", action="store_true",
-                   help="a faster variant of the protocol: extract features once, without "
-                        "augmentation (centre crops), and train the head on them in seconds")
-    p.add_argument("--knn", action="store_true",
-                   help="report weighted-kNN top-1 (cosine, k=200, T=0.07) instead of a linear head")
-    p.add_argument("--knn-k", type=int, default=200, help="neighbours of --knn (200)")
-    p.add_argument("--knn-temperature", type=float, default=0.07, help="vote temperature of --knn (0.07)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data-loading processes (min(8, CPUs))")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Linear probe, semi-supervised "
+                                "fine-tuning, kNN or evaluation-only of a pre-trained backbone.")
+    g = p.add_argument_group("checkpoint and data")
+    g.add_argument("--ckpt", required=True, help="checkpoint.pt or backbone.pt of any cleanssl "
+                   "method, or an official MoCo v1/v2, SimSiam, SwAV, Barlow Twins or VICReg "
+                   "ResNet release (e.g. moco_v2_800ep_pretrain.pth.tar, resnet50.pth)")
+    g.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, or "
+                   "cifar10, cifar100, stl10, synthetic")
+    g.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10 live (data)")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="default: the checkpoint's training size, else by dataset (224, 32, 96)")
+    subset = g.add_mutually_exclusive_group()
+    subset.add_argument("--train-percent", type=float, help="train on a class-balanced, seeded "
+                        "PERCENT of the labelled train images (as the published 1%%/10%% ImageNet "
+                        "lists: the same count of every class, one more for some)")
+    subset.add_argument("--train-subset", metavar="FILE", help="train on the images this file "
+                        "lists, one file name per line (the published lists, e.g. "
+                        "google-research/simclr imagenet_subsets/1percent.txt) or class/file name")
+    g.add_argument("--subset-seed", type=int, default=0, help="seed of --train-percent's draw (0)")
+    g.add_argument("--workers", type=int, default=default_workers(), help="loader processes per "
+                   f"rank (default: this process's share of the CPUs minus one: {default_workers()})")
+    g.add_argument("--synthetic-size", type=int, default=512, help="train images of --data "
+                   "synthetic, as in pre-training (512)")
+    g = p.add_argument_group("protocol (default: linear probe of the frozen backbone)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--cached-features", action="store_true", help="train the head on features "
+                      "of centre crops extracted once: seconds, not the standard protocol")
+    mode.add_argument("--finetune", action="store_true", help="semi-supervised protocol: train "
+                      "backbone and head, BN in train mode (synchronised across GPUs)")
+    mode.add_argument("--knn", action="store_true", help="weighted-kNN top-1 instead of a head")
+    mode.add_argument("--eval-only", metavar="HEAD", help="evaluate the backbone with this saved "
+                      "linear_head.pt on the val split; no training")
+    g.add_argument("--recipe", choices=sorted(FINETUNE), default="vicreg", help="--finetune "
+                   "recipe, for the nearest of 1%% and 10%% of the labels. vicreg (VICReg README, "
+                   "evaluate.py): 20 epochs, batch 256, SGD momentum 0.9, cosine, no decay, lr "
+                   "head/backbone 0.08/0.03 (1%%), 0.1/0.01 (10%%); barlow (Barlow Twins README, "
+                   "1%%): the same with 0.5/0.005; simclr (SimCLR paper, appendix B.5): "
+                   "Nesterov, batch 4096, lr 0.05 x batch/256 for all, 60 (1%%) or 30 (10%%) "
+                   "epochs (vicreg)")
+    g.add_argument("--knn-k", type=int, default=200, help="neighbours of --knn (200)")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="vote temperature (0.07)")
+    g = p.add_argument_group("optimisation (defaults: linear ImageNet / images <= 64 px / the "
+                             "--finetune recipe)")
+    g.add_argument("--epochs", type=int, help="training epochs (90 / 100 / recipe)")
+    g.add_argument("--batch-size", type=int, help="GLOBAL batch size (1024 / 512 / recipe)")
+    g.add_argument("--lr", type=float, help="base lr of the head, x batch/256 (0.1 / 0.1 / recipe)")
+    g.add_argument("--lr-backbone", type=float, help="--finetune: base lr of the backbone, x "
+                   "batch/256 (recipe)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="Nesterov momentum (off; on in the simclr recipe)")
+    g.add_argument("--weight-decay", type=float, help="weight decay (0)")
+    g.add_argument("--eval-every", type=int, default=0, help="also evaluate on the val split "
+                   "every N epochs and report the best epoch beside the final one (0: final only)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the head and the data order (0)")
+    g = p.add_argument_group("system")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the head and the data order (0)")
-    p.add_argument("--synthetic-size", type=int, default=512,
-                   help="training images of --data synthetic, as in pre-training (512)")
-    p.add_argument("--out", default=None, help="result JSON (default: beside --ckpt, "
-                                               "linear_eval.json or knn_eval.json)")
-    return p.parse_args(argv)
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last weights and batches on CUDA (on)")
+    g.add_argument("--run-dir", help="output folder (default: runs/linear_eval/<Slurm job id or "
+                   "timestamp>); the same command with the same folder resumes its checkpoint.pt")
+    g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (50)")
+    g.add_argument("--out", help="also write the result JSON to this file")
+    args = p.parse_args(argv)
+    if args.train_percent is not None and not 0 < args.train_percent <= 100:
+        raise UserError(f"--train-percent {args.train_percent}: must be in (0, 100]")
+    if args.run_dir is None:
+        tag = os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+        args.run_dir = os.path.join("runs", "linear_eval", tag)
+    return args
 
 
-def load_backbone(path):
-    """(backbone, train_args) from our checkpoint.pt or a plain backbone state dict."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise UserError(f"--ckpt {path}: no such file") from None
-    except Exception as e:
-        raise UserError(f"--ckpt {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        ckpt = load_checkpoint(path)
-        state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
-        arch, small = ckpt["args"]["arch"], ckpt["args"]["small_images"]
-        train_args = ckpt["args"]
-    elif isinstance(obj, dict) and "conv1.weight" in obj:
-        state, train_args = obj, {}
-        arch, small = infer_arch(state)
+def resolve_protocol(args, labelled_percent):
+    """Fill the flags not given from the linear protocol or the fine-tuning recipe (by the
+    fraction of labels trained on); returns the name of what was used."""
+    if args.finetune:
+        table = FINETUNE[args.recipe]
+        fraction = min(table, key=lambda f: abs(math.log(f / labelled_percent)))
+        recipe, name = table[fraction], f"{args.recipe}'s {fraction}% recipe"
     else:
-        raise UserError(f"--ckpt {path}: neither a cleanssl checkpoint.pt nor a ResNet backbone.pt")
-    backbone = resnet_backbone(arch, cifar_stem=small)
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"--ckpt {path}: does not match {arch} (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    return backbone, {"arch": arch, "small_images": small, **train_args}
+        recipe = LINEAR_SMALL if args.img_size <= 64 else LINEAR
+        name = f"linear protocol ({'images <= 64 px' if args.img_size <= 64 else 'ImageNet'})"
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.epochs <= 0 or args.batch_size <= 0:
+        raise UserError("--epochs and --batch-size must be positive")
+    return name
+
+
+# ------------------------------------------------------------------------------- model
+
+class Classifier(nn.Module):
+    """A linear head on the backbone's pooled features. Unless fine-tuned, the backbone is
+    frozen: no gradients, and in eval mode whatever `train()` says (BN normalises with the
+    running statistics of pre-training, which never change)."""
+
+    def __init__(self, backbone, num_classes, finetune):
+        super().__init__()
+        self.backbone, self.finetune = backbone.requires_grad_(finetune), finetune
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        nn.init.normal_(self.head.weight, std=0.01)  # as the official evaluation scripts
+        nn.init.zeros_(self.head.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.train(mode and self.finetune)
+        return self
+
+    def forward(self, x, features_given=False):
+        if features_given:  # --cached-features: x holds the backbone's features
+            return self.head(x)
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+            features = self.backbone(x)
+        return self.head(features)
 
 
 def accuracy(logits, y, k):
+    """Top-k accuracy (%) of scores [N, C] against labels [N]."""
+    k = min(k, logits.shape[1])
     return 100.0 * (logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean().item()
 
+
+# ------------------------------------------------------------------------------- evaluation
 
 @exit_on_user_error
 def main(argv=None):
     args = get_args(argv)
-    _, _, _, device = setup_distributed()  # a single process: no process group
-    precision = resolve_precision(args.precision, device)
-    seed_everything(args.seed)
-    backbone, train_args = load_backbone(args.ckpt)
-    backbone = backbone.to(device).eval().requires_grad_(False)
-    img_size = args.img_size or train_args.get("img_size") or default_img_size(args.data)
-    for key, value in (SMALL_IMAGES if img_size <= 64 else IMAGENET).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    data_kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size, img_size=img_size)
-    val_set = build_dataset(args.data, "val", eval_transform(img_size), **data_kw)
-    num_classes = len(val_set.classes)
-    print(f"{train_args['arch']} ({'small-image' if train_args['small_images'] else 'ImageNet'} "
-          f"stem) from {args.ckpt}; {args.data} at {img_size} px, {num_classes} classes")
-    feats = lambda ds: extract_features(backbone, ds, args.batch_size, args.workers, device, precision)
+    rank, world, _, device = setup_distributed()
+    args.precision = resolve_precision(args.precision, device)
+    backbone, source = load_backbone(args.ckpt)
+    args.ckpt, args.arch = os.path.abspath(args.ckpt), source["arch"]
+    args.small_images = source["small_images"]
+    head_file = read_head(args.eval_only) if args.eval_only else {}
+    args.img_size = (args.img_size or source["train_args"].get("img_size")
+                     or head_file.get("img_size") or default_img_size(args.data))
+    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (rank 0's timestamp)
+    os.makedirs(args.run_dir, exist_ok=True)
+    log = Logger(args.run_dir, is_main=rank == 0)
+    seed_everything(args.seed)  # the same head on every rank
 
-    if args.knn:
-        train_f, train_y = feats(build_dataset(args.data, "train", eval_transform(img_size), **data_kw))
-        val_f, val_y = feats(val_set)
-        pred = knn_predict(train_f, train_y, val_f, num_classes, args.knn_k, args.knn_temperature)
-        result = {"knn_top1": accuracy(pred, val_y, 1), "k": args.knn_k,
-                  "temperature": args.knn_temperature}
-        return write_result(args, result, "knn_eval.json")
+    # data: the val split; the labelled train images (a subset for semi-supervised evaluation)
+    kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size, img_size=args.img_size,
+              rank=rank)
+    val_set = build_dataset(args.data, "val", eval_transform(args.img_size), **kw)
+    classes = list(val_set.classes)
+    train_set, labelled = [], 100.0
+    if not args.eval_only:
+        augment = not (args.cached_features or args.knn)
+        train_all = build_dataset(args.data, "train", (linear_train_transform if augment
+                                                       else eval_transform)(args.img_size), **kw)
+        train_all.bad_log = os.path.join(args.run_dir, "bad_images.txt")
+        train_set = labelled_subset(train_all, args.train_percent, args.train_subset,
+                                    args.subset_seed)
+        labelled = 100.0 * len(train_set) / len(train_all)
+    protocol = resolve_protocol(args, labelled)
+    per_rank_batch = check_batch(args, world)
+    backbone = backbone.to(device)
+    stem = "small-image" if args.small_images else "ImageNet"
+    dropped = (f"; not the backbone, dropped: {', '.join(source['dropped'])}"
+               if source["dropped"] else "")
+    log.print(f"{source['layout']}: {args.arch} ({stem} stem) from {args.ckpt}{dropped}")
+    log.print(f"{args.data} at {args.img_size} px, {len(classes)} classes, {len(train_set)} train "
+              f"({labelled:.3g}% of the labels) and {len(val_set)} val images; {world} "
+              f"process(es) on {device}")
 
-    head = nn.Linear(backbone.feature_dim, num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
-    lr = args.lr * args.batch_size / 256
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    if args.cached_features:
-        # Features of centre crops, not normalised: the head sees what the backbone outputs.
-        train_set = build_dataset(args.data, "train", eval_transform(img_size), **data_kw)
-        train_f, train_y = cached(backbone, train_set, args, device, precision)
-        steps_per_epoch = max(1, len(train_f) // args.batch_size)
+    def features(dataset, what, normalize=False):  # [N, D] and labels, sharded over the ranks
+        unwrap(backbone).eval()
+        return extract_features(backbone, dataset, per_rank_batch, args.workers, device,
+                                args.precision, rank, world, normalize, what)
+
+    if args.knn:  # each rank votes for its share of the val images; every image counts once
+        train_f, train_y = features(train_set, "train features", normalize=True)
+        val_f, val_y = features(val_set, "val features", normalize=True)
+        mine = slice(rank, None, world)
+        votes = knn_predict(train_f, train_y, val_f[mine], len(classes), args.knn_k,
+                            args.knn_temperature)
+        correct = all_gather_tensor((votes.argmax(1) == val_y[mine]).sum()[None]).sum().item()
+        return finish(args, log, rank, {"protocol": "weighted kNN", "knn_top1": 100.0 * correct
+                                        / len(val_set), "k": args.knn_k,
+                                        "temperature": args.knn_temperature})
+    if args.eval_only:
+        head = head_layer(head_file, args.eval_only, backbone.feature_dim, classes).to(device)
+        val_f, val_y = features(val_set, "val features")
+        with torch.no_grad():
+            logits = head(val_f)
+        return finish(args, log, rank, {"protocol": f"eval-only ({head_file.get('protocol')})",
+                                        "head": os.path.abspath(args.eval_only),
+                                        "top1": accuracy(logits, val_y, 1),
+                                        "top5": accuracy(logits, val_y, 5)})
+    return train(args, backbone, train_set, val_set, classes, protocol, features, log, rank,
+                 world, device, per_rank_batch)
+
+
+def train(args, backbone, train_set, val_set, classes, protocol, features, log, rank, world,
+          device, per_rank_batch):
+    """Train the head (and with --finetune the backbone), evaluate, save head and result."""
+    cached = args.cached_features
+    name = "fine-tuned" if args.finetune else "cached centre-crop features" if cached else "linear"
+    if cached:  # features never change: extracted once, centre crops, not normalised
+        train_f, train_y = features(train_set, "train features")
+        steps_per_epoch = len(train_set) // args.batch_size
     else:
-        train_set = build_dataset(args.data, "train", linear_train_transform(img_size), **data_kw)
-        loader = make_loader(train_set, args.batch_size, args.workers, seed=args.seed)
+        loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
+                             seeded=True)  # each image's crop seeded by (seed, epoch, index)
         steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
-    total = args.epochs * steps_per_epoch
-    print(f"linear head: SGD lr {args.lr} x {args.batch_size}/256 = {lr:g}, momentum "
-          f"{args.momentum}, wd {args.weight_decay}, cosine, {args.epochs} epochs x {steps_per_epoch} steps")
+        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}: "
+                        f"give a smaller --batch-size")
+    val = None if args.finetune else features(val_set, "val features")  # frozen: computed once
 
-    step, start = 0, time.time()
-    for epoch in range(args.epochs):
-        if args.cached_features:
-            perm = torch.randperm(len(train_f), device=device)[:steps_per_epoch * args.batch_size]
-            batches = ((train_f[idx], train_y[idx]) for idx in perm.view(steps_per_epoch, -1))
-        else:
-            loader.sampler.set_epoch(epoch)
-            batches = ((frozen_features(backbone, x.to(device), precision), y.to(device))
-                       for x, y in loader)
-        loss_sum = torch.zeros((), device=device)
-        for f, y in batches:
+    model = Classifier(backbone, len(classes), args.finetune)
+    # Fine-tuning normalises over the global batch (SyncBN on GPUs), as the SimCLR paper's
+    # fine-tuning does; the official evaluate.py of Barlow Twins and VICReg keeps per-GPU BN.
+    model = distribute(model, device, world, sync_bn=args.finetune,
+                       channels_last=args.channels_last)
+    scale = args.batch_size / 256
+    groups = [{"params": unwrap(model).head.parameters(), "peak_lr": args.lr * scale}]
+    if args.finetune:
+        groups.append({"params": unwrap(model).backbone.parameters(),
+                       "peak_lr": args.lr_backbone * scale})
+    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=args.momentum, nesterov=args.nesterov,
+                                weight_decay=args.weight_decay)
+    scaler = grad_scaler(args.precision, device)
+    total_steps = args.epochs * steps_per_epoch
+
+    def same_run(ckpt):
+        changed = [k for k in SAME_RUN if ckpt["args"].get(k) != getattr(args, k)]
+        if changed:
+            raise UserError(f"{args.run_dir} holds another evaluation (different "
+                            f"{', '.join('--' + k.replace('_', '-') for k in changed)}): "
+                            f"choose another --run-dir")
+
+    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+    ckpt = resume(ckpt_path, model, optimizer, scaler, check=same_run)
+    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
+    best = ckpt["best"] if ckpt else None
+    if ckpt:
+        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
+    else:
+        log.print(format_args(args))
+        if rank == 0:
+            save_args(args, os.path.join(args.run_dir, "args.json"), world)
+    lrs = " / ".join(f"{g['peak_lr'] / scale:g} x {args.batch_size}/256 = {g['peak_lr']:g}"
+                     for g in groups)
+    log.print(f"{protocol}: {name}, SGD{' Nesterov' if args.nesterov else ''} lr "
+              f"({'head / backbone' if args.finetune else 'head'}) {lrs}, momentum "
+              f"{args.momentum}, wd {args.weight_decay}, cosine, {args.epochs} epochs x "
+              f"{steps_per_epoch} steps")
+
+    def batches(epoch, skip):
+        if not cached:
+            loader.sampler.set_epoch(epoch, skip_batches=skip)
+            for x, y in loader:
+                x = x.to(device, non_blocking=True)
+                if device.type == "cuda" and args.channels_last:
+                    x = x.to(memory_format=torch.channels_last)
+                yield x, y.to(device, non_blocking=True)
+            return
+        # the global batch i is perm[i*B:(i+1)*B], of which each rank takes its slice
+        perm = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(
+            args.seed * 1_000_003 + epoch))
+        for i in range(skip, steps_per_epoch):
+            batch = perm[i * args.batch_size:(i + 1) * args.batch_size].to(device)
+            mine = batch[rank * per_rank_batch:(rank + 1) * per_rank_batch]
+            yield train_f[mine], train_y[mine]
+
+    def evaluate():  # top-1, top-5 on the val split
+        f, y = val or features(val_set, "val features")
+        with torch.no_grad():
+            logits = unwrap(model).head(f)
+        return accuracy(logits, y, 1), accuracy(logits, y, 5)
+
+    def save(epoch, batch_in_epoch):
+        if rank == 0:
+            save_checkpoint(ckpt_path, "linear_eval", args, model, optimizer, scaler, epoch,
+                            batch_in_epoch, best=best)
+
+    stop, final = StopSignal(), None
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        progress = Progress(batches(epoch, start_batch), steps_per_epoch - start_batch,
+                            f"epoch {epoch + 1}/{args.epochs}", rank == 0)
+        for i, (x, y) in enumerate(progress, start=start_batch):
+            step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine(step, total, 0, lr)
-            loss = F.cross_entropy(head(f), y)
+                group["lr"] = warmup_cosine(step, total_steps, 0, group["peak_lr"])
+            with autocast(args.precision, device):
+                logits = model(x, features_given=cached)
+            loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += loss.detach()
-            step += 1
-        print(f"epoch {epoch + 1}/{args.epochs} train loss "
-              f"{(loss_sum / steps_per_epoch).item():.4f} ({time.time() - start:.0f}s)", flush=True)
 
-    val_f, val_y = cached(backbone, val_set, args, device, precision)
-    with torch.no_grad():
-        logits = head(val_f)
-    result = {"top1": accuracy(logits, val_y, 1), "top5": accuracy(logits, val_y, min(5, num_classes)),
-              "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr,
-              "protocol": "cached centre-crop features" if args.cached_features
-              else "random-resized-crop + flip", "reported": "final epoch"}
-    return write_result(args, result, "linear_eval.json")
+            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
+                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(),
+                          "lr": optimizer.param_groups[0]["lr"], "img_per_s": (i + 1 - start_batch)
+                          * args.batch_size / (time.time() - epoch_start)}
+                progress.update(record)
+                log.log(record)
+            if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
+                stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
+                return None
+
+        # end of epoch: the global mean loss, the val split when due, checkpoint
+        steps_done = steps_per_epoch - start_batch
+        record = {"epoch": epoch + 1,
+                  "loss": all_gather_tensor(loss_sum[None]).mean().item() / max(1, steps_done),
+                  "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
+                  "img_per_s": steps_done * args.batch_size / (time.time() - epoch_start)}
+        if bad_images := count_bad_images(os.path.join(args.run_dir, "bad_images.txt")):
+            record["bad_images"] = bad_images
+        if epoch + 1 == args.epochs or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+            final = evaluate()
+            record["val_top1"], record["val_top5"] = final
+            if best is None or final[0] > best["top1"]:
+                best = {"epoch": epoch + 1, "top1": final[0], "top5": final[1]}
+        log.summary(record)
+        if save_or_stop(save, ckpt_path, epoch + 1, args.epochs, stop, rank, log, device):
+            return None
+        start_batch = 0
+
+    # outputs: the head with its class names, the fine-tuned backbone, the result
+    top1, top5 = final or evaluate()  # evaluated again only if resumed after the last epoch
+    if rank == 0:
+        save_head(unwrap(model).head, os.path.join(args.run_dir, "linear_head.pt"), classes,
+                  arch=args.arch, small_images=args.small_images, img_size=args.img_size,
+                  ckpt=args.ckpt, protocol=name)
+        if args.finetune:
+            export_backbone(unwrap(model).backbone, os.path.join(args.run_dir, "backbone.pt"))
+    result = {"protocol": name, "recipe": protocol, "train_images": len(train_set),
+              "epochs": args.epochs, "batch_size": args.batch_size, "top1": top1, "top5": top5,
+              "reported": "top1/top5: after the final epoch"}
+    if args.eval_every:
+        result.update(best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"],
+                      reported=result["reported"] + f"; best_*: the best of the epochs "
+                      f"evaluated (every {args.eval_every})")
+    return finish(args, log, rank, result)
 
 
-@torch.no_grad()
-def frozen_features(backbone, x, precision):
-    with autocast(precision, x.device):
-        return backbone(x).float()
-
-
-def cached(backbone, dataset, args, device, precision):
-    """Un-normalised features [N, D] and labels of `dataset` (centre crops), in order."""
-    loader = make_loader(dataset, args.batch_size, args.workers, shuffle=False, drop_last=False)
-    loader.sampler.set_epoch(0)
-    out = [(frozen_features(backbone, x.to(device), precision), y.to(device)) for x, y in loader]
-    return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
-
-
-def write_result(args, result, default_name):
-    result = {"ckpt": os.path.abspath(args.ckpt), "data": args.data, **result}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), default_name)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(" ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)), f"-> {out}")
+def finish(args, log, rank, result):
+    """Write the result JSON (rank 0), print it, leave the process group; return the result."""
+    result = {"ckpt": args.ckpt, "data": args.data, **result}
+    if rank == 0:
+        for path in filter(None, [os.path.join(args.run_dir, "result.json"), args.out]):
+            with open(path, "w") as f:
+                json.dump(result, f, indent=2)
+    log.print(" ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float))
+              + f" -> {args.run_dir}/result.json")
+    cleanup_distributed()
     return result
 
 

@@ -350,8 +350,9 @@ def main(argv=None):
                   "queue": queue_in_use((epoch + 1) * steps_per_epoch - 1),
                   "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
-        end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1, train_set.bad_log,
-                  rank)
+        if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
+                     train_set.bad_log, rank, stop, device):  # a stop signal: saved, requeued
+            return
         start_batch = 0
     log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
     cleanup_distributed()

@@ -1,6 +1,8 @@
 """Atomic checkpoints, automatic resume, backbone export, RNG state and stop signals."""
 import os
+import pickle
 import random
+import re
 import signal
 import subprocess
 
@@ -45,12 +47,15 @@ def save_checkpoint(path, method, args, model, optimizer, scaler, epoch, batch_i
                  "rng": rng_state(), **method_state}, path)
 
 
-def resume(path, model, optimizer, scaler):
+def resume(path, model, optimizer, scaler, check=None):
     """If `path` exists, load model, optimizer, scaler and RNG states from it and return the
-    checkpoint (for the position and the method's own state); otherwise return None."""
+    checkpoint (for the position and the method's own state); otherwise return None. `check`,
+    if given, sees the checkpoint first (e.g. to refuse one of another run)."""
     if not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path)
+    if check:
+        check(ckpt)
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -58,14 +63,37 @@ def resume(path, model, optimizer, scaler):
     return ckpt
 
 
-def load_checkpoint(path):
-    """Load one of our checkpoints on the CPU; anything else is a UserError."""
+# What our checkpoints hold besides tensors and plain Python values: numpy's RNG state (an
+# array). torch.load(weights_only=True) rebuilds only tensors, containers and the globals
+# allowed here, so opening a checkpoint never runs code that came with the file.
+_numpy_core = getattr(np, "_core", None) or np.core
+SAFE_GLOBALS = [_numpy_core.multiarray._reconstruct, np.ndarray, np.dtype,
+                type(np.dtype(np.uint32))]
+
+
+def safe_load(path):
+    """torch.load on the CPU without arbitrary unpickling (weights_only=True, plus the numpy
+    arrays above). A missing file, a file that is not a PyTorch checkpoint, or one that would
+    need code to be unpickled (a class, a function call) is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))  # a function or class to import and call
+        if found:
+            raise UserError(f"{path}: refused, loading it would run code (it contains "
+                            f"`{found.group(1)}`); only tensors, containers and plain values "
+                            f"are read") from None
+        raise UserError(f"{path}: not a PyTorch checkpoint (UnpicklingError)") from None
     except Exception as e:
         raise UserError(f"{path}: not a PyTorch checkpoint ({type(e).__name__})") from None
+
+
+def load_checkpoint(path):
+    """Load one of our checkpoints on the CPU (see `safe_load`); anything else is a UserError."""
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a cleanssl checkpoint.pt (no '{FORMAT}' marker)")
     return ckpt
@@ -76,6 +104,38 @@ def export_backbone(backbone, path):
     `torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only fc."""
     sd = {k: v.detach().cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     atomic_save(sd, path)
+
+
+HEAD_FORMAT = "cleanssl-linear-head-v1"
+
+
+def save_head(head, path, classes, **info):
+    """linear_head.pt: a trained linear classifier's weights, its class names, and `info` (the
+    architecture, image size and protocol it was trained with)."""
+    atomic_save({"format": HEAD_FORMAT, "weight": head.weight.detach().cpu(),
+                 "bias": head.bias.detach().cpu(), "classes": list(classes), **info}, path)
+
+
+def read_head(path):
+    """The contents of a linear_head.pt (see `save_head`)."""
+    saved = safe_load(path)
+    if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT:
+        raise UserError(f"{path}: not a linear_head.pt written by linear_eval.py")
+    return saved
+
+
+def head_layer(saved, path, feature_dim, classes):
+    """The nn.Linear of a read linear_head.pt, checked against the features and class names."""
+    if saved["classes"] != list(classes):
+        raise UserError(f"{path}: trained on {len(saved['classes'])} classes "
+                        f"({', '.join(saved['classes'][:3])}, ...), not those of --data "
+                        f"({len(classes)}: {', '.join(classes[:3])}, ...)")
+    if saved["weight"].shape[1] != feature_dim:
+        raise UserError(f"{path}: a head for {saved['weight'].shape[1]}-d features, the "
+                        f"backbone gives {feature_dim}-d")
+    head = torch.nn.Linear(feature_dim, len(classes))
+    head.load_state_dict({"weight": saved["weight"], "bias": saved["bias"]})
+    return head
 
 
 def rng_state():

@@ -161,6 +161,67 @@ def build_dataset(data, split, transform, data_dir="data", synthetic_size=512, i
     return _image_folder(data, split, transform)
 
 
+# ---------------------------------------------------------------- labelled subsets
+
+def class_balanced_indices(targets, percent, seed=0):
+    """Sorted indices of a seeded, class-balanced floor(N * percent / 100) of the items, built as
+    the published 1% and 10% ImageNet lists are (12 or 13 images of each class for 1%, 128 or
+    129 for 10%): every class gets the same count L (all its images if it has fewer), and a
+    seeded choice of the classes one more, to reach the total exactly; within a class, the
+    images are drawn at random."""
+    targets = torch.as_tensor(targets)
+    labels, counts = targets.unique(return_counts=True)
+    total = int(len(targets) * percent / 100)
+    level = 0  # the largest L whose quotas fit in the total
+    while level < counts.max() and counts.clamp(max=level + 1).sum() <= total:
+        level += 1
+    quota = counts.clamp(max=level)
+    g = torch.Generator().manual_seed(seed)
+    room = (counts > level).nonzero().flatten()
+    quota[room[torch.randperm(len(room), generator=g)[:total - quota.sum()]]] += 1
+    members = torch.argsort(targets, stable=True).split(counts.tolist())  # by class, in order
+    chosen = [m[torch.randperm(len(m), generator=g)[:q]] for m, q in zip(members, quota.tolist())]
+    return torch.cat(chosen).sort().values.tolist()
+
+
+def listed_indices(dataset, path):
+    """Sorted indices of the images of an ImageFolder named in the text file `path`, one per
+    line, by file name (the published lists: `n01440764_10026.JPEG`) or class/file name."""
+    if not hasattr(dataset, "samples"):
+        raise UserError("--train-subset lists file names: it needs an ImageFolder --data")
+    try:
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"--train-subset {path}: {e.strerror}") from None
+    index, ambiguous = {}, set()
+    for i, (file, _) in enumerate(dataset.samples):
+        name = os.path.basename(file)
+        if name in index:
+            ambiguous.add(name)
+        index[name] = index[os.path.relpath(file, dataset.root)] = i
+    unknown = [n for n in names if n not in index or n in ambiguous]
+    if unknown:
+        raise UserError(f"--train-subset {path}: {len(unknown)} of its {len(names)} names are not "
+                        f"(or not uniquely) in {dataset.root}, e.g. {unknown[0]}")
+    return sorted({index[n] for n in names})
+
+
+def labelled_subset(dataset, percent=None, list_file=None, seed=0):
+    """The labelled training images of semi-supervised evaluation: those listed in `list_file`,
+    else a class-balanced `percent` (`class_balanced_indices`), else all. The same on every rank
+    and in every run with the same arguments."""
+    if list_file is None and percent is None:
+        return dataset
+    targets = getattr(dataset, "targets", None)
+    targets = getattr(dataset, "labels", None) if targets is None else targets
+    idx = (listed_indices(dataset, list_file) if list_file
+           else class_balanced_indices(targets, percent, seed))
+    subset = torch.utils.data.Subset(dataset, idx)
+    subset.classes, subset.targets = dataset.classes, [int(targets[i]) for i in idx]
+    return subset
+
+
 # ---------------------------------------------------------------- loaders
 
 class SeededSamples(Dataset):

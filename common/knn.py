@@ -6,25 +6,32 @@ import torch.nn.functional as F
 
 from common.data import build_dataset, eval_transform, make_loader
 from common.dist import all_gather_tensor
+from common.log import Progress
 from common.model import autocast
 
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, workers, device, precision="fp32",
-                     rank=0, world_size=1):
-    """L2-normalised features [N, D] and labels [N] of `dataset` in its own order, each rank
-    computing a shard. The model must already be in eval mode."""
+                     rank=0, world_size=1, normalize=True, progress=None):
+    """Features [N, D] (L2-normalised unless `normalize` is False) and labels [N] of `dataset`
+    in its own order, on every rank, each rank computing a shard; every item counts once. The
+    model must already be in eval mode. `progress`: a description, to show a progress bar or
+    lines (rank 0)."""
     loader = make_loader(dataset, batch_size, workers, rank, world_size, shuffle=False,
                          drop_last=False)
     loader.sampler.set_epoch(0)
     order = torch.tensor(list(iter(loader.sampler)), device=device)  # padded to equal shards
     feats, labels = [], []
-    for x, y in loader:
+    bar = Progress(loader, len(loader), progress, rank == 0) if progress else None
+    for i, (x, y) in enumerate(bar or loader):
+        if bar and (i + 1) % max(1, len(loader) // 10) == 0:
+            bar.update({})  # a plain line every tenth of the way in a log file
         x = x.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
         with autocast(precision, device):
-            feats.append(F.normalize(backbone(x).float(), dim=1))
+            f = backbone(x).float()
+        feats.append(F.normalize(f, dim=1) if normalize else f)
         labels.append(y.to(device))
     feats, labels = all_gather_tensor(torch.cat(feats)), all_gather_tensor(torch.cat(labels))
     order = all_gather_tensor(order)

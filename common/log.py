@@ -69,8 +69,8 @@ class Progress:
 
     def __iter__(self):
         for item in self.iterable:
+            self.step += 1  # counted when handed out: an `update` during a step includes it
             yield item
-            self.step += 1
             if self.bar is not None:
                 self.bar.update(1)
         if self.bar is not None:

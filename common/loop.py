@@ -1,4 +1,11 @@
-"""The steps every training loop shares: agreeing on a stop, stopping, ending an epoch."""
+"""The steps every training loop shares: agreeing on a stop, stopping, ending an epoch.
+
+A stop signal (`StopSignal`) is acted on at the first of two kinds of points that all ranks
+reach together: inside an epoch, every 10 steps with several processes (one small collective)
+or every step alone (`stop_agreed`); and after every epoch but the last, once its summary and
+checkpoint are written (`save_or_stop`). So an epoch of any length, even of a single step, ends a
+stopped run at the latest when it ends.
+"""
 import os
 
 from common.checkpoint import export_backbone, requeue_slurm_job
@@ -7,10 +14,9 @@ from common.dist import broadcast_flag, cleanup_distributed
 
 
 def stop_agreed(stop, i, steps_per_epoch, world, device):
-    """True on every rank at the same step once a stop signal (`StopSignal`) reached any rank.
-    With several processes they agree every 10 steps (one small collective), alone at every
-    step. A signal in an epoch's last step is taken at the next epoch's first check, after that
-    epoch's summary and checkpoint."""
+    """True on every rank at the same step `i` (0-based, in the epoch) once a stop signal reached
+    any rank: every 10 steps with several processes, at every step alone; never at an epoch's
+    last step, where `save_or_stop` takes over after the epoch's summary and checkpoint."""
     if i + 1 == steps_per_epoch or (world > 1 and (i + 1) % 10):
         return False
     return broadcast_flag(stop.requested, device)
@@ -25,9 +31,20 @@ def stop_and_requeue(save, ckpt_path, epoch, batch_in_epoch, rank, log):
     cleanup_distributed()
 
 
-def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank):
+def save_or_stop(save, ckpt_path, epoch, epochs, stop, rank, log, device):
+    """After `epoch` epochs: checkpoint; if a stop signal reached any rank and epochs remain,
+    also requeue and leave the group, and return True (the caller returns)."""
+    if epoch < epochs and broadcast_flag(stop.requested, device):
+        stop_and_requeue(save, ckpt_path, epoch, 0, rank, log)
+        return True
+    save(epoch, 0)
+    return False
+
+
+def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank, stop, device):
     """After epoch `record["epoch"]`: add the unreadable-image count and, when due, the kNN
-    monitor to the summary `record`, log it, checkpoint, export the backbone."""
+    monitor to the summary `record`, log it, export the backbone, checkpoint (`save_or_stop`).
+    Returns True when a stop signal ends the run here."""
     epoch = record["epoch"]
     bad_images = count_bad_images(bad_log)
     if bad_images:
@@ -35,6 +52,7 @@ def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank):
     if args.knn_every and (epoch % args.knn_every == 0 or epoch == args.epochs):
         record["knn_top1"] = knn_top1(backbone)
     log.summary(record)
-    save(epoch, 0)
     if rank == 0:
         export_backbone(backbone, os.path.join(args.run_dir, "backbone.pt"))
+    return save_or_stop(save, os.path.join(args.run_dir, "checkpoint.pt"), epoch, args.epochs,
+                        stop, rank, log, device)

@@ -212,7 +212,8 @@ def test_synthetic_run_logs_its_terms_then_linear_eval(straight, tmp_path):
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", straight / "checkpoint.pt", "--data", "synthetic",
             "--synthetic-size", "48", "--workers", "0", "--img-size", "16", "--cached-features",
-            "--epochs", "2", "--out", out]))
+            "--epochs", "2",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
     backbone = torch.load(straight / "backbone.pt")
@@ -235,7 +236,8 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
         assert r["loss"] == pytest.approx(r["on_diag"] + 0.0051 * r["off_diag"], rel=1e-5)
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", "--data", root,
-            "--cached-features", "--epochs", "5", "--workers", "0", "--out", out]))
+            "--cached-features", "--epochs", "5", "--workers", "0",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
 

@@ -193,7 +193,8 @@ def test_one_step_run_ema_after_the_step_then_linear_eval(tmp_path):
     common = ["--data", "synthetic", "--synthetic-size", "64", "--workers", "0", "--img-size", "16"]
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", *common, "--cached-features",
-            "--epochs", "2", "--out", out]))
+            "--epochs", "2",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
     # linear_eval.py reads the ONLINE backbone: the same weights as the exported backbone.pt
@@ -214,7 +215,8 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert [r["step"] for r in log if "step" in r] == [1, 2] and log[-1]["epoch"] == 1
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", "--data", root,
-            "--cached-features", "--epochs", "5", "--workers", "0", "--out", out]))
+            "--cached-features", "--epochs", "5", "--workers", "0",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
 

@@ -56,3 +56,25 @@ def test_channels_last_switch(channels_last):
     for x in views:
         assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert model(x).is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("protocol", [[], ["--cached-features"], ["--finetune"]])
+def test_linear_eval_on_the_gpu_equals_the_cpu(tmp_path, protocol):
+    """linear_eval.py's first step (frozen backbone, cached features, fine-tuning): the same
+    head on the same crops, so the same loss on both devices."""
+    from common.checkpoint import export_backbone
+    from common.model import resnet_backbone
+    torch.manual_seed(0)
+    export_backbone(resnet_backbone("resnet18", cifar_stem=True), tmp_path / "backbone.pt")
+    flags = ["--ckpt", tmp_path / "backbone.pt", "--data", "synthetic", "--synthetic-size", "64",
+             "--img-size", "16", "--workers", "0", "--batch-size", "16", "--epochs", "1",
+             "--log-every", "1", *protocol]
+
+    def loss(name, precision, env):
+        ok(run(["linear_eval.py", *flags, "--precision", precision, "--run-dir", tmp_path / name],
+               env=env))
+        return read_log(tmp_path / name)[0]["loss"]
+
+    cpu = loss("cpu", "fp32", CPU)
+    assert loss("gpu", "fp32", GPU) == pytest.approx(cpu, rel=1e-4, abs=1e-5)
+    assert loss("bf16", "bf16", GPU) == pytest.approx(cpu, rel=3e-2, abs=1e-3)

@@ -289,7 +289,8 @@ def test_synthetic_run_then_linear_eval(straight_run, tmp_path):
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", straight_run / "checkpoint.pt", "--data", "synthetic",
             "--synthetic-size", "64", "--img-size", "16", "--workers", "0", "--cached-features",
-            "--epochs", "2", "--out", out]))
+            "--epochs", "2",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
@@ -306,7 +307,8 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert int(torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]["queue_ptr"]) == 0
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", "--data", root,
-            "--cached-features", "--epochs", "2", "--workers", "0", "--out", out]))
+            "--cached-features", "--epochs", "2", "--workers", "0",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
 

@@ -2,14 +2,20 @@
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torchvision
 
 from common import resnet_backbone
-from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, make_image_folder, ok,
-                           read_log, run, run_until_signal)
+from tests.helpers import (REPO, SUBPROCESS_ENV, TINY, assert_same_tensors, cifar10_subset,
+                           make_image_folder, ok, read_log, run, run_until_signal)
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def test_synthetic_run_then_linear_eval(tmp_path):
@@ -37,20 +43,23 @@ def test_synthetic_run_then_linear_eval(tmp_path):
 
     # kNN in linear_eval.py reproduces the monitor's number for the same backbone and data.
     common = ["--data", "synthetic", "--synthetic-size", "64", "--workers", "0", "--img-size", "16"]
-    ok(run(["linear_eval.py", "--ckpt", run_dir / "backbone.pt", *common, "--knn"]))
-    knn = json.loads((run_dir / "knn_eval.json").read_text())
+    ok(run(["linear_eval.py", "--ckpt", run_dir / "backbone.pt", *common, "--knn",
+            "--run-dir", tmp_path / "knn"]))
+    knn = json.loads((tmp_path / "knn" / "result.json").read_text())
     assert knn["knn_top1"] == pytest.approx(final["knn_top1"], abs=1e-6)
 
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", *common, "--cached-features",
-            "--epochs", "30", "--batch-size", "16", "--lr", "1.0", "--out", out]))
+            "--epochs", "30", "--batch-size", "16", "--lr", "1.0", "--out", out,
+            "--run-dir", tmp_path / "cached"]))
     cached = json.loads(out.read_text())
-    assert cached["reported"] == "final epoch" and cached["top5"] >= cached["top1"]
+    assert cached == json.loads((tmp_path / "cached" / "result.json").read_text())
+    assert "after the final epoch" in cached["reported"] and cached["top5"] >= cached["top1"]
     assert cached["top1"] > 20  # 10 classes: a trained head must beat chance on synthetic data
 
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", *common, "--epochs", "1",
-            "--batch-size", "16", "--out", out]))
-    assert json.loads(out.read_text())["protocol"] == "random-resized-crop + flip"
+            "--batch-size", "16", "--run-dir", tmp_path / "linear"]))
+    assert json.loads((tmp_path / "linear" / "result.json").read_text())["protocol"] == "linear"
 
 
 def test_imagefolder_with_truncated_jpeg_and_torchvision_backbone(tmp_path):
@@ -86,21 +95,31 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert len([r for r in log if "step" in r]) == 0 and log[-1]["epoch"] == 1  # 4 steps < log-every
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", "--data", root,
-            "--cached-features", "--epochs", "5", "--workers", "0", "--out", out]))
+            "--cached-features", "--epochs", "5", "--workers", "0",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
-def test_torchrun_two_processes(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = ok(run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "simclr.py", "--data", "synthetic", *TINY, "--run-dir", run_dir]))
+# 2 processes, 160 images, global batch 32: 5 steps per epoch
+TWO_PROCESSES = [*TORCHRUN, "simclr.py", "--data", "synthetic", *TINY, "--synthetic-size", "160",
+                 "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
+    return run_dir, ok(run([*TWO_PROCESSES, "--run-dir", run_dir], timeout=300))
+
+
+def test_torchrun_two_processes(torchrun_run):
+    run_dir, proc = torchrun_run
     assert proc.stdout.count("SimCLR, 2 process(es)") == 1  # rank 0 alone prints
     args = json.loads((run_dir / "args.json").read_text())
     assert args["world_size"] == 2
-    # the global batch of 32 is split in two: 64 images still take 2 steps
-    assert [r["step"] for r in read_log(run_dir) if "step" in r] == [1, 2]
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    # the global batch of 32 is split in two: 160 images still take 5 steps per epoch
+    assert [r["step"] for r in read_log(run_dir) if "step" in r] == list(range(1, 11))
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
 
 def test_interrupted_run_resumes_exactly(tmp_path):
@@ -148,43 +167,82 @@ def test_learns_on_real_cifar10(tmp_path, cifar10_dir):
     assert end > start + 2, (start, end)
 
 
-def test_stop_signal_in_the_last_step_of_an_epoch(tmp_path, monkeypatch):
-    """A signal that arrives during an epoch's last step is taken after the epoch's summary and
-    checkpoint, at the next epoch's first step: never as a checkpoint at the very end of an
-    epoch, which a resumed run would replay as an empty epoch with loss 0. In-process, with the
-    signal sent by the loader's iterator while it hands out epoch 1's last batch."""
-    import signal
-
+def test_stop_signal_in_one_step_epochs(tmp_path, monkeypatch):
+    """Epochs of a single step: the check inside an epoch skips its last step (so that a stop
+    there is taken after the epoch's summary and checkpoint, never as a checkpoint at the very
+    end of an epoch that a resumed run would replay as an empty epoch with loss 0), so the stop is
+    taken once the epoch is saved. In-process, with the signal sent by the loader's iterator while
+    it hands out epoch 2's batch; then the run resumes and ends exactly as an uninterrupted one."""
     import simclr
     from common import Progress
 
     epochs_started = []
 
-    class SignalInLastStep(Progress):
+    class SignalInEpochTwo(Progress):
         def __iter__(self):
             epochs_started.append(True)
-            for j, item in enumerate(super().__iter__()):
-                if len(epochs_started) == 1 and j == 1:  # epoch 1, step 2 of 2
+            for item in super().__iter__():
+                if len(epochs_started) == 2:
                     os.kill(os.getpid(), signal.SIGUSR1)
                 yield item
 
-    run_dir = tmp_path / "run"
-    flags = ["--data", "synthetic", *TINY, "--epochs", "2", "--knn-every", "0",
-             "--run-dir", str(run_dir)]
+    flags = ["--data", "synthetic", *TINY, "--synthetic-size", "32", "--epochs", "3",
+             "--knn-every", "0"]  # 32 images, batch 32: one step per epoch
     handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        monkeypatch.setattr(simclr, "Progress", SignalInLastStep)
-        simclr.main(flags)
+        simclr.main([*flags, "--run-dir", str(tmp_path / "straight")])
+        run_dir = tmp_path / "resumed"
+        monkeypatch.setattr(simclr, "Progress", SignalInEpochTwo)
+        simclr.main([*flags, "--run-dir", str(run_dir)])
         ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-        assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 1)
-        assert [r["epoch"] for r in read_log(run_dir) if "step" not in r] == [1]
+        assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (2, 0)
+        assert [r["epoch"] for r in read_log(run_dir) if "step" not in r] == [1, 2]
 
         monkeypatch.setattr(simclr, "Progress", Progress)
-        simclr.main(flags)  # resumes at epoch 2, step 2
+        simclr.main([*flags, "--run-dir", str(run_dir)])  # resumes at epoch 3
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
     summaries = [r for r in read_log(run_dir) if "step" not in r]
-    assert [r["epoch"] for r in summaries] == [1, 2]
-    assert all(r["loss"] > 1 for r in summaries)  # NT-Xent of batch 32 is near 2 log 63
-    assert [r["step"] for r in read_log(run_dir) if "step" in r] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in summaries] == [1, 2, 3]
+    assert [r["step"] for r in read_log(run_dir) if "step" in r] == [1, 2, 3]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert_same_tensors(a["model"], b["model"])
+    assert [r["loss"] for r in summaries] == [r["loss"] for r in read_log(tmp_path / "straight")
+                                               if "step" not in r]
+
+
+def test_stop_signal_in_five_step_epochs_two_processes(torchrun_run, tmp_path):
+    """2 processes agree on a stop every 10 steps: in epochs of 5 steps they never would inside
+    an epoch. SIGTERM to torchrun is taken after the epoch; the resumed run ends exactly as the
+    uninterrupted one above."""
+    straight, run_dir = torchrun_run[0], tmp_path / "resumed"
+    launch = [sys.executable, *TWO_PROCESSES, "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(launch, cwd=REPO, env={**os.environ, **SUBPROCESS_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / "log.jsonl").exists() and len(read_log(run_dir)) >= 2:  # in epoch 1
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.05)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stop signal: saved" in output and "done:" not in output, output
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 0), output
+    assert [r["step"] for r in read_log(run_dir) if "step" in r] == [1, 2, 3, 4, 5]
+
+    ok(run([*TWO_PROCESSES, "--run-dir", run_dir], timeout=300))
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert (b["epoch"], b["batch_in_epoch"]) == (2, 0)
+    assert_same_tensors(a["model"], b["model"])
+    # the same log record for record (per-step losses, epoch means, kNN), but for the timings
+    untimed = lambda d: [{k: v for k, v in r.items() if k not in ("img_per_s", "epoch_time")}
+                         for r in read_log(d)]
+    assert untimed(run_dir) == untimed(straight)

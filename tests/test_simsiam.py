@@ -199,7 +199,8 @@ def test_synthetic_run_logs_and_linear_eval(straight_run, tmp_path):
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", straight_run / "checkpoint.pt", "--data", "synthetic",
             "--synthetic-size", "32", "--img-size", "16", "--workers", "0", "--cached-features",
-            "--epochs", "2", "--out", out]))
+            "--epochs", "2",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
@@ -226,7 +227,8 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert log[-1]["epoch"] == 1 and -1 <= log[-1]["loss"] <= 1 and log[-1]["z_std"] > 0
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", "--data", root,
-            "--cached-features", "--epochs", "2", "--workers", "0", "--out", out]))
+            "--cached-features", "--epochs", "2", "--workers", "0",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
 

@@ -9,6 +9,7 @@ One module-scoped cluster serves the jobs below, which overlap in time: the pree
 about two minutes in the queue after requeueing itself (Slurm's BeginTime), and the other jobs
 run meanwhile.
 """
+import json
 import os
 import shutil
 import signal
@@ -21,9 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import requeue_slurm_job
+from common.checkpoint import export_backbone, requeue_slurm_job
 from common.data import make_loader
 from common.dist import first_host
+from common.model import resnet_backbone
 from tests.helpers import REPO, assert_same_tensors, read_log
 
 PROGRAMS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "srun",
@@ -136,12 +138,12 @@ class Cluster:
             pytest.fail(f"timed out after {timeout} s waiting for {what}\n{logs}")
         return False
 
-    def submit(self, *sbatch_flags, train=TRAIN):
-        """sbatch the real slurm/train.sbatch with simclr.py: 2 CPU tasks on the one node."""
+    def submit(self, *sbatch_flags, script="simclr.py", train=TRAIN):
+        """sbatch the real slurm/train.sbatch with `script`: 2 CPU tasks on the one node."""
         out = self.cmd("sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2",
                        "--cpus-per-task=1", f"--chdir={self.dir}",
                        f"--output={self.dir}/slurm-%j.out", *sbatch_flags,
-                       str(REPO / "slurm" / "train.sbatch"), str(REPO / "simclr.py"), *train)
+                       str(REPO / "slurm" / "train.sbatch"), str(REPO / script), *train)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().split(";")[0]
 
@@ -150,15 +152,15 @@ class Cluster:
         out = self.cmd("scontrol", "show", "job", "-o", job_id).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
-    def run_dir(self, job_id):
-        return self.dir / "runs" / "simclr" / job_id
+    def run_dir(self, job_id, method="simclr"):
+        return self.dir / "runs" / method / job_id
 
     def output(self, job_id):
         path = self.dir / f"slurm-{job_id}.out"
         return path.read_text() if path.exists() else ""
 
-    def wait_for_step(self, job_id, step, timeout=120):
-        log = self.run_dir(job_id) / "log.jsonl"
+    def wait_for_step(self, job_id, step, timeout=120, method="simclr"):
+        log = self.run_dir(job_id, method) / "log.jsonl"
         self.wait_for(lambda: log.exists() and any(r.get("step", 0) >= step
                                                    for r in read_log(log.parent)),
                       timeout, f"job {job_id} to reach step {step}\n{self.output(job_id)}")
@@ -226,6 +228,40 @@ def test_preempted_job_saves_mid_epoch_and_requeues_itself(cluster, preempted):
     assert ckpt["batch_in_epoch"] == 10
     steps = [r["step"] for r in read_log(cluster.run_dir(preempted)) if "step" in r]
     assert steps == list(range(1, ckpt["epoch"] * STEPS_PER_EPOCH + 11))
+
+
+# linear_eval.py under train.sbatch: 15 steps of 32 images per epoch, on a random backbone
+EVAL = ["--data", "synthetic", "--img-size", "16", "--synthetic-size", "480", "--batch-size", "32",
+        "--epochs", "2", "--lr", "1.0", "--log-every", "1", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def eval_ckpt(cluster):
+    torch.manual_seed(0)
+    path = cluster.dir / "backbone.pt"
+    export_backbone(resnet_backbone("resnet18", cifar_stem=True), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def preempted_eval(cluster, eval_ckpt):
+    """linear_eval.py sent SIGUSR1 during its first epoch; returns its id once requeued."""
+    job_id = cluster.submit(script="linear_eval.py", train=["--ckpt", str(eval_ckpt), *EVAL])
+    cluster.wait_for_step(job_id, 2, method="linear_eval")
+    assert cluster.cmd("scancel", "--signal=USR1", job_id).returncode == 0
+    requeued = {"JobState": "PENDING", "Restarts": "1"}
+    cluster.wait_for(lambda: requeued.items() <= cluster.job(job_id).items(), 120,
+                     f"job {job_id} to requeue itself\n{cluster.output(job_id)}")
+    return job_id
+
+
+@needs_slurm
+def test_preempted_linear_eval_saves_and_requeues_itself(cluster, preempted_eval):
+    output = cluster.output(preempted_eval)
+    assert "2 process(es) on cpu" in output and "stop signal: saved" in output, output
+    assert f"requeued Slurm job {preempted_eval}" in output
+    ckpt = final_weights(cluster.run_dir(preempted_eval, "linear_eval"))
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) in ((0, 10), (1, 0), (1, 10)), output
 
 
 @needs_slurm
@@ -346,3 +382,24 @@ def test_requeued_job_resumes_exactly(cluster, preempted):
     for k in b["optimizer"]["state"]:
         assert torch.equal(a["optimizer"]["state"][k]["momentum_buffer"],
                            b["optimizer"]["state"][k]["momentum_buffer"]), k
+
+
+@needs_slurm
+def test_requeued_linear_eval_resumes_exactly(cluster, preempted_eval, eval_ckpt):
+    uninterrupted = cluster.submit(script="linear_eval.py", train=["--ckpt", str(eval_ckpt), *EVAL])
+    assert cluster.wait_until_done(uninterrupted, 240)["JobState"] == "COMPLETED"
+    job = cluster.wait_until_done(preempted_eval, 400)
+    output = cluster.output(preempted_eval)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
+    assert f"resumed from runs/linear_eval/{preempted_eval}/checkpoint.pt" in output
+    a = cluster.run_dir(preempted_eval, "linear_eval")
+    b = cluster.run_dir(uninterrupted, "linear_eval")
+    assert [r["step"] for r in read_log(a) if "step" in r] == list(range(1, 31))
+    assert [r["loss"] for r in read_log(a) if "step" in r] == \
+        [r["loss"] for r in read_log(b) if "step" in r]
+    assert [r.get("val_top1") for r in read_log(a)] == [r.get("val_top1") for r in read_log(b)]
+    assert_same_tensors(final_weights(a)["model"], final_weights(b)["model"])
+    result = [json.loads((d / "result.json").read_text()) for d in (a, b)]
+    assert result[0]["top1"] == result[1]["top1"] and result[0]["top5"] == result[1]["top5"]
+    assert torch.equal(torch.load(a / "linear_head.pt")["weight"],
+                       torch.load(b / "linear_head.pt")["weight"])

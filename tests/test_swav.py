@@ -312,7 +312,8 @@ def test_synthetic_run_with_queue_and_frozen_prototypes_then_linear_eval(tmp_pat
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", "--data", "synthetic",
             "--synthetic-size", "64", "--workers", "0", "--img-size", "16", "--cached-features",
-            "--epochs", "2", "--out", out]))
+            "--epochs", "2",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
     backbone = torch.load(run_dir / "backbone.pt")
@@ -332,7 +333,8 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert [r["step"] for r in log if "step" in r] == [1, 2] and log[-1]["epoch"] == 1
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", "--data", root,
-            "--cached-features", "--epochs", "2", "--workers", "0", "--out", out]))
+            "--cached-features", "--epochs", "2", "--workers", "0",
+            "--batch-size", "16", "--out", out, "--run-dir", tmp_path / "linear_eval"]))
     result = json.loads(out.read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
