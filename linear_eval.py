@@ -15,11 +15,11 @@ Slurm job (srun), and resumable, as the training scripts:
 - `--knn`: weighted kNN top-1 (cosine similarity, k=200, T=0.07; Wu et al. 2018).
 - `--eval-only HEAD`: top-1/top-5 with a saved `linear_head.pt`, no training.
 
-`--ckpt` reads any cleanssl checkpoint.pt or backbone.pt and the official ResNet releases of
-MoCo v1/v2, SimSiam, SwAV, Barlow Twins and VICReg (common/weights.py), never unpickling code.
-The run directory (runs/linear_eval/<Slurm job id or timestamp>) gets args.json, log.jsonl,
-checkpoint.pt (every epoch and on SIGUSR1/SIGTERM: the same command resumes), linear_head.pt
-(weights and class names), result.json and, fine-tuned, backbone.pt.
+`--ckpt`: any cleanssl checkpoint.pt or backbone.pt, or an official MoCo v1/v2, SimSiam, SwAV,
+Barlow Twins or VICReg ResNet release (common/weights.py), never unpickling code. The run
+directory (runs/linear_eval/<Slurm job id or timestamp>) gets args.json, log.jsonl, checkpoint.pt
+(every epoch and on SIGUSR1/SIGTERM: the same command resumes), linear_head.pt (weights and class
+names), result.json and, fine-tuned, backbone.pt.
 
     python linear_eval.py --ckpt runs/simclr/<run>/checkpoint.pt --data cifar10
     torchrun --nproc_per_node=8 linear_eval.py --ckpt runs/byol/<run>/checkpoint.pt --data /imagenet
@@ -91,7 +91,8 @@ def get_args(argv=None):
                    "cifar10, cifar100, stl10, synthetic")
     g.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10 live (data)")
     g.add_argument("--img-size", type=int, default=None,
-                   help="default: the checkpoint's training size, else by dataset (224, 32, 96)")
+                   help="default: the checkpoint's training size, else 32 for a small-image "
+                   "(3x3) stem, else by dataset (ImageFolder 224, CIFAR 32, STL-10 96)")
     subset = g.add_mutually_exclusive_group()
     subset.add_argument("--train-percent", type=float, help="train on a class-balanced, seeded "
                         "PERCENT of the labelled train images (as the published 1%%/10%% ImageNet "
@@ -101,7 +102,8 @@ def get_args(argv=None):
                         "google-research/simclr imagenet_subsets/1percent.txt) or class/file name")
     g.add_argument("--subset-seed", type=int, default=0, help="seed of --train-percent's draw (0)")
     g.add_argument("--workers", type=int, default=default_workers(), help="loader processes per "
-                   f"rank (default: this process's share of the CPUs minus one: {default_workers()})")
+                   "rank (default: this process's share of the CPUs minus one, "
+                   f"{default_workers()} here)")
     g.add_argument("--synthetic-size", type=int, default=512, help="train images of --data "
                    "synthetic, as in pre-training (512)")
     g = p.add_argument_group("protocol (default: linear probe of the frozen backbone)")
@@ -213,11 +215,12 @@ def main(argv=None):
     rank, world, _, device = setup_distributed()
     args.precision = resolve_precision(args.precision, device)
     backbone, source = load_backbone(args.ckpt)
-    args.ckpt, args.arch = os.path.abspath(args.ckpt), source["arch"]
-    args.small_images = source["small_images"]
+    args.ckpt, args.arch, args.small_images = (os.path.abspath(args.ckpt), source["arch"],
+                                               source["small_images"])
     head_file = read_head(args.eval_only) if args.eval_only else {}
-    args.img_size = (args.img_size or source["train_args"].get("img_size")
-                     or head_file.get("img_size") or default_img_size(args.data))
+    # a backbone with the small-image stem was trained on images <= 64 px: 32 unless told
+    args.img_size = (args.img_size or source["train_args"].get("img_size") or head_file.get(
+        "img_size") or (32 if args.small_images else default_img_size(args.data)))
     args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (rank 0's timestamp)
     os.makedirs(args.run_dir, exist_ok=True)
     log = Logger(args.run_dir, is_main=rank == 0)
@@ -240,10 +243,7 @@ def main(argv=None):
     protocol = resolve_protocol(args, labelled)
     per_rank_batch = check_batch(args, world)
     backbone = backbone.to(device)
-    stem = "small-image" if args.small_images else "ImageNet"
-    dropped = (f"; not the backbone, dropped: {', '.join(source['dropped'])}"
-               if source["dropped"] else "")
-    log.print(f"{source['layout']}: {args.arch} ({stem} stem) from {args.ckpt}{dropped}")
+    log.print(f"{source['description']}, from {args.ckpt}")
     log.print(f"{args.data} at {args.img_size} px, {len(classes)} classes, {len(train_set)} train "
               f"({labelled:.3g}% of the labels) and {len(val_set)} val images; {world} "
               f"process(es) on {device}")
@@ -260,9 +260,9 @@ def main(argv=None):
         votes = knn_predict(train_f, train_y, val_f[mine], len(classes), args.knn_k,
                             args.knn_temperature)
         correct = all_gather_tensor((votes.argmax(1) == val_y[mine]).sum()[None]).sum().item()
-        return finish(args, log, rank, {"protocol": "weighted kNN", "knn_top1": 100.0 * correct
-                                        / len(val_set), "k": args.knn_k,
-                                        "temperature": args.knn_temperature})
+        top1 = 100.0 * correct / len(val_set)
+        return finish(args, log, rank, {"protocol": "weighted kNN", "knn_top1": top1,
+                                        "k": args.knn_k, "temperature": args.knn_temperature})
     if args.eval_only:
         head = head_layer(head_file, args.eval_only, backbone.feature_dim, classes).to(device)
         val_f, val_y = features(val_set, "val features")
@@ -309,16 +309,15 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
     total_steps = args.epochs * steps_per_epoch
 
     def same_run(ckpt):
-        changed = [k for k in SAME_RUN if ckpt["args"].get(k) != getattr(args, k)]
-        if changed:
+        if changed := [k for k in SAME_RUN if ckpt["args"].get(k) != getattr(args, k)]:
             raise UserError(f"{args.run_dir} holds another evaluation (different "
                             f"{', '.join('--' + k.replace('_', '-') for k in changed)}): "
                             f"choose another --run-dir")
 
     ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
     ckpt = resume(ckpt_path, model, optimizer, scaler, check=same_run)
-    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
-    best = ckpt["best"] if ckpt else None
+    start_epoch, start_batch, best = ((ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best"])
+                                      if ckpt else (0, 0, None))
     if ckpt:
         log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
     else:

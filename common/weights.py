@@ -60,8 +60,8 @@ def find_resnet(state):
 
 def load_backbone(path):
     """(backbone, info) from any checkpoint described above; info holds `arch`, `small_images`,
-    `layout`, `dropped` (names of what was not the backbone) and, for our checkpoints, the
-    training arguments under `train_args`."""
+    `layout`, `dropped` (names of what was not the backbone), a one-line `description` and, for
+    our checkpoints, the training arguments under `train_args`."""
     obj = safe_load(path)
     try:
         return _backbone_from(obj)
@@ -98,5 +98,7 @@ def _backbone_from(obj):
     depth = max(1, prefix.count("."))  # name what was dropped at the prefix's depth
     dropped = sorted({prefix + k[len(prefix):].split(".")[0] if k.startswith(prefix)
                       else ".".join(k.split(".")[:depth]) for k in state if k not in kept})
+    description = (f"{layout}: {arch} ({'small-image' if small else 'ImageNet'} stem)"
+                   + (f"; dropped (not the backbone): {', '.join(dropped)}" if dropped else ""))
     return backbone, {"arch": arch, "small_images": small, "layout": layout, "prefix": prefix,
-                      "dropped": dropped, "train_args": train_args}
+                      "dropped": dropped, "train_args": train_args, "description": description}
