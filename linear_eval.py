@@ -56,8 +56,8 @@ from common.weights import load_backbone
 # ------------------------------------------------------------------------------- arguments
 
 # Linear protocol: MoCo v3's main_lincls.py (SGD momentum 0.9, lr 0.1 x batch/256, batch 1024,
-# 90 epochs, cosine, no decay; the SimCLR paper's 90 epochs and lr rule) and, for images
-# <= 64 px, the official SimCLR CIFAR-10 command (100 epochs, batch 512).
+# 90 epochs, cosine, no decay; the official SimCLR command: the same at batch 4096 with weight
+# decay 1e-6) and, for images <= 64 px, the official SimCLR CIFAR-10 command (100 epochs, 512).
 LINEAR = dict(epochs=90, batch_size=1024, lr=0.1, lr_backbone=0.0, weight_decay=0.0,
               nesterov=False)
 LINEAR_SMALL = dict(LINEAR, epochs=100, batch_size=512)
@@ -294,8 +294,9 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
     val = None if args.finetune else features(val_set, "val features")  # frozen: computed once
 
     model = Classifier(backbone, len(classes), args.finetune)
-    # Fine-tuning normalises over the global batch (SyncBN on GPUs), as the SimCLR paper's
-    # fine-tuning does; the official evaluate.py of Barlow Twins and VICReg keeps per-GPU BN.
+    # Fine-tuning normalises over the global batch (SyncBN on GPUs), as SimCLR's fine-tuning
+    # command (--global_bn=True); the official evaluate.py of Barlow Twins and VICReg keeps
+    # per-GPU BN: with a global batch of 256 over 8 GPUs, 32 images per BN.
     model = distribute(model, device, world, sync_bn=args.finetune,
                        channels_last=args.channels_last)
     scale = args.batch_size / 256
