@@ -66,23 +66,11 @@ def run_until_signal(args, run_dir, after_step, timeout=240):
     """Start `python <args>` (which must write to `run_dir`), send it SIGUSR1 as soon as its
     log.jsonl holds a record of step >= `after_step`, and wait for its clean stop. Returns the
     checkpoint it saved; fails if the run ended before the signal could be sent."""
-    env = {**os.environ, **SUBPROCESS_ENV}
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + timeout
-        while time.time() < deadline and proc.poll() is None:
-            log = Path(run_dir) / "log.jsonl"
-            if log.exists() and any(r.get("step", 0) >= after_step for r in read_log(run_dir)):
-                proc.send_signal(signal.SIGUSR1)
-                break
-            time.sleep(0.05)
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    assert "stop signal: saved" in out, "the run finished before the signal arrived"
+    code, output = signal_when_logged(
+        args, run_dir, lambda log: any(r.get("step", 0) >= after_step for r in log),
+        signal.SIGUSR1, timeout)
+    assert code == 0, output
+    assert "stop signal: saved" in output, "the run finished before the signal arrived"
     return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=False)
 
 
@@ -94,3 +82,24 @@ def cifar10_subset(cifar10_dir, root, train_per_class, val_per_class):
             for name in sorted(os.listdir(Path(cifar10_dir) / split / cls))[:per_class]:
                 os.symlink(Path(cifar10_dir) / split / cls / name, Path(root) / split / cls / name)
     return Path(root)
+
+
+def signal_when_logged(argv, run_dir, logged, sig=signal.SIGTERM, timeout=120):
+    """Start `python <argv>` (e.g. a torchrun launch) writing to `run_dir`, send it `sig` as soon
+    as `logged(records)` holds for the records of its log.jsonl, and return its exit code and
+    output (stdout and stderr together) once it ends."""
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO,
+                            env={**os.environ, **SUBPROCESS_ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if (Path(run_dir) / "log.jsonl").exists() and logged(read_log(run_dir)):
+                proc.send_signal(sig)
+                break
+            time.sleep(0.05)
+        output = proc.communicate(timeout=timeout)[0]
+        return proc.returncode, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()

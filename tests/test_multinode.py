@@ -2,7 +2,6 @@
 meeting through a c10d rendezvous train together and end with exactly the weights of one
 `torchrun --nproc_per_node=2` launch (gloo, CPU, the same seed)."""
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import time
 import torch
 
 import simclr
-from tests.helpers import REPO, SUBPROCESS_ENV, TINY, assert_same_tensors, ok, read_log, run
+from tests.helpers import (REPO, SUBPROCESS_ENV, TINY, assert_same_tensors, ok, read_log, run,
+                           signal_when_logged)
 
 FLAGS = ["simclr.py", "--data", "synthetic", *TINY, "--knn-every", "0"]
 
@@ -98,22 +98,11 @@ def test_sigterm_to_torchrun_saves_mid_epoch(tmp_path):
     the workers, which save at the next step they agree on and exit before torchrun's shutdown
     timeout (30 s) would kill them."""
     run_dir = tmp_path / "run"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-              "simclr.py", "--data", "synthetic", *TINY, "--knn-every", "0",
-              "--synthetic-size", "960", "--run-dir", str(run_dir)]  # 30 steps per epoch
-    proc = subprocess.Popen(launch, cwd=REPO, env={**os.environ, **SUBPROCESS_ENV},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if (run_dir / "log.jsonl").exists() and len(read_log(run_dir)) >= 2:
-                proc.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.05)
-        output = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, output = signal_when_logged(["-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2", "simclr.py", "--data", "synthetic",
+                                    *TINY, "--knn-every", "0", "--synthetic-size", "960",
+                                    "--run-dir", run_dir],  # 30 steps per epoch
+                                   run_dir, lambda log: len(log) >= 2)
     assert "stop signal: saved" in output, output
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (0, 10), output

@@ -3,17 +3,14 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torchvision
 
 from common import resnet_backbone
-from tests.helpers import (REPO, SUBPROCESS_ENV, TINY, assert_same_tensors, cifar10_subset,
-                           make_image_folder, ok, read_log, run, run_until_signal)
+from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, make_image_folder, ok,
+                           read_log, run, run_until_signal, signal_when_logged)
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -218,20 +215,9 @@ def test_stop_signal_in_five_step_epochs_two_processes(torchrun_run, tmp_path):
     an epoch. SIGTERM to torchrun is taken after the epoch; the resumed run ends exactly as the
     uninterrupted one above."""
     straight, run_dir = torchrun_run[0], tmp_path / "resumed"
-    launch = [sys.executable, *TWO_PROCESSES, "--run-dir", str(run_dir)]
-    proc = subprocess.Popen(launch, cwd=REPO, env={**os.environ, **SUBPROCESS_ENV},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if (run_dir / "log.jsonl").exists() and len(read_log(run_dir)) >= 2:  # in epoch 1
-                proc.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.05)
-        output = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # sent once the random network's kNN and step 1 are logged: in epoch 1
+    _, output = signal_when_logged([*TWO_PROCESSES, "--run-dir", run_dir], run_dir,
+                                   lambda log: len(log) >= 2)
     assert "stop signal: saved" in output and "done:" not in output, output
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 0), output

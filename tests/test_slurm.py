@@ -165,6 +165,17 @@ class Cluster:
                                                    for r in read_log(log.parent)),
                       timeout, f"job {job_id} to reach step {step}\n{self.output(job_id)}")
 
+    def preempt(self, job_id, method="simclr"):
+        """SIGUSR1 to the tasks of `job_id` once it has logged step 2, as Slurm does before a
+        time limit (`--signal=USR1@120`); returns once the job has requeued itself (it then
+        waits in the queue for about two minutes)."""
+        self.wait_for_step(job_id, 2, method=method)
+        assert self.cmd("scancel", "--signal=USR1", job_id).returncode == 0
+        requeued = {"JobState": "PENDING", "Restarts": "1"}
+        self.wait_for(lambda: requeued.items() <= self.job(job_id).items(), 120,
+                      f"job {job_id} to requeue itself\n{self.output(job_id)}")
+        return job_id
+
     def wait_until_done(self, job_id, timeout):
         self.wait_for(lambda: self.job(job_id).get("JobState") in ("COMPLETED", "FAILED",
                                                                     "CANCELLED", "TIMEOUT"),
@@ -206,13 +217,7 @@ def preempted(cluster):
     """A job sent SIGUSR1 during epoch 1, as Slurm does before a time limit (`--signal=USR1@120`
     signals the tasks), with a loader worker per task (Slurm signals those too). Returns its id
     once it has requeued itself; it then waits in the queue for about two minutes."""
-    job_id = cluster.submit(train=[*TRAIN, "--workers", "1"])
-    cluster.wait_for_step(job_id, 2)
-    assert cluster.cmd("scancel", "--signal=USR1", job_id).returncode == 0
-    requeued = {"JobState": "PENDING", "Restarts": "1"}
-    cluster.wait_for(lambda: requeued.items() <= cluster.job(job_id).items(), 120,
-                     f"job {job_id} to requeue itself\n{cluster.output(job_id)}")
-    return job_id
+    return cluster.preempt(cluster.submit(train=[*TRAIN, "--workers", "1"]))
 
 
 @needs_slurm
@@ -247,12 +252,7 @@ def eval_ckpt(cluster):
 def preempted_eval(cluster, eval_ckpt):
     """linear_eval.py sent SIGUSR1 during its first epoch; returns its id once requeued."""
     job_id = cluster.submit(script="linear_eval.py", train=["--ckpt", str(eval_ckpt), *EVAL])
-    cluster.wait_for_step(job_id, 2, method="linear_eval")
-    assert cluster.cmd("scancel", "--signal=USR1", job_id).returncode == 0
-    requeued = {"JobState": "PENDING", "Restarts": "1"}
-    cluster.wait_for(lambda: requeued.items() <= cluster.job(job_id).items(), 120,
-                     f"job {job_id} to requeue itself\n{cluster.output(job_id)}")
-    return job_id
+    return cluster.preempt(job_id, method="linear_eval")
 
 
 @needs_slurm
