@@ -240,13 +240,13 @@ def main(argv=None):
         train_set = labelled_subset(train_all, args.train_percent, args.train_subset,
                                     args.subset_seed)
         labelled = 100.0 * len(train_set) / len(train_all)
-    protocol = resolve_protocol(args, labelled)
+    protocol = (f"{resolve_protocol(args, labelled)} on {len(train_set)} train images "
+                f"({labelled:.3g}% of the labels)")
     per_rank_batch = check_batch(args, world)
     backbone = backbone.to(device)
     log.print(f"{source['description']}, from {args.ckpt}")
-    log.print(f"{args.data} at {args.img_size} px, {len(classes)} classes, {len(train_set)} train "
-              f"({labelled:.3g}% of the labels) and {len(val_set)} val images; {world} "
-              f"process(es) on {device}")
+    log.print(f"{args.data} at {args.img_size} px, {len(classes)} classes, {len(val_set)} val "
+              f"images; {world} process(es) on {device}")
 
     def features(dataset, what, normalize=False):  # [N, D] and labels, sharded over the ranks
         unwrap(backbone).eval()
