@@ -55,6 +55,11 @@ def add_common_args(parser, method, imagenet, small):
                           "on the CPU, with PIL's uint8 operations)")
     aug.add_argument("--torchvision-aug", dest="aug", action="store_const", const="torchvision",
                      help="the standard torchvision transforms (slower; for comparison)")
+    aug.add_argument("--data-on-device", dest="aug", action="store_const", const="device",
+                     help="small datasets (CIFAR, STL-10, an ImageFolder of equal-size images): "
+                          "hold the whole train set on the device as uint8 and make the views "
+                          "there (crop, resize, flip, then --gpu-aug's colour operations), no "
+                          "loader workers")
     g.add_argument("--synthetic-size", type=int, default=512,
                    help="number of training images of --data synthetic, val: a quarter (default: 512)")
     g = parser.add_argument_group("training")

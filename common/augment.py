@@ -14,6 +14,9 @@ loader's transform (image -> list of views) plus `to_device`, run in the trainin
   random parameters (common/gpu_aug.py).
 - "torchvision" (`--torchvision-aug`): the standard torchvision composition (RandomResizedCrop,
   ColorJitter, GaussianBlur, ..., ToTensor, Normalize): the reference, for comparison.
+- "device" (`--data-on-device`): no workers; the whole train set is held on the device as uint8
+  (`common/data.DeviceBatches`), and each step's crop, resize, flip and colour operations run
+  there in batches (common/gpu_aug.py), seeded by (seed, step, rank) as "gpu".
 
 "fast" draws its random numbers from torch's generator exactly as the torchvision composition
 does, so for a seeded sample both pick the same crop box, flip, jitter factors and order,
@@ -29,7 +32,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from common.gpu_aug import blur_kernel_size, gpu_augment
+from common.gpu_aug import blur_kernel_size, gpu_augment, resident_views
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
@@ -164,12 +167,14 @@ class ViewPipeline:
     seeded from (seed, step, rank) so that a resumed run draws the same ones)."""
 
     def __init__(self, recipes, mode="fast", seed=0, rank=0, channels_last=True):
-        if mode not in ("fast", "gpu", "torchvision"):
+        if mode not in ("fast", "gpu", "torchvision", "device"):
             raise ValueError(f"unknown augmentation mode {mode!r}")
         self.recipes, self.mode, self.seed, self.rank = list(recipes), mode, seed, rank
         self.channels_last = channels_last  # on CUDA, the batches in the model's memory layout
-        make = {"fast": FastView, "gpu": CropOnlyView, "torchvision": reference_view}[mode]
-        self.views = [make(r) for r in self.recipes]
+        make = {"fast": FastView, "gpu": CropOnlyView, "torchvision": reference_view,
+                "device": None}[mode]  # "device": no per-image work in loader workers
+        self.views = [make(r) for r in self.recipes] if make else []
+        self.images = None  # "device": every train image, uint8 [N, 3, H, W], set by the loader
 
     def __call__(self, img):
         if self.mode != "torchvision":
@@ -179,19 +184,26 @@ class ViewPipeline:
     def to_device(self, views, device, step=0):
         if self.mode == "torchvision":  # already normalised floats
             return [self._layout(x.to(device, non_blocking=True)) for x in views]
-        views = [x.to(device, non_blocking=True) for x in views]
-        if self.mode == "gpu":
-            views = self._augment(views, step)
+        if self.mode == "device":  # views: batches of indices into the images on the device
+            if self.images.device != device:
+                self.images = self.images.to(device)  # once: the whole train set, uint8
+            views = resident_views(self.images, views, self.recipes, self._generator(step))
+        elif self.mode == "gpu":
+            views = self._augment([x.to(device, non_blocking=True) for x in views], step)
         else:
-            views = [x.float().div_(255) for x in views]
+            views = [x.to(device, non_blocking=True).float().div_(255) for x in views]
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device, non_blocking=True)
         return [self._layout(x.sub_(mean).div_(std)) for x in views]
 
+    def _generator(self, step):
+        """The CPU generator of a step's random parameters: (seed, step, rank) fix them."""
+        return torch.Generator().manual_seed(
+            ((self.seed * 1_000_003 + step) * 10_007 + self.rank) % 2**63)
+
     def _augment(self, views, step):
         """Views with the same recipe (SwAV's crops of one size) are augmented as one batch."""
-        generator = torch.Generator().manual_seed(
-            ((self.seed * 1_000_003 + step) * 10_007 + self.rank) % 2**63)
+        generator = self._generator(step)
         out = [None] * len(views)
         for recipe in dict.fromkeys(self.recipes):
             idx = [i for i, r in enumerate(self.recipes) if r == recipe]

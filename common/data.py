@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from common.augment import IMAGENET_MEAN, IMAGENET_STD
+from common.augment import IMAGENET_MEAN, IMAGENET_STD, image_pixels
 from common.log import UserError
 
 TORCHVISION_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}
@@ -280,10 +280,64 @@ def ignore_stop_signals(worker_id=None):
 def make_loader(dataset, batch_size, workers, rank=0, world_size=1, shuffle=True, seed=0,
                 drop_last=True, seeded=False):
     """DataLoader over this rank's shard; `batch_size` is per rank. `seeded`: each sample's
-    augmentation is seeded from (seed, epoch, index), see SeededSamples."""
+    augmentation is seeded from (seed, epoch, index), see SeededSamples. A dataset whose
+    transform is a ViewPipeline in "device" mode (`--data-on-device`) gets `DeviceBatches`."""
+    if getattr(getattr(dataset, "transform", None), "mode", None) == "device":
+        sampler = ResumableSampler(dataset, batch_size, rank, world_size, shuffle, seed, drop_last)
+        return DeviceBatches(dataset, sampler, batch_size, workers, rank)
     sampler = ResumableSampler(dataset, batch_size, rank, world_size, shuffle, seed, drop_last,
                                seeded)
     return DataLoader(SeededSamples(dataset) if seeded else dataset, batch_size=batch_size,
                       sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       drop_last=drop_last, persistent_workers=workers > 0,
                       worker_init_fn=ignore_stop_signals)
+
+
+# ---------------------------------------------------------------- the train set on the device
+
+def load_pixels(dataset, workers=0):
+    """Every image of `dataset` (its transform bypassed) as one uint8 tensor [N, 3, H, W] and
+    its labels [N], on the CPU. torchvision's CIFAR and STL-10 hold theirs as arrays already;
+    other datasets are decoded once, by `workers` processes. All images must have one size."""
+    data = getattr(dataset, "data", None)
+    if hasattr(data, "ndim") and data.ndim == 4:  # CIFAR: [N, H, W, 3]; STL-10: [N, 3, H, W]
+        pixels = torch.as_tensor(data)
+        pixels = pixels.permute(0, 3, 1, 2) if pixels.shape[-1] == 3 else pixels
+        labels = getattr(dataset, "targets", None)
+        return pixels.contiguous(), torch.as_tensor(getattr(dataset, "labels", None)
+                                                    if labels is None else labels)
+    transform, dataset.transform = dataset.transform, image_pixels
+    try:
+        loader = DataLoader(dataset, batch_size=256, num_workers=workers)
+        batches = list(loader)
+    except RuntimeError as e:  # the default collate stacks: images of several sizes
+        raise UserError(f"--data-on-device needs images of one size ({str(e).splitlines()[0]}); "
+                        f"resize them, or leave the flag out") from None
+    finally:
+        dataset.transform = transform
+    return (torch.cat([x for x, _ in batches]).permute(0, 3, 1, 2).contiguous(),
+            torch.cat([y for _, y in batches]))
+
+
+class DeviceBatches:
+    """The loader of `--data-on-device`: the batches of indices of the same seeded, sharded,
+    resumable sampler as the DataLoader's, each as ([indices] * views, labels). The images
+    themselves are handed to the dataset's ViewPipeline, which holds them on the device and
+    makes each step's views there. No loader workers, no per-image Python work in the epoch."""
+
+    def __init__(self, dataset, sampler, batch_size, workers=0, rank=0):
+        self.sampler, self.batch_size, self.pipeline = sampler, batch_size, dataset.transform
+        self.pipeline.images, self.labels = load_pixels(dataset, workers)
+        if rank == 0:
+            n, c, h, w = self.pipeline.images.shape
+            print(f"--data-on-device: {n} images of {w}x{h} px, {n * c * h * w / 2**20:.0f} MiB "
+                  f"as uint8 on the device", flush=True)
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size  # the last incomplete batch is dropped
+
+    def __iter__(self):
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield [idx] * len(self.pipeline.recipes), self.labels[idx]

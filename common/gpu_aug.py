@@ -1,10 +1,13 @@
-"""Batched colour jitter, grayscale, blur and solarize on the device (`--gpu-aug`).
+"""Batched augmentation on the device: colour jitter, grayscale, blur and solarize (`--gpu-aug`),
+and, for a train set held on the device (`--data-on-device`), the random resized crop and flip.
 
 Each op takes per-sample factors and matches, image by image, torchvision's functional op on
 float images (torchvision.transforms.v2.functional). The random parameters are drawn on the
 CPU, as torchvision's transforms draw them per image, so that a seeded generator reproduces a
 step's augmentations exactly (resume) and selecting samples needs no device-to-host sync.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -172,3 +175,93 @@ def gpu_augment(x_uint8, recipe, generator):
     normalised; a new tensor, safe to modify in place."""
     params = sample_params(len(x_uint8), recipe, generator)
     return apply_params(x_uint8.float().div(255), params, recipe, inplace=True)
+
+
+# ---------------------------------------------------------------- crop and flip (--data-on-device)
+
+def crop_boxes(n, height, width, recipe, generator):
+    """n random resized crops of a height x width image, as T.RandomResizedCrop.get_params draws
+    them (up to 10 tries of an area in `recipe.scale` and a log-uniform aspect in `recipe.ratio`,
+    the first that fits wins, else the central crop of the ratio nearest the image's), and n
+    horizontal flips (p 0.5). CPU tensors: top, left, h, w [n] (integral floats), flip [n]."""
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator)
+
+    lo, hi = math.log(recipe.ratio[0]), math.log(recipe.ratio[1])
+    area = height * width * (recipe.scale[0] + (recipe.scale[1] - recipe.scale[0]) * rand(n, 10))
+    aspect = torch.exp(lo + (hi - lo) * rand(n, 10))
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()  # [n, 10]
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    top, left = (rand(n) * (height - h + 1)).floor(), (rand(n) * (width - w + 1)).floor()
+    ratio = width / height  # the fallback: the whole image, cut to the nearest allowed ratio
+    fw = width if ratio <= recipe.ratio[1] else round(height * recipe.ratio[1])
+    fh = height if ratio >= recipe.ratio[0] else round(width / recipe.ratio[0])
+    found = fits.any(1)
+    top = torch.where(found, top, float((height - fh) // 2))
+    left = torch.where(found, left, float((width - fw) // 2))
+    h, w = torch.where(found, h, float(fh)), torch.where(found, w, float(fw))
+    return top, left, h, w, rand(n) < 0.5
+
+
+def _filter(x, mode):
+    """The interpolation kernels of torch's antialiased resize (and PIL's): the triangle, or
+    the cubic with a = -0.5."""
+    x = x.abs()
+    if mode == "bilinear":
+        return (1 - x).clamp(min=0)
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def _resize_weights(start, length, size, extent, mode):
+    """[n, size, extent]: row i holds the weights over the `extent` pixels of an image axis with
+    which output pixel i of box [start, start + length) resized to `size` is made, as torch's
+    antialiased interpolation of the cropped image computes them: the kernel centred at
+    (i + 0.5) * length / size, widened by that ratio when shrinking, cut at the box's edges
+    and normalised."""
+    ratio = (length / size).clamp(min=1)[:, None, None]                       # [n, 1, 1]
+    centre = (torch.arange(size, device=start.device) + 0.5) * (length / size)[:, None]
+    j = torch.arange(extent, device=start.device) - start[:, None, None]      # [n, 1, extent]
+    w = _filter((j + 0.5 - centre[:, :, None]) / ratio, mode)                  # [n, size, extent]
+    w = w * ((j >= 0) & (j < length[:, None, None]))
+    return w / w.sum(-1, keepdim=True)
+
+
+def crop_resize_flip(images, boxes, size, mode="bilinear"):
+    """uint8 [n, 3, H, W] on the device and crop_boxes' (top, left, h, w, flip) -> float
+    [n, 3, size, size] in [0, 1]: each box resized with the weights of torch's antialiased
+    interpolation (bilinear or bicubic, shrinking or enlarging: the CPU pipeline's resize, to
+    one level after rounding), as two batched matrix products, then flipped where asked, and
+    rounded to 1/255 as the CPU pipeline's uint8 result."""
+    _, _, height, width = images.shape
+    top, left, h, w, flip = (t.to(images.device, non_blocking=True) for t in boxes)
+    rows = _resize_weights(top, h, size, height, mode)                          # [n, size, H]
+    cols = _resize_weights(left, w, size, width, mode)                          # [n, size, W]
+    cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    # columns first, rounded and clipped to uint8 levels in between, as the uint8 resize does
+    # (it matters for bicubic, whose overshoot the intermediate uint8 image clips)
+    x = torch.einsum("nchw,ntw->ncht", images.float(), cols).clamp_(0, 255).round_()
+    x = torch.einsum("nsh,ncht->ncst", rows, x)
+    return x.clamp_(0, 255).round_().div_(255)
+
+
+def resident_views(images, index_batches, recipes, generator):
+    """Views of the images held on the device: for each view, its batch of indices [n] ->
+    crop, resize, flip, then the colour operations of its recipe -> float [n, 3, size, size]
+    in [0, 1]. Views with the same recipe are made as one batch."""
+    out = [None] * len(index_batches)
+    height, width = images.shape[-2:]
+    for recipe in dict.fromkeys(recipes):
+        which = [i for i, r in enumerate(recipes) if r == recipe]
+        idx = torch.cat([index_batches[i] for i in which])
+        boxes = crop_boxes(len(idx), height, width, recipe, generator)
+        x = crop_resize_flip(images[idx.to(images.device, non_blocking=True)], boxes,
+                             recipe.size, recipe.interpolation)
+        x = apply_params(x, sample_params(len(idx), recipe, generator), recipe, inplace=True)
+        for i, view in zip(which, x.chunk(len(which))):
+            out[i] = view
+    return out

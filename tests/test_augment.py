@@ -1,4 +1,4 @@
-"""The three augmentation pipelines of common/augment.py against torchvision's transforms.
+"""The augmentation pipelines of common/augment.py against torchvision's transforms.
 
 Both draw their random numbers as the torchvision composition does: the same crop boxes and
 flips (torch's uint8 resize within a few levels of PIL's), and for "fast" then exactly torchvision's
@@ -6,6 +6,9 @@ colour pixels (its blur, PIL's filter, is compared separately). The device part 
 (common/gpu_aug.py, tested op by op in test_gpu_aug.py) is compared here through the
 statistics of whole pipelines.
 """
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +17,9 @@ from torchvision import transforms as T
 
 from common.augment import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, CropOnlyView, FastView,
                             ViewPipeline, crop_and_flip, image_pixels, reference_view, ssl_view)
-from tests.helpers import assert_same_tensors, ok, read_log, run, run_until_signal
+from common.data import build_dataset, load_pixels
+from common.log import UserError
+from tests.helpers import assert_same_tensors, make_image_folder, ok, read_log, run
 
 CPU = torch.device("cpu")
 
@@ -186,14 +191,75 @@ def test_the_three_pipelines_train_on_the_same_views(tmp_path):
     assert losses["gpu"] != pytest.approx(losses["torchvision"], rel=1e-3)
 
 
-def test_gpu_aug_run_resumes_exactly(tmp_path):
-    """--gpu-aug (on the CPU here): stopped by SIGUSR1 in epoch 2 and resumed, the run ends
-    with the weights of an uninterrupted one."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    ok(run([*FLAGS, "--gpu-aug", "--run-dir", straight]))
-    stopped = run_until_signal([*FLAGS, "--gpu-aug", "--run-dir", resumed], resumed, after_step=5)
-    assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
-    ok(run([*FLAGS, "--gpu-aug", "--run-dir", resumed]))
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(resumed / "checkpoint.pt", weights_only=False)["model"]
+def test_device_pipeline_agrees_statistically_with_the_reference():
+    """--data-on-device: 3000 views of one image made from the image held as uint8 (crop,
+    resize, flip and colour on the device side): grayscale rate, mean brightness and its spread
+    as the torchvision composition's (within sampling error)."""
+    recipe = ssl_view(8, scale=(0.5, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), gray_p=0.2,
+                      solarize_p=0.2)
+    img, n = photo(16, 16), 3000
+    torch.manual_seed(0)
+    ref = torch.stack([reference_view(recipe)(img) for _ in range(n)])
+    pipeline = ViewPipeline([recipe], "device", seed=0)
+    pipeline.images = image_pixels(img).permute(2, 0, 1)[None]  # the whole "train set"
+    (views,) = pipeline.to_device([torch.zeros(n, dtype=torch.long)], CPU, step=0)
+    se = (0.2 * 0.8 / n) ** 0.5
+    assert abs(grayscale_rate(views) - 0.2) < 4 * se
+    ref_mean, dev_mean = ref.mean((1, 2, 3)), views.mean((1, 2, 3))
+    assert abs(ref_mean.mean() - dev_mean.mean()) < 4 * ref_mean.std() / n ** 0.5 * 2 ** 0.5
+    assert dev_mean.std() == pytest.approx(ref_mean.std().item(), rel=0.1)
+
+
+def test_load_pixels_of_arrays_and_image_folders(tmp_path):
+    cifar = type("CifarLike", (), {})()  # torchvision's CIFAR holds data [N, H, W, 3], targets
+    cifar.data = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    cifar.targets = [1, 0]
+    pixels, labels = load_pixels(cifar)
+    assert torch.equal(pixels, torch.from_numpy(cifar.data).permute(0, 3, 1, 2))
+    assert labels.tolist() == [1, 0]
+    root = make_image_folder(tmp_path / "images", classes=2, train_per_class=3, size=20)
+    folder = build_dataset(str(root), "train", None)
+    pixels, labels = load_pixels(folder)
+    assert pixels.shape == (6, 3, 20, 20) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(pixels[4], image_pixels(Image.open(folder.samples[4][0])).permute(2, 0, 1))
+    Image.new("RGB", (30, 20)).save(root / "train" / "class1" / "wide.jpg")
+    with pytest.raises(UserError, match="--data-on-device needs images of one size"):
+        load_pixels(build_dataset(str(root), "train", None))
+
+
+@pytest.mark.parametrize("mode", ["--gpu-aug", "--data-on-device"])
+def test_device_augmentation_run_resumes_exactly(tmp_path, monkeypatch, capsys, mode):
+    """--gpu-aug and --data-on-device (on the CPU here; the second loads the train set once):
+    a run stopped by SIGUSR1 in epoch 2 and resumed ends with the weights and per-step losses
+    of an uninterrupted one. In-process, the signal sent by the loader's iterator as it hands
+    out epoch 2's second batch."""
+    import simclr
+    from common import Progress
+
+    class SignalInEpochTwo(Progress):
+        def __iter__(self):
+            for j, item in enumerate(super().__iter__()):
+                if self.desc.startswith("epoch 2/") and j == 1:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                yield item
+
+    flags = [str(f) for f in FLAGS[1:]] + [mode]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        simclr.main([*flags, "--run-dir", str(tmp_path / "straight")])
+        loaded = "--data-on-device: 64 images of 16x16 px" in capsys.readouterr().out
+        assert loaded == (mode == "--data-on-device")
+        monkeypatch.setattr(simclr, "Progress", SignalInEpochTwo)
+        simclr.main([*flags, "--run-dir", str(tmp_path / "resumed")])
+        stopped = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+        assert (stopped["epoch"], stopped["batch_in_epoch"]) == (1, 2)
+        monkeypatch.setattr(simclr, "Progress", Progress)
+        simclr.main([*flags, "--run-dir", str(tmp_path / "resumed")])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]
     assert_same_tensors(a, b)
+    straight = [r["loss"] for r in read_log(tmp_path / "straight") if "step" in r]
+    assert [r["loss"] for r in read_log(tmp_path / "resumed") if "step" in r] == straight

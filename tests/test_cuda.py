@@ -46,6 +46,14 @@ def test_gpu_aug_on_the_gpu_equals_the_cpu(tmp_path):
     assert gpu != pytest.approx(fast, rel=1e-3)  # other colour draws: the comparison can fail
 
 
+def test_data_on_device_on_the_gpu_equals_the_cpu(tmp_path):
+    """--data-on-device: the same crops and colours drawn on the CPU, made on either device."""
+    flags = ["--precision", "fp32", "--data-on-device"]
+    cpu = first_loss(tmp_path, "cpu", "byol", flags, CPU)
+    gpu = first_loss(tmp_path, "gpu", "byol", flags, GPU)
+    assert gpu == pytest.approx(cpu, rel=1e-4, abs=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channels_last_switch(channels_last):
     device = torch.device("cuda")

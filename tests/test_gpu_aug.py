@@ -9,10 +9,10 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 
-from common.augment import ViewRecipe, blur_kernel_size
+from common.augment import ViewRecipe, blur_kernel_size, crop_and_flip
 from common.gpu_aug import (adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,
-                            apply_params, gaussian_blur, gpu_augment, grayscale, sample_params,
-                            solarize)
+                            apply_params, crop_boxes, crop_resize_flip, gaussian_blur,
+                            gpu_augment, grayscale, resident_views, sample_params, solarize)
 
 from tests.helpers import assert_same_tensors
 
@@ -275,3 +275,82 @@ def test_cuda_matches_cpu():
     cpu = gpu_augment(u8, recipe, torch.Generator().manual_seed(0))
     gpu = gpu_augment(u8.cuda(), recipe, torch.Generator().manual_seed(0))
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- --data-on-device: crop and flip
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    values = torch.cat([a, b]).sort().values
+    cdf = lambda x: torch.searchsorted(x.sort().values, values, right=True) / len(x)
+    return (cdf(a) - cdf(b)).abs().max().item()
+
+
+def torchvision_boxes(n, height, width, scale, seed=0):
+    """T.RandomResizedCrop.get_params n times: [n, 4] (top, left, h, w)."""
+    torch.manual_seed(seed)
+    img = torch.zeros(3, height, width)
+    return torch.tensor([T.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+                         for _ in range(n)], dtype=torch.float)
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (96, 96), (40, 24)])
+def test_crop_boxes_follow_random_resized_crop(height, width):
+    n, recipe = 20000, ViewRecipe(32)
+    top, left, h, w, flip = crop_boxes(n, height, width, recipe, torch.Generator().manual_seed(1))
+    ref = torchvision_boxes(n, height, width, recipe.scale)
+    assert ((h >= 1) & (h + top <= height) & (w >= 1) & (w + left <= width)).all()
+    # KS critical value at alpha 0.001 for two samples of 20,000: 1.95 * sqrt(2 / n) = 0.0195
+    for ours, theirs in ((h * w, ref[:, 2] * ref[:, 3]), (w / h, ref[:, 3] / ref[:, 2]),
+                         (top, ref[:, 0]), (left, ref[:, 1])):
+        assert ks_distance(ours, theirs) < 0.0195
+    assert abs(flip.float().mean().item() - 0.5) < 0.015  # 4.2 standard deviations
+    # the control: crops of another scale range are told apart by the same test
+    wider = torchvision_boxes(n, height, width, (0.2, 1.0))
+    assert ks_distance(h * w, wider[:, 2] * wider[:, 3]) > 0.05
+
+
+def test_crop_boxes_fall_back_to_the_central_crop_as_torchvision():
+    # a 32 x 8 image with crops of its whole area and aspects in (3/4, 4/3): no try ever fits
+    recipe = ViewRecipe(8, scale=(1.0, 1.0))
+    top, left, h, w, _ = crop_boxes(50, 8, 32, recipe, torch.Generator().manual_seed(0))
+    ref = torchvision_boxes(1, 8, 32, recipe.scale)[0]
+    assert ref.tolist() == [0, 10, 8, 11]  # torchvision: height 8, width 8 x 4/3, centred
+    assert (top == 0).all() and (left == 10).all() and (h == 8).all() and (w == 11).all()
+
+
+@pytest.mark.parametrize("mode,share", [("bilinear", 0.2), ("bicubic", 0.02)])
+@pytest.mark.parametrize("side,size", [(32, 32), (96, 32), (40, 16)])
+def test_crop_resize_flip_gives_the_cpu_pipelines_pixels(mode, share, side, size):
+    """For the same box and flip, the view equals the fast CPU pipeline's (crop_and_flip: the
+    cropped pixels resized by torch's antialiased uint8 interpolation), enlarging or shrinking,
+    bilinear or bicubic: to 2 levels, on a small share of the pixels (the uint8 resize rounds
+    its fixed-point weights)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, side, side * 3 // 4 if side == 40 else side), dtype=torch.uint8,
+                      generator=g)
+    recipe = ViewRecipe(size, interpolation=mode)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        expected = crop_and_flip(x.permute(1, 2, 0), recipe)  # draws the box, then the flip
+        torch.manual_seed(seed)
+        box = T.RandomResizedCrop.get_params(x, list(recipe.scale), list(recipe.ratio))
+        flip = torch.rand(1) < 0.5
+        boxes = tuple(torch.tensor([float(v)]) for v in box) + (flip,)
+        diff = (crop_resize_flip(x[None], boxes, size, mode)[0] * 255 - expected.float()).abs()
+        assert diff.max() <= 2 and (diff > 0).float().mean() < share, (seed, box, diff.max())
+
+
+def test_resident_views_seeded_by_step_and_batched_by_recipe():
+    images = torch.randint(0, 256, (10, 3, 24, 24), dtype=torch.uint8)
+    small, large = ViewRecipe(8, scale=(0.05, 0.14)), ViewRecipe(16, blur_p=0.5)
+    idx = [torch.tensor([3, 1, 4]), torch.tensor([3, 1, 4]), torch.tensor([1, 5, 9])]
+    recipes = [large, large, small]
+    a = resident_views(images, idx, recipes, torch.Generator().manual_seed(7))
+    b = resident_views(images, idx, recipes, torch.Generator().manual_seed(7))
+    c = resident_views(images, idx, recipes, torch.Generator().manual_seed(8))
+    assert [tuple(v.shape) for v in a] == [(3, 3, 16, 16), (3, 3, 16, 16), (3, 3, 8, 8)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))  # the same seed: the same views
+    assert not torch.equal(a[0], c[0])
+    assert not torch.equal(a[0], a[1])  # two views of the same images differ
+    assert all(0 <= v.min() and v.max() <= 1 for v in a)
