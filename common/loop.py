@@ -8,6 +8,8 @@ stopped run at the latest when it ends.
 """
 import os
 
+import torch
+
 from common.checkpoint import export_backbone, requeue_slurm_job
 from common.data import count_bad_images
 from common.dist import broadcast_flag, cleanup_distributed
@@ -42,8 +44,9 @@ def save_or_stop(save, ckpt_path, epoch, epochs, stop, rank, log, device):
 
 
 def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank, stop, device):
-    """After epoch `record["epoch"]`: add the unreadable-image count and, when due, the kNN
-    monitor to the summary `record`, log it, export the backbone, checkpoint (`save_or_stop`).
+    """After epoch `record["epoch"]`: add the unreadable-image count, the peak GPU memory and,
+    when due, the kNN monitor to the summary `record`, log it, export the backbone, checkpoint
+    (`save_or_stop`).
     Returns True when a stop signal ends the run here."""
     epoch = record["epoch"]
     bad_images = count_bad_images(bad_log)
@@ -51,6 +54,8 @@ def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank, stop, 
         record["bad_images"] = bad_images
     if args.knn_every and (epoch % args.knn_every == 0 or epoch == args.epochs):
         record["knn_top1"] = knn_top1(backbone)
+    if torch.cuda.is_available():  # since the start (or the resume) of this process
+        record["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     log.summary(record)
     if rank == 0:
         export_backbone(backbone, os.path.join(args.run_dir, "backbone.pt"))
