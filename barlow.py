@@ -26,13 +26,14 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (LARS, Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    all_reduce_with_grad, autocast, broadcast_object, build_dataset, check_batch,
-                    cleanup_distributed, distribute, end_epoch, exit_on_user_error, format_args,
-                    get_world_size, grad_scaler, knn_monitor, make_loader, param_groups,
-                    recipe_values, resnet_backbone, resolve_precision, resolve_recipe, resume,
-                    save_args, save_checkpoint, seed_everything, set_lr, setup_distributed,
-                    ssl_view, stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
+                    all_reduce_with_grad, autocast, broadcast_object, build_dataset,
+                    build_optimizer, check_batch, cleanup_distributed, describe_optimizer,
+                    distribute, end_epoch, exit_on_user_error, format_args, get_world_size,
+                    grad_scaler, knn_monitor, make_loader, param_groups, recipe_values,
+                    resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
+                    save_checkpoint, seed_everything, set_lr, setup_distributed, ssl_view,
+                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -150,13 +151,13 @@ def barlow_twins_loss(z1, z2, lambd, eps=1e-5):
 
 # ------------------------------------------------------------------------------- training
 
-def barlow_optimizer(model, weight_decay, lr, lr_biases):
-    """LARS (momentum 0.9, eta 0.001) on the official code's two groups: weights (decayed,
-    adapted) and 1-D parameters (biases and BN: neither). set_lr multiplies the second group's
-    rate by its `lr_scale`, lr_biases / lr (0.0048 / 0.2 on ImageNet)."""
-    groups = param_groups(model, weight_decay)
-    groups[1]["lr_scale"] = lr_biases / lr
-    return LARS(groups, lr=0.0, momentum=0.9)
+def barlow_optimizer(model, args):
+    """LARS (official: momentum 0.9, eta 0.001) on the official code's two groups: weights
+    (decayed, adapted) and 1-D parameters (biases and BN: neither). set_lr multiplies the second
+    group's rate by its `lr_scale`, lr_biases / lr (0.0048 / 0.2 on ImageNet)."""
+    groups = param_groups(model, args.weight_decay)
+    groups[1]["lr_scale"] = args.lr_biases / args.lr
+    return build_optimizer(groups, args)
 
 
 @exit_on_user_error
@@ -185,7 +186,7 @@ def main(argv=None):
     # model, optimizer, schedule: both groups warm up, then follow a cosine to 0.001 x their peak
     model = BarlowTwins(args.arch, args.small_images, args.projector)
     model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
-    optimizer = barlow_optimizer(model, args.weight_decay, args.lr, args.lr_biases)
+    optimizer = barlow_optimizer(model, args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
@@ -204,8 +205,8 @@ def main(argv=None):
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
     log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g}, biases and BN "
               f"{args.lr_biases} x {args.batch_size}/256 = {peak_lr * args.lr_biases / args.lr:g} "
-              f"(LARS, {args.warmup_epochs} warmup epochs, cosine to 0.001 x); lambda "
-              f"{args.lambd}; {steps_per_epoch} steps per epoch")
+              f"({describe_optimizer(args)}; {args.warmup_epochs} warmup epochs, cosine to "
+              f"0.001 x); lambda {args.lambd}; {steps_per_epoch} steps per epoch")
 
     def save(epoch, batch_in_epoch):
         if rank == 0:

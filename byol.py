@@ -28,13 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    autocast, broadcast_object, build_dataset, check_batch, cleanup_distributed,
-                    distribute, end_epoch, exit_on_user_error, format_args, grad_scaler,
-                    knn_monitor, make_loader, param_groups, recipe_values, resnet_backbone,
-                    resolve_precision, resolve_recipe, resume, save_args, save_checkpoint,
-                    seed_everything, set_lr, setup_distributed, ssl_view, stop_agreed,
-                    stop_and_requeue, unwrap, warmup_cosine)
+from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
+                    autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
+                    cleanup_distributed, describe_optimizer, distribute, end_epoch,
+                    exit_on_user_error, format_args, grad_scaler, knn_monitor, make_loader,
+                    param_groups, recipe_values, resnet_backbone, resolve_precision, resolve_recipe,
+                    resume, save_args, save_checkpoint, seed_everything, set_lr, setup_distributed,
+                    ssl_view, stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -70,6 +70,9 @@ def get_args(argv=None):
     g.add_argument("--tau-base", type=float, help="EMA momentum at step 0, rising to 1 along a "
                    "cosine (ImageNet presets: 0.97 / 0.99 / 0.99 / 0.996 for 40 / 100 / 300 / "
                    "1000 epochs) " + both("tau_base"))
+    g.add_argument("--tau-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="cosine (default): tau rises from --tau-base to 1 (paper, section 3.2); "
+                        "constant: tau stays --tau-base, as MoCo's key encoder")
     g.add_argument("--blur-probs", type=float, nargs=2, metavar=("P1", "P2"),
                    help="Gaussian blur probability of view 1 and view 2 " + both("blur_probs"))
     g.add_argument("--solarize-probs", type=float, nargs=2, metavar=("P1", "P2"),
@@ -118,6 +121,14 @@ def mlp(in_dim, hidden_dim, out_dim):
 
 
 @torch.no_grad()
+def target_momentum(step, total_steps, tau_base, schedule="cosine"):
+    """tau at `step`: tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2, the same cosine as the
+    learning rate's, rising from tau_base to 1; or tau_base throughout (`constant`)."""
+    if schedule == "constant":
+        return tau_base
+    return warmup_cosine(step, total_steps, 0, tau_base, final=1.0)
+
+
 def ema_update(online, target, tau):
     """target <- tau * target + (1 - tau) * online for every parameter. The BN running
     statistics are copied instead: the official code keeps a single BN state, the online
@@ -203,7 +214,7 @@ def main(argv=None):
     # model, optimizer, schedules (the target's parameters do not require grad: not optimised)
     model = BYOL(args.arch, args.small_images, args.hidden_dim, args.proj_dim)
     model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
-    optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
+    optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
@@ -220,9 +231,11 @@ def main(argv=None):
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"{args.preset}\nlr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (LARS, "
-              f"{args.warmup_epochs} warmup epochs, cosine to 0); tau = {args.tau_base} -> 1 "
-              f"(cosine); {steps_per_epoch} steps per epoch")
+    log.print(f"{args.preset}\nlr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} "
+              f"({describe_optimizer(args)}; {args.warmup_epochs} warmup epochs, cosine to 0); "
+              f"tau = {args.tau_base} "
+              f"{'-> 1 (cosine)' if args.tau_schedule == 'cosine' else 'constant'}; "
+              f"{steps_per_epoch} steps per epoch")
 
     def save(epoch, batch_in_epoch):
         if rank == 0:
@@ -238,8 +251,7 @@ def main(argv=None):
         for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
-            # tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2: the same cosine, from tau_base to 1
-            tau = warmup_cosine(step, total_steps, 0, args.tau_base, final=1.0)
+            tau = target_momentum(step, total_steps, args.tau_base, args.tau_schedule)
             set_lr(optimizer, lr)
             x = torch.cat(views.to_device([x1, x2], device, step))
             with autocast(args.precision, device):
@@ -265,8 +277,8 @@ def main(argv=None):
         # end of epoch: monitor, log, checkpoint, export the (online) backbone
         record = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(loader))).item(),
                   "lr": optimizer.param_groups[0]["lr"],  # and tau, both at the epoch's last step
-                  "tau": warmup_cosine((epoch + 1) * steps_per_epoch - 1, total_steps, 0,
-                                       args.tau_base, final=1.0),
+                  "tau": target_momentum((epoch + 1) * steps_per_epoch - 1, total_steps,
+                                         args.tau_base, args.tau_schedule),
                   "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
         if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,

@@ -27,12 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    all_gather_tensor, autocast, broadcast_object, build_dataset, check_batch,
-                    cleanup_distributed, distribute, end_epoch, exit_on_user_error, format_args,
-                    get_rank, get_world_size, grad_scaler, knn_monitor, make_loader, recipe_values,
-                    resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
-                    save_checkpoint, seed_everything, set_lr, setup_distributed, ssl_view,
-                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+                    all_gather_tensor, autocast, broadcast_object, build_dataset, build_optimizer,
+                    check_batch, cleanup_distributed, describe_optimizer, distribute, end_epoch,
+                    exit_on_user_error, format_args, get_rank, get_world_size, grad_scaler,
+                    knn_monitor, make_loader, recipe_values, resnet_backbone, resolve_precision,
+                    resolve_recipe, resume, save_args, save_checkpoint, seed_everything, set_lr,
+                    setup_distributed, ssl_view, stop_agreed, stop_and_requeue, unwrap,
+                    warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -51,7 +52,7 @@ SMALL_IMAGES = dict(arch="resnet18", epochs=200, batch_size=512, lr=0.03, weight
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MoCo v2 pre-training (Chen et al. 2020). Recipe "
                                 "values in brackets; a flag given on the command line wins.")
-    add_common_args(p, "moco", IMAGENET, SMALL_IMAGES)
+    add_common_args(p, "moco", IMAGENET, SMALL_IMAGES, optimizer="sgd")
     both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
     g = p.add_argument_group("MoCo")
     g.add_argument("--temperature", type=float, help="InfoNCE temperature T " + both("temperature"))
@@ -253,8 +254,8 @@ def main(argv=None):
     model = distribute(model, device, world, args.compile, sync_bn=False,
                        channels_last=args.channels_last)
     # SGD with weight decay on every parameter, biases and BN included, as the official code.
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
-                                momentum=0.9, weight_decay=args.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer([{"params": params, "weight_decay": args.weight_decay}], args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.lr * args.batch_size / 256
     total_steps = args.epochs * steps_per_epoch
@@ -271,9 +272,10 @@ def main(argv=None):
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (SGD, no warmup, cosine to "
-              f"0); queue {args.queue_size}, momentum {args.moco_momentum}, T {args.temperature}, "
-              f"BN groups {args.bn_splits} x {world}; {steps_per_epoch} steps per epoch")
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} ({describe_optimizer(args)}; "
+              f"no warmup, cosine to 0); queue {args.queue_size}, key momentum "
+              f"{args.moco_momentum}, T {args.temperature}, BN groups {args.bn_splits} x {world}; "
+              f"{steps_per_epoch} steps per epoch")
 
     def save(epoch, batch_in_epoch):
         if rank == 0:

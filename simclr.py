@@ -10,6 +10,8 @@ lr 0.3 x batch/256, temperature 0.1, 100 epochs: 64.5% linear top-1 in the paper
 1000 epochs: 69.3%). 32 px images switch to the CIFAR-10 recipe of the official code
 (ResNet-18 with a 3x3 stem, batch 512, temperature 0.5, colour strength 0.5, no blur, 1000
 epochs: about 91% linear top-1 reported by the official README; 94.0% in the paper with a ResNet-50).
+Options: multi-crop (--num-crops 2 4 --crop-sizes 160 96 --crop-scales 0.08 1 0.05 0.14, as
+VISSL's multi-crop SimCLR) and SimCLR v2's 3-layer projector (--proj-layers 3).
 
     python simclr.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, ~1 minute
     python simclr.py --data cifar10                                   # CIFAR-10 recipe
@@ -24,13 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    autocast, broadcast_object, build_dataset, check_batch, cleanup_distributed,
-                    distribute, end_epoch, exit_on_user_error, format_args, gather_with_grad,
-                    get_rank, grad_scaler, knn_monitor, make_loader, param_groups, recipe_values,
+from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
+                    autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
+                    cleanup_distributed, describe_optimizer, distribute, end_epoch,
+                    exit_on_user_error, format_args, gather_with_grad, get_rank, grad_scaler,
+                    knn_monitor, make_loader, multi_crop, param_groups, recipe_values,
                     resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
-                    save_checkpoint, seed_everything, set_lr, setup_distributed, ssl_view,
-                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+                    save_checkpoint, seed_everything, set_lr, setup_distributed, stop_agreed,
+                    stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -57,42 +60,88 @@ def get_args(argv=None):
     g.add_argument("--proj-hidden-dim", type=int, default=None,
                    help="projector hidden width (default: the backbone's, 2048 for ResNet-50)")
     g.add_argument("--proj-dim", type=int, default=128, help="projection output dim (paper: 128)")
+    g.add_argument("--proj-layers", type=int, default=2, help="Linear-BN layers of the projector, "
+                   "ReLU between them (default: 2, SimCLR v1; 3: SimCLR v2's head, Chen et al. "
+                   "2020b, arXiv 2006.10029, official tf2/model.py num_proj_layers)")
+    g.add_argument("--num-crops", type=int, nargs="+", default=[2], help="crops per group "
+                   "(default: 2, the paper's two views). More crops: multi-crop (SwAV, Caron et "
+                   "al. 2020) as VISSL's multi-crop SimCLR, e.g. --num-crops 2 4 --crop-sizes 160 "
+                   "96 --crop-scales 0.08 1 0.05 0.14: every crop gets SimCLR's augmentation and "
+                   "every other crop of its image is a positive")
+    g.add_argument("--crop-sizes", type=int, nargs="+",
+                   help="crop size of each group in px (default: --img-size)")
+    g.add_argument("--crop-scales", type=float, nargs="+", default=[0.08, 1.0], metavar="S",
+                   help="area fraction of the crops, a MIN MAX pair per group (default: 0.08 1)")
     args = p.parse_args(argv)
-    return resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simclr")
+    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simclr")
+    args.crop_sizes = args.crop_sizes or [args.img_size]
+    groups = len(args.num_crops)
+    if len(args.crop_sizes) != groups or len(args.crop_scales) != 2 * groups:
+        raise UserError(f"--num-crops has {groups} group(s): give as many --crop-sizes "
+                        f"({len(args.crop_sizes)} given) and a MIN MAX pair of --crop-scales per "
+                        f"group ({len(args.crop_scales)} values given)")
+    if sum(args.num_crops) < 2 or min(args.num_crops) < 1:
+        raise UserError(f"--num-crops {args.num_crops}: at least 2 crops in all (an image needs "
+                        f"a positive) and every group at least 1")
+    scales = args.crop_scales
+    if not all(0 < lo <= hi <= 1 for lo, hi in zip(scales[::2], scales[1::2])):
+        raise UserError(f"--crop-scales {scales}: each pair needs 0 < MIN <= MAX <= 1")
+    if args.proj_layers < 1:
+        raise UserError(f"--proj-layers {args.proj_layers}: at least 1 (the output layer)")
+    return args
 
 
 # ------------------------------------------------------------------------------- augmentations
 
-def simclr_view(args):
-    """Crop (0.08, 1) + flip + colour jitter (0.8s, 0.8s, 0.8s, 0.2s) at p 0.8 + grayscale
-    p 0.2 + blur p 0.5 (ImageNet only): the same distribution for both views."""
+def simclr_crops(args):
+    """Crop + flip + colour jitter (0.8s, 0.8s, 0.8s, 0.2s) at p 0.8 + grayscale p 0.2 + blur
+    p 0.5 (ImageNet only), the same distribution for every crop. By default the paper's two
+    views: 2 crops of --img-size covering (0.08, 1) of the image; multi-crop: num_crops[i]
+    crops of crop_sizes[i] px covering crop_scales[i] (common.multi_crop)."""
     s = args.color_strength
-    return ssl_view(args.img_size, scale=(0.08, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
-                    jitter_p=0.8, gray_p=0.2, blur_p=args.blur_prob)
+    scales = list(zip(args.crop_scales[::2], args.crop_scales[1::2]))
+    return multi_crop(args.num_crops, args.crop_sizes, scales,
+                      jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
+                      blur_p=args.blur_prob)
 
 
 # ------------------------------------------------------------------------------- model
 
 class SimCLR(nn.Module):
     """ResNet backbone f and projector g: z = g(f(x)). As in the official code, every linear
-    layer of g is followed by BN (the hidden one by ReLU, the last one has no bias or shift)."""
+    layer of g is bias-free and followed by BN; the hidden ones by BN with shift and a ReLU, the
+    last one by BN without shift (center=False). 2 layers: SimCLR v1's head; 3: SimCLR v2's
+    (tf2/model.py ProjectionHead, hidden layers as wide as their input)."""
 
-    def __init__(self, arch, small_images, hidden_dim=None, out_dim=128):
+    def __init__(self, arch, small_images, hidden_dim=None, out_dim=128, proj_layers=2):
         super().__init__()
         # The official ResNet zero-initialises the last BN scale of each residual block.
         self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
         hidden_dim = hidden_dim or self.backbone.feature_dim
-        self.projector = nn.Sequential(
-            nn.Linear(self.backbone.feature_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim))
+        layers, width = [], self.backbone.feature_dim
+        for _ in range(proj_layers - 1):  # hidden layers: Linear-BN-ReLU
+            layers += [nn.Linear(width, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+                       nn.ReLU(inplace=True)]
+            width = hidden_dim
+        self.projector = nn.Sequential(*layers, nn.Linear(width, out_dim, bias=False),
+                                       nn.BatchNorm1d(out_dim))
         self.projector[-1].bias.requires_grad_(False)  # BN with scale but no shift (center=False)
         for layer in self.projector:
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.01)  # the official head's initialiser
 
-    def forward(self, x):
-        return self.projector(self.backbone(x))
+    def forward(self, crops):
+        """crops: list of [n, 3, h, w]. Consecutive crops of the same size go through the backbone
+        in ONE pass (BN statistics per resolution group; the paper's two views: one pass of 2n),
+        the projector sees all crops at once. Returns z [C*n, D], crop-major."""
+        features, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(crops[start:end])))  # [(end-start)*n, F]
+            start = end
+        return self.projector(torch.cat(features))                       # [C*n, D]
 
 
 # ------------------------------------------------------------------------------- loss
@@ -121,6 +170,35 @@ def nt_xent_loss(z1, z2, temperature):
     return 2 * F.cross_entropy(logits, positive_col)             # = CE(view 1) + CE(view 2)
 
 
+def multi_crop_nt_xent_loss(z, num_crops, temperature):
+    """NT-Xent for C >= 2 crops per image over the GLOBAL batch: VISSL's multi-crop SimCLR loss
+    (vissl/losses/multicrop_simclr_info_nce_loss.py, MultiCropSimclrInfoNCECriterion, lines
+    78-148). z: [C*n, D], this rank's crops, crop-major (crop c of image i at row c*n + i).
+
+    Every crop a is an anchor and every OTHER crop p of its image a positive, one term per pair;
+    its denominator holds that positive and the negatives neg(a), the crops of all other images
+    (not the anchor, not the image's other positives):
+        l(a, p) = -log( e^{sim(a,p)/T} / (e^{sim(a,p)/T} + sum_{k in neg(a)} e^{sim(a,k)/T}) )
+    VISSL returns the mean of l over all C(C-1)N (anchor, positive) pairs; we return TWICE that
+    mean, so that for C = 2 it equals nt_xent_loss (2N anchors, one positive each, the official
+    scale) and stays near 2 log(C(N-1) + 1) at initialisation whatever C. Negatives span all ranks,
+    as in nt_xent_loss and VISSL's 2-crop loss; VISSL's multi-crop mask takes them from the own
+    rank's crops only (lines 92-100): the same with one process. Gradients as nt_xent_loss.
+    """
+    C, n = num_crops, z.shape[0] // num_crops
+    u = F.normalize(z, dim=1)                                    # [C*n, D] this rank's anchors
+    u_all = gather_with_grad(u)                                  # [W*C*n, D] rank-major
+    logits = u @ u_all.T / temperature                           # [C*n, W*C*n]
+    col = torch.arange(u_all.shape[0], device=u.device)          # column (crop) index
+    image = col // (C * n) * n + col % n                         # global image of each column
+    own = get_rank() * C * n + torch.arange(C * n, device=u.device)  # [C*n] column of each anchor
+    same = image[own][:, None] == image[None, :]                 # [C*n, W*C*n] its image's crops
+    positive = same & (own[:, None] != col[None, :])             # C - 1 per row: not the anchor
+    negatives = logits.masked_fill(same, float("-inf")).logsumexp(dim=1, keepdim=True)  # [C*n, 1]
+    pos = logits[positive].view(C * n, C - 1)                    # [C*n, C-1]
+    return 2 * (torch.logaddexp(pos, negatives) - pos).mean()    # 2 x VISSL's mean
+
+
 # ------------------------------------------------------------------------------- training
 
 @exit_on_user_error
@@ -134,8 +212,8 @@ def main(argv=None):
     log = Logger(args.run_dir, is_main=rank == 0)
     seed_everything(args.seed + rank)
 
-    # data: two views per image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline([simclr_view(args)] * 2, args.aug, args.seed, rank, args.channels_last)
+    # data: two views (or multi-crop) per image; kNN monitor on the labelled train and val splits
+    views = ViewPipeline(simclr_crops(args), args.aug, args.seed, rank, args.channels_last)
     train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
                               args.img_size, rank)
     train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
@@ -147,9 +225,10 @@ def main(argv=None):
     knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
 
     # model, optimizer, schedule
-    model = SimCLR(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim)
+    model = SimCLR(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim,
+                   args.proj_layers)
     model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
-    optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
+    optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
@@ -166,8 +245,10 @@ def main(argv=None):
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (LARS, {args.warmup_epochs} "
-              f"warmup epochs, cosine to 0); {steps_per_epoch} steps per epoch")
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} "
+              f"({describe_optimizer(args)}; {args.warmup_epochs} warmup epochs, cosine to 0); crops "
+              f"{' + '.join(f'{c} x {s}' for c, s in zip(args.num_crops, args.crop_sizes))} px; "
+              f"{args.proj_layers}-layer projector; {steps_per_epoch} steps per epoch")
 
     def save(epoch, batch_in_epoch):
         if rank == 0:
@@ -180,15 +261,18 @@ def main(argv=None):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
         epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+        for i, (crops, _) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
             set_lr(optimizer, lr)
-            x = torch.cat(views.to_device([x1, x2], device, step))     # BN sees both views
+            crops = views.to_device(crops, device, step)               # C x [n, 3, h, w]
             with autocast(args.precision, device):
-                z = model(x)
-            z1, z2 = z.float().chunk(2)                                # loss math in fp32
-            loss = nt_xent_loss(z1, z2, args.temperature)
+                z = model(crops)                                       # [C*n, D], crop-major
+            z = z.float()                                              # loss math in fp32
+            if len(crops) == 2:                                        # the paper's two views
+                loss = nt_xent_loss(*z.chunk(2), args.temperature)
+            else:
+                loss = multi_crop_nt_xent_loss(z, len(crops), args.temperature)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

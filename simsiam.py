@@ -26,12 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    autocast, broadcast_object, build_dataset, check_batch, cleanup_distributed,
-                    distribute, end_epoch, exit_on_user_error, format_args, grad_scaler,
-                    knn_monitor, make_loader, recipe_values, resnet_backbone, resolve_precision,
-                    resolve_recipe, resume, save_args, save_checkpoint, seed_everything,
-                    setup_distributed, ssl_view, stop_agreed, stop_and_requeue, unwrap,
-                    warmup_cosine)
+                    autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
+                    cleanup_distributed, describe_optimizer, distribute, end_epoch,
+                    exit_on_user_error, format_args, grad_scaler, knn_monitor, make_loader,
+                    recipe_values, resnet_backbone, resolve_precision, resolve_recipe, resume,
+                    save_args, save_checkpoint, seed_everything, setup_distributed, ssl_view,
+                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -47,7 +47,7 @@ SMALL_IMAGES = dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, weight
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="SimSiam pre-training (Chen & He 2021). Recipe "
                                 "values in brackets; a flag given on the command line wins.")
-    add_common_args(p, "simsiam", IMAGENET, SMALL_IMAGES)
+    add_common_args(p, "simsiam", IMAGENET, SMALL_IMAGES, optimizer="sgd")
     both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
     g = p.add_argument_group("SimSiam")
     g.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,
@@ -137,15 +137,16 @@ def output_std(z):
 
 # ------------------------------------------------------------------------------- training
 
-def simsiam_optimizer(model, peak_lr, weight_decay, fix_pred_lr):
-    """SGD, momentum 0.9, weight decay on EVERY parameter, BN and biases included (paper
-    appendix A; unlike LARS methods there is no exclusion). Two groups: the predictor,
-    flagged `fix_lr` if its rate stays at the peak, and everything else."""
+def simsiam_optimizer(model, args):
+    """--optimizer (official: SGD, momentum 0.9) with weight decay on EVERY parameter, BN and
+    biases included (paper appendix A; unlike LARS methods there is no exclusion). Two groups:
+    the predictor, flagged `fix_lr` if its rate stays at the peak, and everything else."""
     model = unwrap(model)
     predictor = list(model.predictor.parameters())
     rest = [p for name, p in model.named_parameters() if not name.startswith("predictor.")]
-    groups = [{"params": rest, "fix_lr": False}, {"params": predictor, "fix_lr": fix_pred_lr}]
-    return torch.optim.SGD(groups, lr=peak_lr, momentum=0.9, weight_decay=weight_decay)
+    groups = [{"params": rest, "fix_lr": False, "weight_decay": args.weight_decay},
+              {"params": predictor, "fix_lr": args.fix_pred_lr, "weight_decay": args.weight_decay}]
+    return build_optimizer(groups, args)
 
 
 def set_simsiam_lr(optimizer, lr, peak_lr):
@@ -182,7 +183,7 @@ def main(argv=None):
                     args.pred_hidden_dim)
     model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
     peak_lr = args.lr * args.batch_size / 256
-    optimizer = simsiam_optimizer(model, peak_lr, args.weight_decay, args.fix_pred_lr)
+    optimizer = simsiam_optimizer(model, args)
     scaler = grad_scaler(args.precision, device)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
 
@@ -198,7 +199,8 @@ def main(argv=None):
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (SGD, {args.warmup_epochs} "
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} "
+              f"({describe_optimizer(args)}; {args.warmup_epochs} "
               f"warmup epochs, cosine to 0; predictor "
               f"{'fixed at ' + format(peak_lr, 'g') if args.fix_pred_lr else 'cosine too'}); "
               f"{steps_per_epoch} steps per epoch")

@@ -26,14 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
+from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
                     all_gather_tensor, all_reduce_with_grad, autocast, broadcast_object,
-                    build_dataset, check_batch, cleanup_distributed, distribute, end_epoch,
-                    exit_on_user_error, format_args, get_world_size, grad_scaler, knn_monitor,
-                    make_loader, multi_crop, param_groups, recipe_values, resnet_backbone,
-                    resolve_precision, resolve_recipe, resume, save_args, save_checkpoint,
-                    seed_everything, set_lr, setup_distributed, stop_agreed, stop_and_requeue,
-                    unwrap, warmup_cosine)
+                    build_dataset, build_optimizer, check_batch, cleanup_distributed,
+                    describe_optimizer, distribute, end_epoch, exit_on_user_error, format_args,
+                    get_world_size, grad_scaler, knn_monitor, make_loader, multi_crop, param_groups,
+                    recipe_values, resnet_backbone, resolve_precision, resolve_recipe, resume,
+                    save_args, save_checkpoint, seed_everything, set_lr, setup_distributed,
+                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -252,7 +252,7 @@ def main(argv=None):
                  args.num_prototypes)
     model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
     swav = unwrap(model)
-    optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
+    optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr = args.lr * args.batch_size / 256
     final_lr = peak_lr * args.final_lr_ratio
@@ -282,7 +282,8 @@ def main(argv=None):
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (LARS, {args.warmup_epochs} "
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} "
+              f"({describe_optimizer(args)}; {args.warmup_epochs} "
               f"warmup epochs from {args.warmup_start_lr:g}, cosine to {final_lr:g}); crops "
               f"{' + '.join(f'{c} x {s}' for c, s in zip(args.num_crops, args.crop_sizes))} px; "
               f"queue {args.queue_length} from epoch {args.queue_start_epoch}; prototypes frozen "

@@ -25,13 +25,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    autocast, broadcast_object, build_dataset, check_batch, cleanup_distributed,
-                    distribute, end_epoch, exit_on_user_error, format_args, gather_with_grad,
-                    grad_scaler, knn_monitor, make_loader, param_groups, recipe_values,
-                    resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
-                    save_checkpoint, seed_everything, set_lr, setup_distributed, ssl_view,
-                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
+                    autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
+                    cleanup_distributed, describe_optimizer, distribute, end_epoch,
+                    exit_on_user_error, format_args, gather_with_grad, grad_scaler, knn_monitor,
+                    make_loader, param_groups, recipe_values, resnet_backbone, resolve_precision,
+                    resolve_recipe, resume, save_args, save_checkpoint, seed_everything, set_lr,
+                    setup_distributed, ssl_view, stop_agreed, stop_and_requeue, unwrap,
+                    warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -181,7 +182,7 @@ def main(argv=None):
     # model, optimizer, schedule: one lr for both parameter groups, as the official code
     model = VICReg(args.arch, args.small_images, args.expander)
     model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
-    optimizer = LARS(param_groups(model, args.weight_decay), lr=0.0, momentum=0.9)
+    optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
@@ -198,7 +199,8 @@ def main(argv=None):
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} (LARS, {args.warmup_epochs} "
+    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} "
+              f"({describe_optimizer(args)}; {args.warmup_epochs} "
               f"warmup epochs, cosine to {0.001 * peak_lr:g}); loss = {args.sim_coeff} x "
               f"invariance + {args.std_coeff} x variance + {args.cov_coeff} x covariance; "
               f"{steps_per_epoch} steps per epoch")

@@ -2,8 +2,9 @@
 logging. Scripts import names from here explicitly (`from common import LARS, ...`)."""
 from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
                          save_args)
-from common.checkpoint import (StopSignal, export_backbone, load_checkpoint, requeue_slurm_job,
-                               resume, rng_state, save_checkpoint, seed_everything, set_rng_state)
+from common.checkpoint import (StopSignal, export_backbone, keep_epoch_copy, load_checkpoint,
+                               requeue_slurm_job, resume, rng_state, save_checkpoint,
+                               seed_everything, set_rng_state)
 from common.augment import (IMAGENET_MEAN, IMAGENET_STD, ViewPipeline, ViewRecipe, multi_crop,
                             ssl_view)
 from common.data import (build_dataset, count_bad_images, eval_transform, labelled_subset,
@@ -16,4 +17,5 @@ from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.loop import end_epoch, save_or_stop, stop_agreed, stop_and_requeue
 from common.model import (autocast, distribute, grad_scaler, infer_arch, resnet_backbone,
                           resolve_precision, unwrap)
-from common.optim import LARS, param_groups, set_lr, warmup_cosine
+from common.optim import (LARS, build_optimizer, describe_optimizer, param_groups, set_lr,
+                          warmup_cosine)

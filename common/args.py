@@ -30,9 +30,13 @@ def default_workers():
     return max(1, (cpus or 1) - 1)
 
 
-def add_common_args(parser, method, imagenet, small):
+def add_common_args(parser, method, imagenet, small, optimizer="lars"):
     """Add the shared flags. Flags whose value depends on the recipe default to None and are
-    filled by `resolve_recipe` from the script's ImageNet or small-image recipe."""
+    filled by `resolve_recipe` from the script's ImageNet or small-image recipe. `optimizer`:
+    the method's official one, the default of --optimizer."""
+    # No silent abbreviations: `--warmup 0` must fail, not quietly become --warmup-epochs 0 in one
+    # script and an error in another that has no such flag.
+    parser.allow_abbrev = False
     both = lambda key: recipe_values(key, imagenet, small)
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True,
@@ -64,13 +68,29 @@ def add_common_args(parser, method, imagenet, small):
                    help="number of training images of --data synthetic, val: a quarter (default: 512)")
     g = parser.add_argument_group("training")
     g.add_argument("--arch", default=None, help="any torchvision ResNet: resnet18, resnet34, "
-                   "resnet50, resnet101, resnet152, wide_resnet50_2, wide_resnet101_2 " + both("arch"))
+                   "resnet50, resnet101, resnet152, wide_resnet50_2, wide_resnet101_2 "
+                   "(torchvision's: only the bottleneck widened, 2048-d), or resnet50w2/w4/w5 "
+                   "(every layer widened, as SimCLR and SwAV: 4096/8192/10240-d features) "
+                   + both("arch"))
     g.add_argument("--epochs", type=int, default=None, help="training epochs " + both("epochs"))
     g.add_argument("--batch-size", type=int, default=None,
                    help="GLOBAL batch size, split evenly over all processes " + both("batch_size"))
     g.add_argument("--lr", type=float, default=None,
                    help="base learning rate, scaled x batch/256 as printed at start " + both("lr"))
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay " + both("weight_decay"))
+    g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default=optimizer,
+                   help=f"(default: {optimizer}, the official code's). lars: LARS as the official "
+                        "SimCLR/BYOL/Barlow Twins/VICReg code, 1-D parameters excluded; sgd: "
+                        "SGD with momentum; adamw: AdamW (--lr is then yours to choose: the "
+                        "recipes' rates are SGD/LARS rates). The choice is printed at start")
+    g.add_argument("--momentum", type=float, default=0.9,
+                   help="optimizer momentum; AdamW's beta1 (default: 0.9, every official recipe)")
+    g.add_argument("--lars-eta", type=float, default=None,
+                   help="LARS trust coefficient (default: 0.001, the official code's; "
+                        "solo-learn's CIFAR recipes use 0.02 with --lars-clip)")
+    g.add_argument("--lars-clip", action="store_true",
+                   help="LARC's clipping mode: each weight's adapted rate is at most --lr's "
+                        "(apex LARC clip=True; solo-learn's CIFAR setting)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and "
                    "augmentations (default: 0)")
     g = parser.add_argument_group("system")
@@ -84,6 +104,10 @@ def add_common_args(parser, method, imagenet, small):
     g.add_argument("--run-dir", default=None,
                    help=f"output folder (default: runs/{method}/<Slurm job id or timestamp>); "
                         f"running again with the same folder resumes from its checkpoint.pt")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="also keep the checkpoint and backbone.pt of every Nth epoch, as "
+                        "checkpoint_epochN.pt and backbone_epochN.pt (default: 0, only the rolling "
+                        "checkpoint.pt and backbone.pt, which a resume reads)")
     g.add_argument("--knn-every", type=int, default=1,
                    help="weighted kNN top-1 on the val split every N epochs, 0: never (default: 1)")
     g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (default: 50)")
@@ -105,6 +129,16 @@ def resolve_recipe(args, imagenet, small, method):
         args.run_dir = os.path.join("runs", method, tag)
     if args.batch_size <= 0 or args.epochs <= 0:
         raise UserError("--batch-size and --epochs must be positive")
+    if args.optimizer != "lars" and (args.lars_eta is not None or args.lars_clip):
+        raise UserError(f"--lars-eta and --lars-clip apply to --optimizer lars, not {args.optimizer}")
+    args.lars_eta = 0.001 if args.lars_eta is None else args.lars_eta
+    if args.save_every < 0:
+        raise UserError("--save-every must be 0 (off) or a number of epochs")
+    warmup = getattr(args, "warmup_epochs", 0) or 0
+    if warmup >= args.epochs and os.environ.get("RANK", "0") == "0":
+        print(f"note: --warmup-epochs {warmup:g} >= --epochs {args.epochs}: the learning rate "
+              f"never leaves its linear warmup, so the recipe's peak rate and cosine are never "
+              f"reached (give --warmup-epochs a fraction of the run)", file=sys.stderr)
     return args
 
 

@@ -3,6 +3,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import subprocess
 
@@ -104,6 +105,21 @@ def export_backbone(backbone, path):
     `torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only fc."""
     sd = {k: v.detach().cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     atomic_save(sd, path)
+
+
+def keep_epoch_copy(run_dir, epoch):
+    """--save-every: checkpoint.pt and backbone.pt as they are after `epoch`, kept as
+    checkpoint_epoch{epoch}.pt and backbone_epoch{epoch}.pt. A hard link costs no disk and stays
+    valid, since the rolling files are replaced (atomic_save), never rewritten in place; where
+    the file system has no links, an atomic copy."""
+    for name in ("checkpoint", "backbone"):
+        src, dst = (os.path.join(run_dir, f"{name}{tag}.pt") for tag in ("", f"_epoch{epoch}"))
+        tmp = f"{dst}.tmp.{os.getpid()}"
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
 
 
 HEAD_FORMAT = "cleanssl-linear-head-v1"

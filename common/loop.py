@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from common.checkpoint import export_backbone, requeue_slurm_job
+from common.checkpoint import export_backbone, keep_epoch_copy, requeue_slurm_job
 from common.data import count_bad_images
 from common.dist import broadcast_flag, cleanup_distributed
 
@@ -46,7 +46,7 @@ def save_or_stop(save, ckpt_path, epoch, epochs, stop, rank, log, device):
 def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank, stop, device):
     """After epoch `record["epoch"]`: add the unreadable-image count, the peak GPU memory and,
     when due, the kNN monitor to the summary `record`, log it, export the backbone, checkpoint
-    (`save_or_stop`).
+    (`save_or_stop`) and, every --save-every epochs, keep a copy of both.
     Returns True when a stop signal ends the run here."""
     epoch = record["epoch"]
     bad_images = count_bad_images(bad_log)
@@ -59,5 +59,10 @@ def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank, stop, 
     log.summary(record)
     if rank == 0:
         export_backbone(backbone, os.path.join(args.run_dir, "backbone.pt"))
-    return save_or_stop(save, os.path.join(args.run_dir, "checkpoint.pt"), epoch, args.epochs,
-                        stop, rank, log, device)
+
+    def save_and_keep(epoch, batch_in_epoch):  # the rolling checkpoint, then --save-every's copy
+        save(epoch, batch_in_epoch)
+        if rank == 0 and args.save_every and epoch % args.save_every == 0:
+            keep_epoch_copy(args.run_dir, epoch)
+    return save_or_stop(save_and_keep, os.path.join(args.run_dir, "checkpoint.pt"), epoch,
+                        args.epochs, stop, rank, log, device)

@@ -5,11 +5,36 @@ import contextlib
 import torch
 import torch.nn as nn
 import torchvision
+from torchvision.models.resnet import Bottleneck, ResNet
 
 from common.log import UserError
 
+# ResNet-50 with EVERY layer w times wider, as SimCLR and SwAV use it. google-research/simclr
+# tf2/resnet.py (`width_multiplier`): stem conv 64*w filters (7x7 stride 2, or 3x3 stride 1 with
+# cifar_stem); block groups of 64/128/256/512*w filters: each bottleneck's 1x1 and 3x3 at that
+# width, its last 1x1 and projection shortcut at 4x. facebookresearch/swav src/resnet50.py
+# (`widen`): the same (stem 64*w, planes 64..512*w, inner width = planes since the commit "fix
+# bug with wider models"; the first commit widened it by w twice). Features: 2048*w-d.
+# torchvision's wide_resnet50_2 doubles only the inner 1x1/3x3 width and stays 2048-d.
+WIDENED_RESNET50 = {"resnet50w2": 2, "resnet50w4": 4, "resnet50w5": 5}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
-         "wide_resnet101_2")
+         "wide_resnet101_2", *WIDENED_RESNET50)
+
+
+def widened_resnet50(w, zero_init_residual=False):
+    """torchvision's ResNet-50 (same module names) with every width times `w`."""
+    block = type(f"Bottleneck{w}x", (Bottleneck,), {"expansion": 4 * w})  # outputs 256w..2048w
+    net = ResNet(block, [3, 4, 6, 3], width_per_group=64 * w,  # inner widths 64w..512w
+                 zero_init_residual=zero_init_residual)
+    # torchvision's stem has 64 channels at any width: widen it and what reads it
+    net.conv1 = nn.Conv2d(3, 64 * w, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(64 * w)
+    first = net.layer1[0]
+    first.conv1 = nn.Conv2d(64 * w, 64 * w, kernel_size=1, bias=False)
+    first.downsample[0] = nn.Conv2d(64 * w, 256 * w, kernel_size=1, bias=False)
+    for conv in (net.conv1, first.conv1, first.downsample[0]):  # torchvision's initialisation
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return net
 
 
 def resnet_backbone(arch, cifar_stem=False, zero_init_residual=False):
@@ -18,11 +43,15 @@ def resnet_backbone(arch, cifar_stem=False, zero_init_residual=False):
     (SimCLR paper, appendix B.9)."""
     if arch not in ARCHS:
         raise UserError(f"--arch {arch}: not supported (choose from {', '.join(ARCHS)})")
-    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+    if arch in WIDENED_RESNET50:
+        net = widened_resnet50(WIDENED_RESNET50[arch], zero_init_residual)
+    else:
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     if cifar_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1,
+                              bias=False)
         net.maxpool = nn.Identity()
     return net
 
@@ -34,13 +63,18 @@ def infer_arch(state_dict):
                            default=-1) for i in range(1, 5))
     bottleneck = "layer1.0.conv3.weight" in state_dict
     width = state_dict["layer1.0.conv1.weight"].shape[0] if bottleneck else 64
+    stem = state_dict["conv1.weight"].shape[0]  # 64, or 64*w in a widened ResNet-50
     table = {((2, 2, 2, 2), False, 64): "resnet18", ((3, 4, 6, 3), False, 64): "resnet34",
              ((3, 4, 6, 3), True, 64): "resnet50", ((3, 4, 23, 3), True, 64): "resnet101",
              ((3, 8, 36, 3), True, 64): "resnet152", ((3, 4, 6, 3), True, 128): "wide_resnet50_2",
              ((3, 4, 23, 3), True, 128): "wide_resnet101_2"}
-    arch = table.get((blocks, bottleneck, width))
+    # (blocks, bottleneck, first block's width, stem channels): torchvision's stems have 64
+    table = {key + (64,): arch for key, arch in table.items()} | {
+        ((3, 4, 6, 3), True, 64 * w, 64 * w): arch for arch, w in WIDENED_RESNET50.items()}
+    arch = table.get((blocks, bottleneck, width, stem))
     if arch is None:
-        raise UserError(f"unrecognised ResNet layout (blocks {blocks}, bottleneck {bottleneck})")
+        raise UserError(f"unrecognised ResNet layout (blocks {blocks}, bottleneck {bottleneck}, "
+                        f"stem {stem} and first block {width} channels)")
     return arch, state_dict["conv1.weight"].shape[-1] == 3
 
 

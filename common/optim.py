@@ -1,4 +1,5 @@
-"""LARS, the parameter groups every method uses, and the warmup-cosine schedule."""
+"""LARS, the optimizer a script's --optimizer names, the parameter groups every method uses,
+and the warmup-cosine schedule."""
 import math
 
 import torch
@@ -23,11 +24,13 @@ class LARS(torch.optim.Optimizer):
         m = momentum * m + d ;  w = w - lr * m
 
     Groups flagged `lars_exclude` (1-D parameters) skip both decay and the trust ratio.
+    `clip`: LARC's clipping mode (apex's LARC, used by solo-learn's CIFAR recipes with eta 0.02):
+    the trust ratio becomes min(trust / lr, 1), so no weight steps further than plain SGD would.
     """
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, clip=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      eta=eta, lars_exclude=False))
+                                      eta=eta, lars_exclude=False, clip=clip))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -42,6 +45,8 @@ class LARS(torch.optim.Optimizer):
                     w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
                     trust = torch.where((w_norm > 0) & (d_norm > 0),
                                         group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    if group["clip"] and group["lr"] > 0:
+                        trust = torch.clamp(trust / group["lr"], max=1.0)
                     d = d.mul(trust)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -50,6 +55,25 @@ class LARS(torch.optim.Optimizer):
                 m.mul_(group["momentum"]).add_(d)
                 p.add_(m, alpha=-group["lr"])
         return loss
+
+
+def build_optimizer(groups, args):
+    """The optimizer of --optimizer over `groups` (dicts holding their own weight decay; LARS
+    reads `lars_exclude`), with --momentum (AdamW: beta1) and LARS's --lars-eta and --lars-clip.
+    Its learning rate starts at 0: every script sets it at every step."""
+    if args.optimizer == "lars":
+        return LARS(groups, lr=0.0, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=args.momentum)
+    return torch.optim.AdamW(groups, lr=0.0, betas=(args.momentum, 0.999))
+
+
+def describe_optimizer(args):
+    """E.g. 'LARS, momentum 0.9, eta 0.001' for the start-up lines."""
+    name = {"lars": "LARS", "sgd": "SGD", "adamw": "AdamW"}[args.optimizer]
+    extra = (f", eta {args.lars_eta:g}{', clipped' if args.lars_clip else ''}"
+             if args.optimizer == "lars" else "")
+    return f"{name}, {'beta1' if args.optimizer == 'adamw' else 'momentum'} {args.momentum:g}{extra}"
 
 
 def warmup_cosine(step, total_steps, warmup_steps, peak, final=0.0, start=0.0):

@@ -3,6 +3,8 @@
 Each rank takes its half of a fixed global batch, runs a small projector wrapped by
 common.distribute (DDP) and simclr.nt_xent_loss (which gathers embeddings through
 common.gather_with_grad), and rank 0 saves the rank-averaged loss and the DDP-averaged gradients.
+With a second argument C > 2 (`ddp_check.py OUT 3`), the batch holds C crops per image and the
+loss is simclr.multi_crop_nt_xent_loss (tests/test_simclr_multicrop.py).
 As a control, it also saves the gradients obtained when the gather drops gradients (a plain
 all_gather): the test checks those DIFFER, so it can tell a broken gather from a correct one.
 """
@@ -34,18 +36,32 @@ def grads_and_loss(model, x1, x2, temperature=0.5):
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-def main(out):
+def make_crops(num_crops, n=8):
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(n, 12, generator=g) for _ in range(num_crops)]
+
+
+def multi_crop_grads_and_loss(model, *crops, temperature=0.5):
+    model.zero_grad()
+    z = model(torch.cat(crops))                                  # crop-major
+    loss = simclr.multi_crop_nt_xent_loss(z, len(crops), temperature)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def main(out, num_crops=2):
     rank, world, _, device = setup_distributed()
-    x1, x2 = make_batch()
-    n = x1.shape[0] // world
-    mine = slice(rank * n, (rank + 1) * n)
+    crops = make_batch() if num_crops == 2 else make_crops(num_crops)
+    step = grads_and_loss if num_crops == 2 else multi_crop_grads_and_loss
+    n = crops[0].shape[0] // world
+    mine = [x[rank * n:(rank + 1) * n] for x in crops]
     model = distribute(make_model(), device, world)
-    loss, grads = grads_and_loss(model, x1[mine], x2[mine])
+    loss, grads = step(model, *mine)
     loss = all_gather_tensor(loss[None]).mean()
 
     # Control: the same step with a gather that does not carry gradients back to other ranks.
     simclr.gather_with_grad = all_gather_tensor
-    _, broken = grads_and_loss(model, x1[mine], x2[mine])
+    _, broken = step(model, *mine)
     if rank == 0:
         torch.save({"loss": loss, "grads": {k.removeprefix("module."): v for k, v in grads.items()},
                     "broken": {k.removeprefix("module."): v for k, v in broken.items()},
@@ -55,4 +71,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *map(int, sys.argv[2:]))

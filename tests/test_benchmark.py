@@ -3,6 +3,7 @@ still runs; the table holds the runs' own numbers; a second call skips what is d
 what is not; other settings need another --out; the README's tables are rendered from the JSON."""
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -83,7 +84,8 @@ def test_the_readme_tables_are_rendered_from_the_json(bench, tmp_path):
     assert benchmark.main(["--render-readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old table" not in text and text.endswith("<!-- /results -->\nend\n")
-    assert "| simclr | 1 | 32 |" in text and "synthetic, resnet18, 1 epochs" in text
+    assert "| simclr | 1 | 32 |" in text
+    assert "synthetic; resnet18, 1 epochs, 16 px, batch 32, --log-every 1; linear probe: cached" in text
 
 
 def test_a_class_balanced_subset_is_linked(tmp_path):
@@ -93,3 +95,16 @@ def test_a_class_balanced_subset_is_linked(tmp_path):
     assert train == [f"train/class{c}/{i}.jpg" for c in range(3) for i in (0, 1)]
     assert len(list((out / "val").rglob("*.jpg"))) == 6  # a split without a number: all of it
     assert all(p.is_symlink() for p in out.rglob("*.jpg"))
+
+
+def test_the_commands_of_a_multi_gpu_benchmark(tmp_path):
+    args = benchmark.get_args(["--data", "cifar10", "--out", str(tmp_path), "--methods", "byol",
+                               "--nproc-per-node", "8", "--epochs", "200", "--method-flags",
+                               "byol=--tau-base 0.99", "--", "--data-on-device"])
+    (train, cmd, _), (knn, knn_cmd, _), (linear, linear_cmd, _) = benchmark.steps(args, "byol")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
+    assert cmd[:6] == [*torchrun, "byol.py"] and knn_cmd[:6] == [*torchrun, "linear_eval.py"]
+    assert cmd[-3:] == ["--tau-base", "0.99", "--data-on-device"]  # the method's, then all's
+    assert ["--epochs", "200"] == cmd[cmd.index("--epochs"):cmd.index("--epochs") + 2]
+    assert "--knn" in knn_cmd and "--knn" not in linear_cmd
+    assert linear_cmd[linear_cmd.index("--ckpt") + 1] == str(tmp_path / "runs/byol/backbone.pt")

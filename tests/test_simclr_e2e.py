@@ -232,3 +232,46 @@ def test_stop_signal_in_five_step_epochs_two_processes(torchrun_run, tmp_path):
     untimed = lambda d: [{k: v for k, v in r.items() if k not in ("img_per_s", "epoch_time")}
                          for r in read_log(d)]
     assert untimed(run_dir) == untimed(straight)
+
+
+def test_multi_crop_step_one_loss(tmp_path, monkeypatch):
+    """--num-crops 2 2 --crop-sizes 16 8, in-process: the step-1 loss in log.jsonl equals the
+    loss recomputed here from the same initial weights and the same crops, each resolution through
+    the backbone as one batch, the projector over all crops, and the naive loop of VISSL's loss."""
+    import simclr
+    from tests.test_simclr_multicrop import naive_multi_crop
+
+    seen = {}
+
+    class Recording(simclr.SimCLR):
+        def forward(self, crops):
+            if not seen:  # step 1: the weights and BN statistics before the forward
+                seen["state"] = {k: v.clone() for k, v in self.state_dict().items()}
+                seen["crops"] = [x.clone() for x in crops]
+            return super().forward(crops)
+
+    monkeypatch.setattr(simclr, "SimCLR", Recording)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        simclr.main(["--data", "synthetic", *TINY, "--synthetic-size", "32", "--knn-every", "0",
+                     "--num-crops", "2", "2", "--crop-sizes", "16", "8",
+                     "--crop-scales", "0.14", "1", "0.05", "0.14", "--run-dir", str(tmp_path)])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    logged = [r for r in read_log(tmp_path) if "step" in r][0]["loss"]
+
+    crops = seen["crops"]
+    assert [tuple(x.shape) for x in crops] == [(32, 3, 16, 16)] * 2 + [(32, 3, 8, 8)] * 2
+    model = simclr.SimCLR("resnet18", small_images=True)  # the args' defaults: 2 layers, 128
+    model.load_state_dict(seen["state"])
+    model.train()
+    with torch.no_grad():
+        features = [model.backbone(torch.cat(crops[:2])), model.backbone(torch.cat(crops[2:]))]
+        z = model.projector(torch.cat(features)).double()
+    expected = naive_multi_crop(z, 4, temperature=0.5).item()
+    assert logged == pytest.approx(expected, rel=1e-5)
+    # Uninformative embeddings give each (anchor, positive) pair 1 positive + 4 x 31 negatives in
+    # its denominator: 2 log(125) = 9.66; a random network is near it (measured: 9.65).
+    chance = 2 * math.log(4 * 31 + 1)
+    assert 0.8 * chance < logged < chance + 0.1

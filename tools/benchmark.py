@@ -47,7 +47,9 @@ SETTINGS = ("data", "train_per_class", "val_per_class", "methods", "arch", "epoc
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                epilog="Flags after -- go to every method's script, e.g. "
+                                       "-- --data-on-device --precision bf16.")
     p.add_argument("--data", help="as the scripts' --data: cifar10, an ImageFolder root, ...")
     p.add_argument("--train-per-class", type=int, help="an ImageFolder --data: use the first N "
                    "train images of each class (linked into OUT/data, nothing copied)")
@@ -82,6 +84,8 @@ def get_args(argv=None):
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if any("=" not in f for f in args.method_flags):
+        p.error("--method-flags takes METHOD=FLAGS, e.g. simclr='--warmup-epochs 1'")
     args.method_flags = dict(f.split("=", 1) for f in args.method_flags)
     return args
 
@@ -212,11 +216,17 @@ def fmt(value, unit="", digits=1):
 def markdown(results, folder=""):
     """results.md: the table, then what made it."""
     s, m = results["settings"], results["machine"]
+    data = s["data"] + "".join(f", the first {s[k]} {split} images of each class"
+                               for k, split in (("train_per_class", "train"),
+                                                ("val_per_class", "val")) if s.get(k))
+    details = [f"{s['img_size']} px" if s.get("img_size") else "",
+               f"batch {s['batch_size']}" if s["batch_size"] else "",
+               f"{s['nproc_per_node']} processes" if s["nproc_per_node"] > 1 else "",
+               " ".join(s["extra"])]
     hardware = ", ".join(m["gpus"]) or "no GPU"
-    lines = [f"{s['data']}, {s['arch']}, {s['epochs']} epochs"
-             f"{', batch ' + str(s['batch_size']) if s['batch_size'] else ''}; linear probe: "
-             f"{s['linear']}; {hardware}, {m['cpu']}; {results['date']}, revision "
-             f"{results['git']}.", "",
+    lines = [f"{data}; {s['arch']}, {s['epochs']} epochs"
+             + "".join(f", {d}" for d in details if d) + f"; linear probe: {s['linear']}. "
+             f"{hardware}, {m['cpu']}; {results['date']}, revision {results['git']}.", "",
              "| Method | Epochs | Batch | kNN top-1, random init | kNN top-1 | Linear top-1 | "
              "Linear top-5 | Training time | img/s | Peak GPU memory |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -237,12 +247,14 @@ def markdown(results, folder=""):
 
 def render_readme(readme):
     """Replace every block <!-- results: FOLDER --> ... <!-- /results --> of the README by the
-    table rendered from FOLDER/results.json (folders relative to the README)."""
+    table rendered from FOLDER/results.json (folders relative to the README), and rewrite
+    FOLDER/results.md."""
     text = readme.read_text()
 
     def table(match):
         folder = match.group(1).strip()
         results = json.loads((readme.parent / folder / "results.json").read_text())
+        (readme.parent / folder / "results.md").write_text(markdown(results))
         return f"<!-- results: {folder} -->\n{markdown(results, folder)}<!-- /results -->"
 
     readme.write_text(re.sub(r"<!-- results: (.*?) -->.*?<!-- /results -->", table, text,
