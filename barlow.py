@@ -30,10 +30,10 @@ from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_c
                     all_reduce_with_grad, autocast, broadcast_object, build_dataset,
                     build_optimizer, check_batch, cleanup_distributed, describe_optimizer,
                     distribute, end_epoch, exit_on_user_error, format_args, get_world_size,
-                    grad_scaler, knn_monitor, make_loader, param_groups, recipe_values,
-                    resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
-                    save_checkpoint, seed_everything, set_lr, setup_distributed, ssl_view,
-                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+                    grad_scaler, knn_monitor, make_loader, online_probe, param_groups,
+                    recipe_values, resnet_backbone, resolve_precision, resolve_recipe, resume,
+                    save_args, save_checkpoint, seed_everything, set_lr, setup_distributed,
+                    ssl_view, stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -185,7 +185,7 @@ def main(argv=None):
 
     # model, optimizer, schedule: both groups warm up, then follow a cosine to 0.001 x their peak
     model = BarlowTwins(args.arch, args.small_images, args.projector)
-    model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
+    model = distribute(model, device, world, args.compile, args.sync_bn, args.channels_last)
     optimizer = barlow_optimizer(model, args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr = args.lr * args.batch_size / 256
@@ -194,6 +194,7 @@ def main(argv=None):
     # resume from the run directory if it holds a checkpoint
     ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
     ckpt = resume(ckpt_path, model, optimizer, scaler)
+    probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
     start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
     if ckpt:
         log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
@@ -211,7 +212,7 @@ def main(argv=None):
     def save(epoch, batch_in_epoch):
         if rank == 0:
             save_checkpoint(ckpt_path, "barlow", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch)
+                            batch_in_epoch, probe=probe and probe.state_dict())
 
     stop = StopSignal()
     model.train()
@@ -219,7 +220,7 @@ def main(argv=None):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
         epoch_start, sums = time.time(), torch.zeros(3, device=device)  # loss, on-, off-diagonal
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+        for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=0.001 * peak_lr)
             set_lr(optimizer, lr)  # biases and BN: lr x lr_biases / lr
@@ -232,6 +233,8 @@ def main(argv=None):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if probe:  # --probe: a linear classifier on this step's detached features
+                probe.step(labels)
             terms = torch.stack([loss, on_diag, off_diag]).detach()
             sums += terms
 
@@ -255,7 +258,7 @@ def main(argv=None):
                   "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
         if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
-                     train_set.bad_log, rank, stop, device):  # a stop signal: saved, requeued
+                     train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued
             return
         start_batch = 0
     log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")

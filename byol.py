@@ -32,9 +32,10 @@ from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_c
                     autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
                     cleanup_distributed, describe_optimizer, distribute, end_epoch,
                     exit_on_user_error, format_args, grad_scaler, knn_monitor, make_loader,
-                    param_groups, recipe_values, resnet_backbone, resolve_precision, resolve_recipe,
-                    resume, save_args, save_checkpoint, seed_everything, set_lr, setup_distributed,
-                    ssl_view, stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+                    online_probe, param_groups, recipe_values, resnet_backbone, resolve_precision,
+                    resolve_recipe, resume, save_args, save_checkpoint, seed_everything, set_lr,
+                    setup_distributed, ssl_view, stop_agreed, stop_and_requeue, unwrap,
+                    warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -120,7 +121,6 @@ def mlp(in_dim, hidden_dim, out_dim):
     return net
 
 
-@torch.no_grad()
 def target_momentum(step, total_steps, tau_base, schedule="cosine"):
     """tau at `step`: tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2, the same cosine as the
     learning rate's, rising from tau_base to 1; or tau_base throughout (`constant`)."""
@@ -129,6 +129,7 @@ def target_momentum(step, total_steps, tau_base, schedule="cosine"):
     return warmup_cosine(step, total_steps, 0, tau_base, final=1.0)
 
 
+@torch.no_grad()
 def ema_update(online, target, tau):
     """target <- tau * target + (1 - tau) * online for every parameter. The BN running
     statistics are copied instead: the official code keeps a single BN state, the online
@@ -213,7 +214,7 @@ def main(argv=None):
 
     # model, optimizer, schedules (the target's parameters do not require grad: not optimised)
     model = BYOL(args.arch, args.small_images, args.hidden_dim, args.proj_dim)
-    model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
+    model = distribute(model, device, world, args.compile, args.sync_bn, args.channels_last)
     optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr = args.lr * args.batch_size / 256
@@ -222,6 +223,7 @@ def main(argv=None):
     # resume from the run directory if it holds a checkpoint (the target is part of the model)
     ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
     ckpt = resume(ckpt_path, model, optimizer, scaler)
+    probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
     start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
     if ckpt:
         log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
@@ -240,7 +242,7 @@ def main(argv=None):
     def save(epoch, batch_in_epoch):
         if rank == 0:
             save_checkpoint(ckpt_path, "byol", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch)
+                            batch_in_epoch, probe=probe and probe.state_dict())
 
     stop = StopSignal()
     model.train()
@@ -248,7 +250,7 @@ def main(argv=None):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
         epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+        for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
             tau = target_momentum(step, total_steps, args.tau_base, args.tau_schedule)
@@ -261,6 +263,8 @@ def main(argv=None):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if probe:  # --probe: a linear classifier on this step's detached features
+                probe.step(labels)
             unwrap(model).update_target(tau)  # the EMA step comes AFTER the online update
             loss_sum += loss.detach()
 
@@ -282,7 +286,7 @@ def main(argv=None):
                   "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
         if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
-                     train_set.bad_log, rank, stop, device):  # a stop signal: saved, requeued
+                     train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued
             return
         start_batch = 0
     log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")

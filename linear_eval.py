@@ -297,7 +297,7 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
     # Fine-tuning normalises over the global batch (SyncBN on GPUs), as SimCLR's fine-tuning
     # command (--global_bn=True); the official evaluate.py of Barlow Twins and VICReg keeps
     # per-GPU BN: with a global batch of 256 over 8 GPUs, 32 images per BN.
-    model = distribute(model, device, world, sync_bn=args.finetune,
+    model = distribute(model, device, world, sync_bn="global" if args.finetune else "off",
                        channels_last=args.channels_last)
     scale = args.batch_size / 256
     groups = [{"params": unwrap(model).head.parameters(), "peak_lr": args.lr * scale}]

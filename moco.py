@@ -30,10 +30,10 @@ from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_c
                     all_gather_tensor, autocast, broadcast_object, build_dataset, build_optimizer,
                     check_batch, cleanup_distributed, describe_optimizer, distribute, end_epoch,
                     exit_on_user_error, format_args, get_rank, get_world_size, grad_scaler,
-                    knn_monitor, make_loader, recipe_values, resnet_backbone, resolve_precision,
-                    resolve_recipe, resume, save_args, save_checkpoint, seed_everything, set_lr,
-                    setup_distributed, ssl_view, stop_agreed, stop_and_requeue, unwrap,
-                    warmup_cosine)
+                    knn_monitor, make_loader, online_probe, recipe_values, resnet_backbone,
+                    resolve_precision, resolve_recipe, resume, save_args, save_checkpoint,
+                    seed_everything, set_lr, setup_distributed, ssl_view, stop_agreed,
+                    stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -52,7 +52,7 @@ SMALL_IMAGES = dict(arch="resnet18", epochs=200, batch_size=512, lr=0.03, weight
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MoCo v2 pre-training (Chen et al. 2020). Recipe "
                                 "values in brackets; a flag given on the command line wins.")
-    add_common_args(p, "moco", IMAGENET, SMALL_IMAGES, optimizer="sgd")
+    add_common_args(p, "moco", IMAGENET, SMALL_IMAGES, optimizer="sgd", sync_bn="off")
     both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
     g = p.add_argument_group("MoCo")
     g.add_argument("--temperature", type=float, help="InfoNCE temperature T " + both("temperature"))
@@ -251,7 +251,7 @@ def main(argv=None):
     # statistics, queue) at each forward: the queue is the same on every rank anyway.
     model = MoCo(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim,
                  args.queue_size, args.bn_splits)
-    model = distribute(model, device, world, args.compile, sync_bn=False,
+    model = distribute(model, device, world, args.compile, sync_bn=args.sync_bn,
                        channels_last=args.channels_last)
     # SGD with weight decay on every parameter, biases and BN included, as the official code.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -263,6 +263,7 @@ def main(argv=None):
     # resume from the run directory if it holds a checkpoint (key encoder and queue included)
     ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
     ckpt = resume(ckpt_path, model, optimizer, scaler)
+    probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
     start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
     if ckpt:
         log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
@@ -280,7 +281,7 @@ def main(argv=None):
     def save(epoch, batch_in_epoch):
         if rank == 0:
             save_checkpoint(ckpt_path, "moco", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch)
+                            batch_in_epoch, probe=probe and probe.state_dict())
 
     stop = StopSignal()
     model.train()
@@ -290,7 +291,7 @@ def main(argv=None):
         epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
         pos_sum = torch.zeros((), device=device)  # mean cosine of query and positive key
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+        for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
             # Cosine per iteration with no warmup (the official code steps the cosine per epoch).
             lr = warmup_cosine(step, total_steps, 0, peak_lr)
@@ -311,6 +312,8 @@ def main(argv=None):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if probe:  # --probe: a linear classifier on this step's detached features
+                probe.step(labels)
             # Enqueue after the loss (here after the step, which leaves the keys unchanged): the
             # newest keys replace the oldest and become negatives from the next step on.
             moco.enqueue(torch.cat([k1, k2]) if args.symmetric else k2)
@@ -335,7 +338,7 @@ def main(argv=None):
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
         if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
-                     train_set.bad_log, rank, stop, device):  # a stop signal: saved, requeued
+                     train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued
             return
         start_batch = 0
     log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")

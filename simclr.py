@@ -30,7 +30,7 @@ from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_c
                     autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
                     cleanup_distributed, describe_optimizer, distribute, end_epoch,
                     exit_on_user_error, format_args, gather_with_grad, get_rank, grad_scaler,
-                    knn_monitor, make_loader, multi_crop, param_groups, recipe_values,
+                    knn_monitor, make_loader, multi_crop, online_probe, param_groups, recipe_values,
                     resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
                     save_checkpoint, seed_everything, set_lr, setup_distributed, stop_agreed,
                     stop_and_requeue, unwrap, warmup_cosine)
@@ -227,7 +227,7 @@ def main(argv=None):
     # model, optimizer, schedule
     model = SimCLR(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim,
                    args.proj_layers)
-    model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
+    model = distribute(model, device, world, args.compile, args.sync_bn, args.channels_last)
     optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr = args.lr * args.batch_size / 256
@@ -236,6 +236,7 @@ def main(argv=None):
     # resume from the run directory if it holds a checkpoint
     ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
     ckpt = resume(ckpt_path, model, optimizer, scaler)
+    probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
     start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
     if ckpt:
         log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
@@ -253,7 +254,7 @@ def main(argv=None):
     def save(epoch, batch_in_epoch):
         if rank == 0:
             save_checkpoint(ckpt_path, "simclr", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch)
+                            batch_in_epoch, probe=probe and probe.state_dict())
 
     stop = StopSignal()
     model.train()
@@ -261,7 +262,7 @@ def main(argv=None):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
         epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, (crops, _) in enumerate(progress, start=start_batch):
+        for i, (crops, labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
             set_lr(optimizer, lr)
@@ -277,6 +278,8 @@ def main(argv=None):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if probe:  # --probe: a linear classifier on this step's detached features
+                probe.step(labels)
             loss_sum += loss.detach()
 
             if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
@@ -294,7 +297,7 @@ def main(argv=None):
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
         if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
-                     train_set.bad_log, rank, stop, device):  # a stop signal: saved, requeued
+                     train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued
             return
         start_batch = 0
     log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")

@@ -29,9 +29,9 @@ from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_c
                     autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
                     cleanup_distributed, describe_optimizer, distribute, end_epoch,
                     exit_on_user_error, format_args, grad_scaler, knn_monitor, make_loader,
-                    recipe_values, resnet_backbone, resolve_precision, resolve_recipe, resume,
-                    save_args, save_checkpoint, seed_everything, setup_distributed, ssl_view,
-                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+                    online_probe, recipe_values, resnet_backbone, resolve_precision, resolve_recipe,
+                    resume, save_args, save_checkpoint, seed_everything, setup_distributed,
+                    ssl_view, stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -181,7 +181,7 @@ def main(argv=None):
     # model, optimizer, schedule (SyncBN with several GPU processes, as the official code)
     model = SimSiam(args.arch, args.small_images, args.proj_layers, args.proj_dim,
                     args.pred_hidden_dim)
-    model = distribute(model, device, world, args.compile, channels_last=args.channels_last)
+    model = distribute(model, device, world, args.compile, args.sync_bn, args.channels_last)
     peak_lr = args.lr * args.batch_size / 256
     optimizer = simsiam_optimizer(model, args)
     scaler = grad_scaler(args.precision, device)
@@ -190,6 +190,7 @@ def main(argv=None):
     # resume from the run directory if it holds a checkpoint
     ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
     ckpt = resume(ckpt_path, model, optimizer, scaler)
+    probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
     start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
     if ckpt:
         log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
@@ -208,7 +209,7 @@ def main(argv=None):
     def save(epoch, batch_in_epoch):
         if rank == 0:
             save_checkpoint(ckpt_path, "simsiam", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch)
+                            batch_in_epoch, probe=probe and probe.state_dict())
 
     stop = StopSignal()
     model.train()
@@ -217,7 +218,7 @@ def main(argv=None):
         epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
         std_sum = torch.zeros((), device=device)
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, ((x1, x2), _) in enumerate(progress, start=start_batch):
+        for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
             # Cosine per iteration; the official code steps it once per epoch (the same curve,
             # smoother, and a mid-epoch resume needs no special case).
@@ -232,6 +233,8 @@ def main(argv=None):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if probe:  # --probe: a linear classifier on this step's detached features
+                probe.step(labels)
             loss_sum += loss.detach()
             z_std = output_std(torch.cat([z1, z2]))  # this rank's batch, both views
             std_sum += z_std
@@ -253,7 +256,7 @@ def main(argv=None):
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
         if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
-                     train_set.bad_log, rank, stop, device):  # a stop signal: saved, requeued
+                     train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued
             return
         start_batch = 0
     log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")

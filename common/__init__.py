@@ -17,5 +17,6 @@ from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.loop import end_epoch, save_or_stop, stop_agreed, stop_and_requeue
 from common.model import (autocast, distribute, grad_scaler, infer_arch, resnet_backbone,
                           resolve_precision, unwrap)
+from common.probe import OnlineProbe, online_probe
 from common.optim import (LARS, build_optimizer, describe_optimizer, param_groups, set_lr,
                           warmup_cosine)

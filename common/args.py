@@ -30,10 +30,10 @@ def default_workers():
     return max(1, (cpus or 1) - 1)
 
 
-def add_common_args(parser, method, imagenet, small, optimizer="lars"):
+def add_common_args(parser, method, imagenet, small, optimizer="lars", sync_bn="global"):
     """Add the shared flags. Flags whose value depends on the recipe default to None and are
-    filled by `resolve_recipe` from the script's ImageNet or small-image recipe. `optimizer`:
-    the method's official one, the default of --optimizer."""
+    filled by `resolve_recipe` from the script's ImageNet or small-image recipe. `optimizer`
+    and `sync_bn`: the method's official choices, the defaults of --optimizer and --sync-bn."""
     # No silent abbreviations: `--warmup 0` must fail, not quietly become --warmup-epochs 0 in one
     # script and an error in another that has no such flag.
     parser.allow_abbrev = False
@@ -91,12 +91,26 @@ def add_common_args(parser, method, imagenet, small, optimizer="lars"):
     g.add_argument("--lars-clip", action="store_true",
                    help="LARC's clipping mode: each weight's adapted rate is at most --lr's "
                         "(apex LARC clip=True; solo-learn's CIFAR setting)")
+    g.add_argument("--probe", action="store_true",
+                   help="an online linear probe: a classifier trained on the detached backbone "
+                        "features of the labelled training batches during pre-training (its own "
+                        "SGD, no gradient into the backbone), its val top-1 logged every epoch "
+                        "as probe_top1, as the official BYOL code and solo-learn do")
+    g.add_argument("--probe-lr", type=float, default=0.1,
+                   help="the probe's learning rate (default: 0.1, solo-learn's CIFAR setting)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and "
                    "augmentations (default: 0)")
     g = parser.add_argument_group("system")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto (default): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--sync-bn", default=sync_bn, metavar="{global,node,off,N}",
+                   help=f"which processes' batch statistics each BatchNorm shares on GPUs "
+                        f"(default: {sync_bn}{', its shuffled BN' if sync_bn == 'off' else ''}). "
+                        "global: all; node: the processes of one node, as SwAV's and VISSL's "
+                        "groups of 8 (about twice as fast as global in swav issue #22); N: groups "
+                        "of N consecutive ranks; off: each process its own part of the batch. "
+                        "CPU processes always normalise their own part (no SyncBN on CPUs)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, hold the model's weights and the input batches in channels_last "
                         "(NHWC) memory, the layout tensor-core convolutions run fastest in "
@@ -132,13 +146,11 @@ def resolve_recipe(args, imagenet, small, method):
     if args.optimizer != "lars" and (args.lars_eta is not None or args.lars_clip):
         raise UserError(f"--lars-eta and --lars-clip apply to --optimizer lars, not {args.optimizer}")
     args.lars_eta = 0.001 if args.lars_eta is None else args.lars_eta
+    if args.sync_bn not in ("global", "node", "off") and not (args.sync_bn.isdigit()
+                                                            and int(args.sync_bn) > 0):
+        raise UserError(f"--sync-bn {args.sync_bn}: global, node, off or a group size")
     if args.save_every < 0:
         raise UserError("--save-every must be 0 (off) or a number of epochs")
-    warmup = getattr(args, "warmup_epochs", 0) or 0
-    if warmup >= args.epochs and os.environ.get("RANK", "0") == "0":
-        print(f"note: --warmup-epochs {warmup:g} >= --epochs {args.epochs}: the learning rate "
-              f"never leaves its linear warmup, so the recipe's peak rate and cosine are never "
-              f"reached (give --warmup-epochs a fraction of the run)", file=sys.stderr)
     return args
 
 
@@ -165,4 +177,12 @@ def save_args(args, path, world_size):
 
 
 def format_args(args):
-    return "\n".join(f"  {k:<18} {v}" for k, v in sorted(vars(args).items()))
+    """The resolved arguments, one per line, for the start of a run; then a note if the warmup
+    lasts the whole run (e.g. a 1-epoch smoke run of a 10-warmup-epoch recipe)."""
+    lines = [f"  {k:<18} {v}" for k, v in sorted(vars(args).items())]
+    warmup = getattr(args, "warmup_epochs", 0) or 0
+    if warmup >= args.epochs:
+        lines.append(f"note: --warmup-epochs {warmup:g} >= --epochs {args.epochs}: the learning "
+                     f"rate never leaves its linear warmup, so the recipe's peak rate and cosine "
+                     f"are never reached (give --warmup-epochs a fraction of the run)")
+    return "\n".join(lines)

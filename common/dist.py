@@ -6,10 +6,13 @@ reduces to the identity, so losses and tests run unchanged without `torch.distri
 import datetime
 import os
 import re
+import socket
 import subprocess
 
 import torch
 import torch.distributed as dist
+
+from common.log import UserError
 
 
 def _slurm_master_addr():
@@ -147,6 +150,29 @@ def all_gather_tensor(x):
     out = [torch.empty_like(x) for _ in range(get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
+
+
+def sync_bn_group(mode):
+    """The process group whose batch statistics a SyncBatchNorm shares under --sync-bn `mode`:
+    None (all processes) for "global"; for "node", the processes on this host (host names
+    gathered, so any launcher and any number of processes per node work); for a number N, N
+    consecutive ranks, as SwAV's --syncbn_process_group_size. new_group is collective: every
+    rank creates every group, in the same order, and keeps its own."""
+    if mode == "global":
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if mode == "node":
+        hosts = [None] * world
+        dist.all_gather_object(hosts, socket.gethostname())
+        members = [[r for r in range(world) if hosts[r] == h] for h in sorted(set(hosts))]
+    else:
+        size = int(mode)
+        if world % size:
+            raise UserError(f"--sync-bn {size}: the {world} processes do not split into groups "
+                            f"of {size}")
+        members = [list(range(start, start + size)) for start in range(0, world, size)]
+    groups = [dist.new_group(ranks) for ranks in members]
+    return next(g for g, ranks in zip(groups, members) if rank in ranks)
 
 
 def broadcast_object(obj):

@@ -43,9 +43,10 @@ def save_or_stop(save, ckpt_path, epoch, epochs, stop, rank, log, device):
     return False
 
 
-def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank, stop, device):
+def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank, stop, device,
+              probe=None):
     """After epoch `record["epoch"]`: add the unreadable-image count, the peak GPU memory and,
-    when due, the kNN monitor to the summary `record`, log it, export the backbone, checkpoint
+    when due, the kNN monitor (and every epoch the --probe's val top-1) to the summary `record`, log it, export the backbone, checkpoint
     (`save_or_stop`) and, every --save-every epochs, keep a copy of both.
     Returns True when a stop signal ends the run here."""
     epoch = record["epoch"]
@@ -54,6 +55,8 @@ def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank, stop, 
         record["bad_images"] = bad_images
     if args.knn_every and (epoch % args.knn_every == 0 or epoch == args.epochs):
         record["knn_top1"] = knn_top1(backbone)
+    if probe:  # --probe's val top-1, every epoch (common/probe.py)
+        record["probe_top1"] = probe.top1(backbone)
     if torch.cuda.is_available():  # since the start (or the resume) of this process
         record["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     log.summary(record)

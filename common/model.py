@@ -7,6 +7,7 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from common.dist import sync_bn_group
 from common.log import UserError
 
 # ResNet-50 with EVERY layer w times wider, as SimCLR and SwAV use it. google-research/simclr
@@ -100,14 +101,15 @@ def grad_scaler(precision, device):
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def distribute(model, device, world_size, compile=False, sync_bn=True, channels_last=True):
-    """Move `model` to `device`, with SyncBatchNorm (GPU) and DDP when world > 1, channels_last on
-    CUDA unless turned off, and torch.compile if asked. Returns the wrapped model; `unwrap` gives
-    it back."""
-    if world_size > 1 and sync_bn and device.type == "cuda":
+def distribute(model, device, world_size, compile=False, sync_bn="global",
+               channels_last=True):
+    """Move `model` to `device`, with SyncBatchNorm over the processes `sync_bn` names (GPU; see
+    --sync-bn) and DDP when world > 1, channels_last on CUDA unless turned off, and
+    torch.compile if asked. Returns the wrapped model; `unwrap` gives it back."""
+    if world_size > 1 and sync_bn != "off" and device.type == "cuda":
         # PyTorch's SyncBatchNorm runs on GPUs only: CPU processes (gloo, for testing)
         # normalise over their own part of the batch.
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, sync_bn_group(sync_bn))
     model = model.to(device)
     if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)

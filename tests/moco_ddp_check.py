@@ -34,7 +34,7 @@ def shuffle_seed(step):
 
 def main(out):
     rank, world, _, device = setup_distributed()
-    model = distribute(make_model(), device, world, sync_bn=False)
+    model = distribute(make_model(), device, world, sync_bn="off")
     net = unwrap(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5,
                                 momentum=0.9)

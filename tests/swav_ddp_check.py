@@ -51,7 +51,7 @@ def make_queue():
 
 def train(steps, rank, world, device):
     """`steps` SwAV steps; returns per step (loss of every rank, gradients) and the local queue."""
-    model = distribute(make_model(), device, world, sync_bn=False)
+    model = distribute(make_model(), device, world, sync_bn="off")
     net = unwrap(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     n, rows = GLOBAL_BATCH // world, QUEUE // world

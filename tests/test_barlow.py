@@ -4,6 +4,7 @@ values, its gradient under DDP (2 gloo processes vs one, with controls that repr
 (linear_eval.py on its checkpoint, real JPEGs, exact resume)."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -138,7 +139,9 @@ def test_recipes_optimizer_groups_and_asymmetric_views():
     assert torch.all(model.backbone.layer1[0].bn2.weight == 0)  # zero_init_residual
 
     # two groups: weights (decayed, adapted) and 1-D parameters (neither, at lr x 0.0048 / 0.2)
-    optimizer = barlow_optimizer(model, 1e-6, lr=0.2, lr_biases=0.0048)
+    flags = SimpleNamespace(weight_decay=1e-6, lr=0.2, lr_biases=0.0048, optimizer="lars",
+                            momentum=0.9, lars_eta=0.001, lars_clip=False)
+    optimizer = barlow_optimizer(model, flags)
     weights, vectors = optimizer.param_groups
     assert all(p.ndim > 1 for p in weights["params"])
     assert all(p.ndim == 1 for p in vectors["params"])

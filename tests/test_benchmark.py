@@ -85,7 +85,7 @@ def test_the_readme_tables_are_rendered_from_the_json(bench, tmp_path):
     text = readme.read_text()
     assert "old table" not in text and text.endswith("<!-- /results -->\nend\n")
     assert "| simclr | 1 | 32 |" in text
-    assert "synthetic; resnet18, 1 epochs, 16 px, batch 32, --log-every 1; linear probe: cached" in text
+    assert "synthetic; resnet18, 1 epoch, 16 px, batch 32, --log-every 1; linear probe: cached" in text
 
 
 def test_a_class_balanced_subset_is_linked(tmp_path):

@@ -3,6 +3,7 @@ collapse indicator, the optimizer (weight decay everywhere, fixed predictor lr),
 script end to end (linear_eval.py on its checkpoint, real JPEGs, exact resume)."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,6 +101,11 @@ def test_output_std_collapsed_and_spread():
 
 # ------------------------------------------------------------------------------- model, optimizer
 
+def sgd(**args):
+    """The optimizer flags of simsiam.py's defaults (the official SGD), plus `args`."""
+    return SimpleNamespace(optimizer="sgd", momentum=0.9, lars_eta=0.001, lars_clip=False, **args)
+
+
 def test_heads_and_weight_decay_on_every_parameter():
     model = SimSiam("resnet18", small_images=True, proj_layers=3, dim=64, pred_dim=16)
     linears = [m for m in model.projector if isinstance(m, nn.Linear)]
@@ -114,7 +120,7 @@ def test_heads_and_weight_decay_on_every_parameter():
     assert len([m for m in SimSiam("resnet18", True, 2, 64, 16).projector
                 if isinstance(m, nn.Linear)]) == 2
 
-    opt = simsiam_optimizer(model, peak_lr=0.1, weight_decay=5e-4, fix_pred_lr=True)
+    opt = simsiam_optimizer(model, sgd(weight_decay=5e-4, fix_pred_lr=True))
     assert isinstance(opt, torch.optim.SGD)
     in_groups = [p for g in opt.param_groups for p in g["params"]]
     assert len(in_groups) == len(list(model.parameters())) == len(set(map(id, in_groups)))
@@ -136,7 +142,7 @@ def test_lr_setting_follows_the_schedule_except_a_fixed_predictor():
     model = SimSiam("resnet18", small_images=True, proj_layers=2, dim=32, pred_dim=8)
     peak, total = 0.06, 100
     for fix in (True, False):
-        opt = simsiam_optimizer(model, peak, 1e-4, fix_pred_lr=fix)
+        opt = simsiam_optimizer(model, sgd(weight_decay=1e-4, fix_pred_lr=fix))
         for step in (0, 37, 50, 99, 100):
             lr = warmup_cosine(step, total, 0, peak)
             set_simsiam_lr(opt, lr, peak)

@@ -223,8 +223,8 @@ def markdown(results, folder=""):
                f"batch {s['batch_size']}" if s["batch_size"] else "",
                f"{s['nproc_per_node']} processes" if s["nproc_per_node"] > 1 else "",
                " ".join(s["extra"])]
-    hardware = ", ".join(m["gpus"]) or "no GPU"
-    lines = [f"{data}; {s['arch']}, {s['epochs']} epochs"
+    hardware = ", ".join(m["gpus"]) or "No GPU"
+    lines = [f"{data}; {s['arch']}, {s['epochs']} epoch{'s' * (s['epochs'] != 1)}"
              + "".join(f", {d}" for d in details if d) + f"; linear probe: {s['linear']}. "
              f"{hardware}, {m['cpu']}; {results['date']}, revision {results['git']}.", "",
              "| Method | Epochs | Batch | kNN top-1, random init | kNN top-1 | Linear top-1 | "

@@ -1,0 +1,84 @@
+"""--probe: an online linear classifier on the backbone's features of each training batch,
+trained beside pre-training and reported as val top-1 after every epoch, as the official BYOL
+code and solo-learn do (solo-learn's CIFAR tables report this number).
+
+The features are caught by a forward hook on the backbone (its first call of each training
+step: both views where a script forwards them together, view 1 where it forwards them one by
+one, the large crops with multi-crop) and detached, so no gradient reaches the backbone; the
+classifier has its own optimizer: SGD, momentum 0.9, lr --probe-lr (solo-learn's CIFAR
+classifier rate, 0.1), constant, no weight decay. With several processes its gradients are
+averaged, so every rank holds the same classifier, as one process with the global batch.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.data import build_dataset, eval_transform
+from common.knn import capped, extract_features
+
+
+class OnlineProbe:
+    def __init__(self, backbone, args, rank, world_size, device, max_val=10_000):
+        kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size,
+                  img_size=args.img_size, rank=rank)
+        val = build_dataset(args.data, "val", eval_transform(args.img_size), **kw)
+        self.val, self.num_classes = capped(val, max_val), len(val.classes)
+        self.eval_args = (max(1, args.batch_size // world_size), args.workers, device,
+                          args.precision, rank, world_size)
+        self.world_size = world_size
+        generator = torch.Generator().manual_seed(args.seed)  # same on every rank; the global
+        self.head = nn.Linear(backbone.feature_dim, self.num_classes)  # RNG is left untouched
+        with torch.no_grad():
+            bound = backbone.feature_dim ** -0.5  # nn.Linear's default initialisation
+            for p in self.head.parameters():
+                p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound)
+        self.head.to(device)
+        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=args.probe_lr, momentum=0.9)
+        self.features = None
+        backbone.register_forward_hook(self._catch)
+
+    def _catch(self, module, inputs, output):
+        if module.training and self.features is None:  # not the kNN's or evaluation's calls
+            self.features = output.detach().float()
+
+    def step(self, labels):
+        """One SGD step on the features caught in this training step; returns its loss."""
+        features, self.features = self.features, None
+        labels = labels.to(features.device)
+        labels = labels.repeat(features.shape[0] // labels.shape[0])  # views are stacked
+        loss = F.cross_entropy(self.head(features), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world_size > 1:
+            for p in self.head.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
+        self.optimizer.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def top1(self, backbone):
+        """Val top-1 (%) of the classifier on the backbone's features (eval mode, centre crops)."""
+        was_training = backbone.training
+        backbone.eval()
+        features, labels = extract_features(backbone, self.val, *self.eval_args, normalize=False)
+        backbone.train(was_training)
+        return 100.0 * (self.head(features).argmax(1) == labels).float().mean().item()
+
+    def state_dict(self):
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def online_probe(args, backbone, rank, world_size, device, ckpt=None):
+    """The OnlineProbe of --probe (restored from a resumed checkpoint `ckpt`), None without it."""
+    if not args.probe:
+        return None
+    probe = OnlineProbe(backbone, args, rank, world_size, device)
+    if ckpt and ckpt.get("probe"):
+        probe.load_state_dict(ckpt["probe"])
+    return probe
