@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
                     autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
                     cleanup_distributed, describe_optimizer, distribute, end_epoch,
-                    exit_on_user_error, format_args, gather_with_grad, get_rank, grad_scaler,
-                    knn_monitor, make_loader, multi_crop, online_probe, param_groups, recipe_values,
-                    resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
-                    save_checkpoint, seed_everything, set_lr, setup_distributed, stop_agreed,
-                    stop_and_requeue, unwrap, warmup_cosine)
+                    exit_on_user_error, features_by_resolution, format_args, gather_with_grad,
+                    get_rank, grad_scaler, knn_monitor, make_loader, multi_crop, online_probe,
+                    param_groups, recipe_values, resnet_backbone, resolve_precision, resolve_recipe,
+                    resume, save_args, save_checkpoint, seed_everything, set_lr, setup_distributed,
+                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -131,17 +131,10 @@ class SimCLR(nn.Module):
                 nn.init.normal_(layer.weight, std=0.01)  # the official head's initialiser
 
     def forward(self, crops):
-        """crops: list of [n, 3, h, w]. Consecutive crops of the same size go through the backbone
-        in ONE pass (BN statistics per resolution group; the paper's two views: one pass of 2n),
-        the projector sees all crops at once. Returns z [C*n, D], crop-major."""
-        features, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            features.append(self.backbone(torch.cat(crops[start:end])))  # [(end-start)*n, F]
-            start = end
-        return self.projector(torch.cat(features))                       # [C*n, D]
+        """crops: list of [n, 3, h, w]. Crops of one size share a backbone pass (BN statistics
+        per resolution group; the paper's two views: one pass of 2n), the projector sees all
+        crops at once. Returns z [C*n, D], crop-major."""
+        return self.projector(features_by_resolution(self.backbone, crops))  # [C*n, D]
 
 
 # ------------------------------------------------------------------------------- loss

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
                     all_gather_tensor, all_reduce_with_grad, autocast, broadcast_object,
                     build_dataset, build_optimizer, check_batch, cleanup_distributed,
-                    describe_optimizer, distribute, end_epoch, exit_on_user_error, format_args,
-                    get_world_size, grad_scaler, knn_monitor, make_loader, multi_crop, online_probe,
-                    param_groups, recipe_values, resnet_backbone, resolve_precision, resolve_recipe,
-                    resume, save_args, save_checkpoint, seed_everything, set_lr, setup_distributed,
-                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+                    describe_optimizer, distribute, end_epoch, exit_on_user_error,
+                    features_by_resolution, format_args, get_world_size, grad_scaler, knn_monitor,
+                    make_loader, multi_crop, online_probe, param_groups, recipe_values,
+                    resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
+                    save_checkpoint, seed_everything, set_lr, setup_distributed, stop_agreed,
+                    stop_and_requeue, unwrap, warmup_cosine)
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -144,17 +145,11 @@ class SwAV(nn.Module):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def forward(self, crops):
-        """crops: list of [n, 3, h, w]. Consecutive crops of the same size go through the backbone
-        in ONE pass (BN statistics per resolution group, as the official code), the projector sees
-        all crops at once. Returns embeddings [C*n, D] and scores [C*n, K], crop-major."""
-        features, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            features.append(self.backbone(torch.cat(crops[start:end])))  # [(end-start)*n, F]
-            start = end
-        z = F.normalize(self.projector(torch.cat(features)), dim=1)      # [C*n, D]
+        """crops: list of [n, 3, h, w]. Crops of one size share a backbone pass (BN statistics
+        per resolution group, as the official code), the projector sees all crops at once.
+        Returns embeddings [C*n, D] and scores [C*n, K], crop-major."""
+        features = features_by_resolution(self.backbone, crops)         # [C*n, F]
+        z = F.normalize(self.projector(features), dim=1)                 # [C*n, D]
         return z, self.prototypes(z)                                     # [C*n, K]
 
 

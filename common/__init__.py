@@ -15,8 +15,8 @@ from common.dist import (all_gather_tensor, all_reduce_with_grad, broadcast_flag
 from common.knn import capped, extract_features, knn_accuracy, knn_monitor, knn_predict
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.loop import end_epoch, save_or_stop, stop_agreed, stop_and_requeue
-from common.model import (autocast, distribute, grad_scaler, infer_arch, resnet_backbone,
-                          resolve_precision, unwrap)
+from common.model import (autocast, distribute, features_by_resolution, grad_scaler, infer_arch,
+                          resnet_backbone, resolve_precision, unwrap)
 from common.probe import OnlineProbe, online_probe
 from common.optim import (LARS, build_optimizer, describe_optimizer, param_groups, set_lr,
                           warmup_cosine)

@@ -57,6 +57,20 @@ def resnet_backbone(arch, cifar_stem=False, zero_init_residual=False):
     return net
 
 
+def features_by_resolution(backbone, crops):
+    """Backbone features [C*n, F] of C crops [n, 3, h, w], crop-major: consecutive crops of the
+    same size go through the backbone in ONE pass (multi-crop, SwAV's official code), so BN
+    takes its statistics per resolution group; two views of one size are one pass of 2n."""
+    features, start = [], 0
+    while start < len(crops):
+        end = start
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        features.append(backbone(torch.cat(crops[start:end])))  # [(end - start) * n, F]
+        start = end
+    return torch.cat(features)
+
+
 def infer_arch(state_dict):
     """(arch, cifar_stem) of a torchvision ResNet state dict, from its shapes alone, so that a
     bare `backbone.pt` is enough for linear evaluation."""
