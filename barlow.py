@@ -6,18 +6,22 @@ Official code (PyTorch): github.com/facebookresearch/barlowtwins
 Two augmented views of each image go through the same ResNet and a wide MLP projector. The loss
 drives the cross-correlation matrix of the two views' embeddings, each feature standardised over
 the global batch, towards the identity: its diagonal to 1 (invariance to the augmentations), its
-off-diagonal to 0 (redundancy reduction). No negatives, no predictor, no target network.
-Defaults are the official ImageNet recipe (ResNet-50, projector 8192-8192-8192, batch 2048,
-LARS, lr 0.2 for weights and 0.0048 for biases and BN x batch/256, lambda 0.0051, 1000 epochs:
-73.2% linear top-1 in the paper, 73.5% for the released checkpoint). 32 px images switch to a
-CIFAR-10 recipe; the paper has none, so ours takes solo-learn's (ResNet-18 with a 3x3 stem,
-projector 2048-2048-2048, batch 256, lr 0.3 x batch/256, wd 1e-4, no blur, 1000 epochs: 92.1%
-linear top-1 in solo-learn's results table).
+off-diagonal to 0 (redundancy reduction). No negatives, no predictor, no target network. Defaults
+are the official ImageNet recipe (ResNet-50, projector 8192-8192-8192, batch 2048, LARS, lr 0.2 for
+weights and 0.0048 for biases and BN x batch/256, lambda 0.0051, 1000 epochs: 73.2% linear top-1 in
+the paper, 73.5% for the released checkpoint). Images of 64 px or less (CIFAR) switch to a CIFAR-10
+recipe; the paper has none, so ours takes solo-learn's (ResNet-18 with a 3x3 stem, projector
+2048-2048-2048, batch 256, lr 0.3 x batch/256, wd 1e-4, no blur, 1000 epochs: 92.1% linear top-1 in
+solo-learn's results table).
 
-    python barlow.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, ~1 minute
+    python barlow.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, 1-2 minutes
     python barlow.py --data cifar10                                   # CIFAR-10 recipe
     torchrun --nproc_per_node=8 barlow.py --data /imagenet            # ImageNet recipe, one node
     sbatch slurm/train.sbatch barlow.py --data /imagenet              # Slurm
+
+The method, its equations, every implementation detail with its source (deviations from the
+official code included), both recipes and measured results: docs/barlow.md. Shared flags:
+docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
 import os
@@ -26,14 +30,20 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    all_reduce_with_grad, autocast, broadcast_object, build_dataset,
-                    build_optimizer, check_batch, cleanup_distributed, describe_optimizer,
-                    distribute, end_epoch, exit_on_user_error, format_args, get_world_size,
-                    grad_scaler, knn_monitor, make_loader, online_probe, param_groups,
-                    recipe_values, resnet_backbone, resolve_precision, resolve_recipe, resume,
-                    save_args, save_checkpoint, seed_everything, set_lr, setup_distributed,
-                    ssl_view, stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
+                         save_args)
+from common.log import Logger, Progress, UserError, exit_on_user_error
+from common.data import build_dataset, make_loader
+from common.augment import ViewPipeline, ssl_view
+from common.model import (autocast, distribute, grad_scaler, resnet_backbone, resolve_precision,
+                          unwrap)
+from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
+from common.dist import (all_reduce_with_grad, broadcast_object, cleanup_distributed,
+                         get_world_size, setup_distributed)
+from common.probe import online_probe
+from common.knn import knn_monitor
+from common.checkpoint import StopSignal, resume, save_checkpoint, seed_everything
+from common.loop import end_epoch, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -77,7 +87,7 @@ def get_args(argv=None):
     if not all(w.isdigit() and int(w) > 0 for w in widths):
         raise UserError(f"--projector {args.projector}: expected widths like 8192-8192-8192")
     if args.lr <= 0:
-        raise UserError("--lr must be positive (the biases' rate is set relative to it)")
+        raise UserError("--lr must be positive (the biases' group runs at lr x --lr-biases / --lr)")
     return args
 
 

@@ -4,19 +4,23 @@ Grill, Strub, Altché, Tallec, Richemond et al., NeurIPS 2020, arXiv 2006.07733.
 Official code (JAX): github.com/google-deepmind/deepmind-research, folder byol
 
 An online network (ResNet, projector, predictor) predicts the projection that a target network
-(ResNet, projector) gives of another view of the same image. The target receives no gradients:
-it is an exponential moving average of the online network, its momentum tau rising from tau_base
-to 1 along a cosine. No negatives. Defaults are the paper's ImageNet recipe (ResNet-50, batch
-4096, LARS, lr 0.2 x batch/256, tau_base 0.996, 1000 epochs: 74.3% linear top-1); a shorter
---epochs takes the official config's preset for that budget (100 epochs: lr 0.45, tau_base 0.99,
-about 66.5% in the SimSiam paper's table 4). 32 px images switch to a CIFAR-10 recipe (ResNet-18
-with a 3x3 stem, batch 512, lr 1.0 x batch/256, tau_base 0.996, no blur, 800 epochs: 91.9% linear
-top-1 reported by the BYOL-HPC reproduction).
+(ResNet, projector) gives of another view of the same image. The target receives no gradients: it
+is an exponential moving average of the online network, its momentum tau rising from tau_base to 1
+along a cosine. No negatives. Defaults are the paper's ImageNet recipe (ResNet-50, batch 4096,
+LARS, lr 0.2 x batch/256, tau_base 0.996, 1000 epochs: 74.3% linear top-1); a shorter --epochs
+takes the official config's preset for that budget (100 epochs: lr 0.45, tau_base 0.99, about 66.5%
+in the SimSiam paper's table 4). Images of 64 px or less (CIFAR) switch to a CIFAR-10 recipe
+(ResNet-18 with a 3x3 stem, batch 512, lr 1.0 x batch/256, tau_base 0.996, no blur, 800 epochs:
+91.9% linear top-1 reported by the BYOL-HPC reproduction).
 
-    python byol.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, ~1 minute
+    python byol.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, 1-2 minutes
     python byol.py --data cifar10                                     # CIFAR-10 recipe
     torchrun --nproc_per_node=8 byol.py --data /imagenet              # ImageNet recipe, one node
     sbatch slurm/train.sbatch byol.py --data /imagenet                # Slurm
+
+The method, its equations, every implementation detail with its source (deviations from the
+official code included), both recipes and measured results: docs/byol.md. Shared flags:
+docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
 import copy
@@ -28,14 +32,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
-                    cleanup_distributed, describe_optimizer, distribute, end_epoch,
-                    exit_on_user_error, format_args, grad_scaler, knn_monitor, make_loader,
-                    online_probe, param_groups, recipe_values, resnet_backbone, resolve_precision,
-                    resolve_recipe, resume, save_args, save_checkpoint, seed_everything, set_lr,
-                    setup_distributed, ssl_view, stop_agreed, stop_and_requeue, unwrap,
-                    warmup_cosine)
+from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
+                         save_args)
+from common.log import Logger, Progress, UserError, exit_on_user_error
+from common.data import build_dataset, make_loader
+from common.augment import ViewPipeline, ssl_view
+from common.model import (autocast, distribute, grad_scaler, resnet_backbone, resolve_precision,
+                          unwrap)
+from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
+from common.dist import broadcast_object, cleanup_distributed, setup_distributed
+from common.probe import online_probe
+from common.knn import knn_monitor
+from common.checkpoint import StopSignal, resume, save_checkpoint, seed_everything
+from common.loop import end_epoch, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -53,7 +62,8 @@ SMALL_IMAGES = dict(arch="resnet18", epochs=800, batch_size=512, lr=1.0, weight_
 
 def imagenet_preset(epochs):
     """tau_base, base lr and weight decay of the official config for an ImageNet epoch budget
-    (presets at 40, 100, 300 and 1000 epochs; another budget takes the next preset up)."""
+    (presets at 40, 100, 300 and 1000 epochs; another budget takes tau and lr of the next preset
+    up, and weight decay 1.5e-6 only from 1000 epochs, 1e-6 below)."""
     tau_base, lr = ((0.97, 0.45) if epochs <= 40 else (0.99, 0.45) if epochs <= 100
                     else (0.99, 0.3) if epochs <= 300 else (0.996, 0.2))
     return dict(tau_base=tau_base, lr=lr, weight_decay=1.5e-6 if epochs >= 1000 else 1e-6)
@@ -72,7 +82,7 @@ def get_args(argv=None):
                    "cosine (ImageNet presets: 0.97 / 0.99 / 0.99 / 0.996 for 40 / 100 / 300 / "
                    "1000 epochs) " + both("tau_base"))
     g.add_argument("--tau-schedule", choices=["cosine", "constant"], default="cosine",
-                   help="cosine (default): tau rises from --tau-base to 1 (paper, section 3.2); "
+                   help="cosine (default): tau rises from --tau-base to 1 (paper, section 3.3); "
                         "constant: tau stays --tau-base, as MoCo's key encoder")
     g.add_argument("--blur-probs", type=float, nargs=2, metavar=("P1", "P2"),
                    help="Gaussian blur probability of view 1 and view 2 " + both("blur_probs"))
@@ -102,9 +112,10 @@ def get_args(argv=None):
 def byol_views(args):
     """Crop (0.08, 1) + flip + colour jitter (0.4, 0.4, 0.2, 0.1) at p 0.8 + grayscale p 0.2,
     then the asymmetric part: blur p 1.0 / 0.1 and solarize p 0.0 / 0.2 for views 1 / 2
-    (small images: no blur, which removes most of 32 px images' detail)."""
+    (small images: no blur, which removes most of 32 px images' detail). The crop is resized
+    bicubically, as the official utils/dataset.py."""
     return [ssl_view(args.img_size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
-                     gray_p=0.2, blur_p=blur_p, solarize_p=solarize_p)
+                     gray_p=0.2, blur_p=blur_p, solarize_p=solarize_p, interpolation="bicubic")
             for blur_p, solarize_p in zip(args.blur_probs, args.solarize_probs)]
 
 
@@ -132,9 +143,9 @@ def target_momentum(step, total_steps, tau_base, schedule="cosine"):
 @torch.no_grad()
 def ema_update(online, target, tau):
     """target <- tau * target + (1 - tau) * online for every parameter. The BN running
-    statistics are copied instead: the official code keeps a single BN state, the online
-    network's, which its target forward reads (in training mode the target normalises with
-    batch statistics, so its running statistics never shape its outputs)."""
+    statistics are copied instead. The official code keeps the target's own BN state, updated
+    by its own forward passes; both ways give the same outputs, since the target runs in
+    training mode and normalises with batch statistics, and only the online network is kept."""
     for p_online, p_target in zip(online.parameters(), target.parameters()):
         p_target.lerp_(p_online, 1.0 - tau)
     for b_online, b_target in zip(online.buffers(), target.buffers()):
@@ -154,6 +165,8 @@ class BYOL(nn.Module):
         self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=False)
         self.projector = mlp(self.backbone.feature_dim, hidden_dim, out_dim)
         self.predictor = mlp(out_dim, hidden_dim, out_dim)
+        # Deviation: the target starts as a copy of the online network; the official code draws
+        # it with its own seed and notes no significant difference (byol_experiment.py)
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
 

@@ -19,7 +19,7 @@ Slurm job (srun), and resumable, as the training scripts:
 Barlow Twins or VICReg ResNet release (common/weights.py), never unpickling code. The run
 directory (runs/linear_eval/<Slurm job id or timestamp>) gets args.json, log.jsonl, checkpoint.pt
 (every epoch and on SIGUSR1/SIGTERM: the same command resumes), linear_head.pt (weights and class
-names), result.json and, fine-tuned, backbone.pt.
+names), result.json and, fine-tuned, backbone.pt. All of it in detail: docs/evaluation.md.
 
     python linear_eval.py --ckpt runs/simclr/<run>/checkpoint.pt --data cifar10
     torchrun --nproc_per_node=8 linear_eval.py --ckpt runs/byol/<run>/checkpoint.pt --data /imagenet

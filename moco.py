@@ -3,18 +3,22 @@
 Chen, Fan, Girshick, He 2020, arXiv 2003.04297 (MoCo v1: He et al., CVPR 2020, arXiv 1911.05722).
 Official code (PyTorch): github.com/facebookresearch/moco
 
-A query encoder (ResNet + MLP head) is trained to pick the key of the other view of its image
-among a queue of 65536 keys of earlier batches; the key encoder is a momentum copy of the query
-encoder and receives no gradient. Defaults are the paper's ImageNet recipe (ResNet-50, batch 256,
-SGD lr 0.03, temperature 0.2, cosine, 200 epochs: 67.5% linear top-1; 800 epochs: 71.1%).
-32 px images switch to the official CIFAR-10 demo's settings (ResNet-18 with a 3x3 stem, batch
-512, lr 0.06, queue 4096, momentum 0.99, temperature 0.1, 200 epochs), for which the demo
-reports 82.6% kNN top-1 (85.3% with the symmetric loss) after 200 epochs.
+A query encoder (ResNet + MLP head) is trained to pick the key of the other view of its image among
+a queue of 65536 keys of earlier batches; the key encoder is a momentum copy of the query encoder
+and receives no gradient. Defaults are the paper's ImageNet recipe (ResNet-50, batch 256, SGD lr
+0.03, temperature 0.2, cosine, 200 epochs: 67.5% linear top-1; 800 epochs: 71.1%). Images of 64 px
+or less (CIFAR) switch to the official CIFAR-10 demo's settings (ResNet-18 with a 3x3 stem, batch
+512, lr 0.06, queue 4096, momentum 0.99, temperature 0.1, 200 epochs), for which the demo reports
+82.6% kNN top-1 (85.3% with the symmetric loss) after 200 epochs.
 
-    python moco.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, ~1 minute
+    python moco.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, 1-2 minutes
     python moco.py --data cifar10                                     # CIFAR-10 recipe
     torchrun --nproc_per_node=8 moco.py --data /imagenet              # ImageNet recipe, one node
     sbatch slurm/train.sbatch moco.py --data /imagenet                # Slurm
+
+The method, its equations, every implementation detail with its source (deviations from the
+official code included), both recipes and measured results: docs/moco.md. Shared flags:
+docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
 import copy
@@ -26,14 +30,20 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    all_gather_tensor, autocast, broadcast_object, build_dataset, build_optimizer,
-                    check_batch, cleanup_distributed, describe_optimizer, distribute, end_epoch,
-                    exit_on_user_error, format_args, get_rank, get_world_size, grad_scaler,
-                    knn_monitor, make_loader, online_probe, recipe_values, resnet_backbone,
-                    resolve_precision, resolve_recipe, resume, save_args, save_checkpoint,
-                    seed_everything, set_lr, setup_distributed, ssl_view, stop_agreed,
-                    stop_and_requeue, unwrap, warmup_cosine)
+from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
+                         save_args)
+from common.log import Logger, Progress, UserError, exit_on_user_error
+from common.data import build_dataset, make_loader
+from common.augment import ViewPipeline, ssl_view
+from common.model import (autocast, distribute, grad_scaler, resnet_backbone, resolve_precision,
+                          unwrap)
+from common.optim import build_optimizer, describe_optimizer, set_lr, warmup_cosine
+from common.dist import (all_gather_tensor, broadcast_object, cleanup_distributed, get_rank,
+                         get_world_size, setup_distributed)
+from common.probe import online_probe
+from common.knn import knn_monitor
+from common.checkpoint import StopSignal, resume, save_checkpoint, seed_everything
+from common.loop import end_epoch, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -42,7 +52,9 @@ from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_c
 # repository (the paper has no CIFAR recipe): batch 512, lr 0.06 (= 0.03 x 512/256 here),
 # weight decay 5e-4, queue 4096, momentum 0.99, temperature 0.1, 200 epochs, no blur, 8 BN
 # splits. We keep MoCo v2's MLP head and (0.2, 1) crop there; the demo uses a linear head and
-# torchvision's default (0.08, 1) crop.
+# torchvision's default (0.08, 1) crop. Deviation: the inputs are normalised with the ImageNet
+# statistics, as in every script here and in linear_eval.py (a checkpoint carries no statistics
+# of its own), where the demo uses CIFAR-10's.
 IMAGENET = dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4,
                 temperature=0.2, queue_size=65536, moco_momentum=0.999, blur_prob=0.5)
 SMALL_IMAGES = dict(arch="resnet18", epochs=200, batch_size=512, lr=0.03, weight_decay=5e-4,

@@ -3,20 +3,24 @@
 Chen, Kornblith, Norouzi, Hinton, ICML 2020, arXiv 2002.05709.
 Official code (TensorFlow): github.com/google-research/simclr
 
-Two augmented views of each image go through a ResNet and a small MLP projector; the NT-Xent
-loss pulls the two views of an image together and pushes them away from the 2N - 2 other views
-of the global batch. Defaults are the paper's ImageNet recipe (ResNet-50, batch 4096, LARS,
-lr 0.3 x batch/256, temperature 0.1, 100 epochs: 64.5% linear top-1 in the paper's figure B.1;
-1000 epochs: 69.3%). 32 px images switch to the CIFAR-10 recipe of the official code
-(ResNet-18 with a 3x3 stem, batch 512, temperature 0.5, colour strength 0.5, no blur, 1000
-epochs: about 91% linear top-1 reported by the official README; 94.0% in the paper with a ResNet-50).
-Options: multi-crop (--num-crops 2 4 --crop-sizes 160 96 --crop-scales 0.08 1 0.05 0.14, as
-VISSL's multi-crop SimCLR) and SimCLR v2's 3-layer projector (--proj-layers 3).
+Two augmented views of each image go through a ResNet and a small MLP projector; the NT-Xent loss
+pulls the two views of an image together and pushes them away from the 2N - 2 other views of the
+global batch. Defaults are the paper's ImageNet recipe (ResNet-50, batch 4096, LARS, lr 0.3 x
+batch/256, temperature 0.1, 100 epochs: about 64.5% linear top-1 by the official README; 1000
+epochs: 69.3%). Images of 64 px or less (CIFAR) switch to the CIFAR-10 recipe of the official code
+(ResNet-18 with a 3x3 stem, batch 512, temperature 0.5, colour strength 0.5, no blur, 1000 epochs:
+about 91% linear top-1 reported by the official README; 94.0% in the paper with a ResNet-50).
+Options: multi-crop (--num-crops 2 4 --crop-sizes 160 96 --crop-scales 0.08 1 0.05 0.14, as VISSL's
+multi-crop SimCLR) and SimCLR v2's 3-layer projector (--proj-layers 3).
 
-    python simclr.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, ~1 minute
+    python simclr.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, 1-2 minutes
     python simclr.py --data cifar10                                   # CIFAR-10 recipe
     torchrun --nproc_per_node=8 simclr.py --data /imagenet            # ImageNet recipe, one node
     sbatch slurm/train.sbatch simclr.py --data /imagenet              # Slurm
+
+The method, its equations, every implementation detail with its source (deviations from the
+official code included), both recipes and measured results: docs/simclr.md. Shared flags:
+docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
 import os
@@ -26,14 +30,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
-                    cleanup_distributed, describe_optimizer, distribute, end_epoch,
-                    exit_on_user_error, features_by_resolution, format_args, gather_with_grad,
-                    get_rank, grad_scaler, knn_monitor, make_loader, multi_crop, online_probe,
-                    param_groups, recipe_values, resnet_backbone, resolve_precision, resolve_recipe,
-                    resume, save_args, save_checkpoint, seed_everything, set_lr, setup_distributed,
-                    stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
+                         save_args)
+from common.log import Logger, Progress, UserError, exit_on_user_error
+from common.data import build_dataset, make_loader
+from common.augment import ViewPipeline, multi_crop
+from common.model import (autocast, distribute, features_by_resolution, grad_scaler,
+                          resnet_backbone, resolve_precision, unwrap)
+from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
+from common.dist import (broadcast_object, cleanup_distributed, gather_with_grad, get_rank,
+                         setup_distributed)
+from common.probe import online_probe
+from common.knn import knn_monitor
+from common.checkpoint import StopSignal, resume, save_checkpoint, seed_everything
+from common.loop import end_epoch, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -100,9 +110,10 @@ def simclr_crops(args):
     crops of crop_sizes[i] px covering crop_scales[i] (common.multi_crop)."""
     s = args.color_strength
     scales = list(zip(args.crop_scales[::2], args.crop_scales[1::2]))
+    # bicubic resize of the crop, as the official data_util.py crop_and_resize (resize_bicubic)
     return multi_crop(args.num_crops, args.crop_sizes, scales,
                       jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
-                      blur_p=args.blur_prob)
+                      blur_p=args.blur_prob, interpolation="bicubic")
 
 
 # ------------------------------------------------------------------------------- model

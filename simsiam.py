@@ -3,19 +3,24 @@
 Chen, He, CVPR 2021, arXiv 2011.10566.
 Official code (PyTorch): github.com/facebookresearch/simsiam
 
-Two augmented views of each image go through the same encoder f (ResNet + projection MLP) and
-a prediction MLP h; each view's prediction is pulled towards the other view's encoder output
-held constant (stop-gradient). No negatives, no momentum encoder: the stop-gradient alone keeps
-the outputs from collapsing, which the script watches through the std of the normalised output.
+Two augmented views of each image go through the same encoder f (ResNet + projection MLP) and a
+prediction MLP h; each view's prediction is pulled towards the other view's encoder output held
+constant (stop-gradient). No negatives, no momentum encoder: the stop-gradient alone keeps the
+outputs from collapsing, which the script watches through the std of the normalised output.
 Defaults are the paper's ImageNet recipe (ResNet-50, batch 512, SGD, lr 0.05 x batch/256, weight
 decay 1e-4, cosine, the predictor's lr fixed, 100 epochs: 68.1% linear top-1, official README).
-32 px images switch to the paper's CIFAR-10 recipe (appendix D: ResNet-18 with a 3x3 stem,
-2-layer projector, lr 0.03 x batch/256, weight decay 5e-4, no blur, 800 epochs: 91.8% linear).
+Images of 64 px or less (CIFAR) switch to the paper's CIFAR-10 recipe (appendix D: ResNet-18 with a
+3x3 stem, 2-layer projector, lr 0.03 x batch/256, weight decay 5e-4, no blur, 800 epochs: 91.8%
+linear).
 
-    python simsiam.py --data synthetic --arch resnet18 --epochs 1     # CPU smoke run, ~1 minute
+    python simsiam.py --data synthetic --arch resnet18 --epochs 1     # CPU smoke run, 1-2 minutes
     python simsiam.py --data cifar10                                  # CIFAR-10 recipe
     torchrun --nproc_per_node=8 simsiam.py --data /imagenet           # ImageNet recipe, one node
     sbatch slurm/train.sbatch simsiam.py --data /imagenet             # Slurm
+
+The method, its equations, every implementation detail with its source (deviations from the
+official code included), both recipes and measured results: docs/simsiam.md. Shared flags:
+docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
 import os
@@ -25,13 +30,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
-                    cleanup_distributed, describe_optimizer, distribute, end_epoch,
-                    exit_on_user_error, format_args, grad_scaler, knn_monitor, make_loader,
-                    online_probe, recipe_values, resnet_backbone, resolve_precision, resolve_recipe,
-                    resume, save_args, save_checkpoint, seed_everything, setup_distributed,
-                    ssl_view, stop_agreed, stop_and_requeue, unwrap, warmup_cosine)
+from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
+                         save_args)
+from common.log import Logger, Progress, UserError, exit_on_user_error
+from common.data import build_dataset, make_loader
+from common.augment import ViewPipeline, ssl_view
+from common.model import (autocast, distribute, grad_scaler, resnet_backbone, resolve_precision,
+                          unwrap)
+from common.optim import build_optimizer, describe_optimizer, warmup_cosine
+from common.dist import broadcast_object, cleanup_distributed, setup_distributed
+from common.probe import online_probe
+from common.knn import knn_monitor
+from common.checkpoint import StopSignal, resume, save_checkpoint, seed_everything
+from common.loop import end_epoch, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -139,7 +150,8 @@ def output_std(z):
 
 def simsiam_optimizer(model, args):
     """--optimizer (official: SGD, momentum 0.9) with weight decay on EVERY parameter, BN and
-    biases included (paper appendix A; unlike LARS methods there is no exclusion). Two groups:
+    biases included (paper appendix A; unlike LARS methods there is no exclusion; with
+    --optimizer lars, build_optimizer excludes 1-D parameters as every LARS recipe). Two groups:
     the predictor, flagged `fix_lr` if its rate stays at the peak, and everything else."""
     model = unwrap(model)
     predictor = list(model.predictor.parameters())

@@ -7,16 +7,21 @@ Several crops of each image (multi-crop: 2 large + 6 small) go through a ResNet,
 and an L2 normalisation; their scores against K = 3000 learnable unit prototypes are turned into
 soft cluster assignments ("codes") by a few Sinkhorn-Knopp iterations that spread the global batch
 evenly over the prototypes. Each of the two large crops' codes is predicted from every other crop
-(swapped prediction). Defaults are the official 800-epoch recipe (ResNet-50, batch 4096, LARS,
-lr 0.3 x batch/256 = 4.8, 2 x 224 + 6 x 96 crops: 75.3% linear top-1 in the official README;
-200 epochs at batch 256 with a queue: 72.7%). 32 px images switch to solo-learn's CIFAR settings
-(the paper has none: ResNet-18 with a 3x3 stem, batch 256, lr 0.6, two 32 px crops, a queue of
-3840 from epoch 50, 1000 epochs: 89.2% linear top-1 reported by solo-learn, online classifier).
+(swapped prediction). Defaults are the official 800-epoch recipe (ResNet-50, batch 4096, LARS, lr
+0.3 x batch/256 = 4.8, 2 x 224 + 6 x 96 crops: 75.3% linear top-1 in the official README; 200
+epochs at batch 256 with a queue: 72.7%). Images of 64 px or less (CIFAR) switch to solo-learn's
+CIFAR settings (the paper has none: ResNet-18 with a 3x3 stem, batch 256, lr 0.6, two 32 px crops,
+a queue of 3840 from epoch 50, 1000 epochs: 89.2% linear top-1 reported by solo-learn, online
+classifier).
 
-    python swav.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, ~1 minute
+    python swav.py --data synthetic --arch resnet18 --epochs 1        # CPU smoke run, 1-2 minutes
     python swav.py --data cifar10                                     # CIFAR-10 settings
     torchrun --nproc_per_node=8 swav.py --data /imagenet              # ImageNet recipe, one node
     sbatch slurm/train.sbatch swav.py --data /imagenet                # Slurm
+
+The method, its equations, every implementation detail with its source (deviations from the
+official code included), both recipes and measured results: docs/swav.md. Shared flags:
+docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
 import os
@@ -26,23 +31,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    all_gather_tensor, all_reduce_with_grad, autocast, broadcast_object,
-                    build_dataset, build_optimizer, check_batch, cleanup_distributed,
-                    describe_optimizer, distribute, end_epoch, exit_on_user_error,
-                    features_by_resolution, format_args, get_world_size, grad_scaler, knn_monitor,
-                    make_loader, multi_crop, online_probe, param_groups, recipe_values,
-                    resnet_backbone, resolve_precision, resolve_recipe, resume, save_args,
-                    save_checkpoint, seed_everything, set_lr, setup_distributed, stop_agreed,
-                    stop_and_requeue, unwrap, warmup_cosine)
+from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
+                         save_args)
+from common.log import Logger, Progress, UserError, exit_on_user_error
+from common.data import build_dataset, make_loader
+from common.augment import ViewPipeline, multi_crop
+from common.model import (autocast, distribute, features_by_resolution, grad_scaler,
+                          resnet_backbone, resolve_precision, unwrap)
+from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
+from common.dist import (all_gather_tensor, all_reduce_with_grad, broadcast_object,
+                         cleanup_distributed, get_world_size, setup_distributed)
+from common.probe import online_probe
+from common.knn import knn_monitor
+from common.checkpoint import StopSignal, resume, save_checkpoint, seed_everything
+from common.loop import end_epoch, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
 # The official 800-epoch recipe (scripts/swav_800ep_pretrain.sh: base lr 4.8 = 0.3 x 4096/256,
-# warmup from 0.3, prototypes frozen for 313 iterations = one epoch, no queue) and, for images
-# <= 64 px, solo-learn's CIFAR settings, since the paper gives no CIFAR recipe: two 32 px crops
-# only (a 32 px image leaves too little to take smaller crops from; solo-learn also uses 2 crops),
-# no blur, queue 3840 from epoch 50, prototypes frozen 2 epochs. Any flag given wins.
+# warmup from 0.3, prototypes frozen for 313 iterations = about one epoch, no queue) and, for images
+# <= 64 px, solo-learn's CIFAR hyperparameters, since the paper gives no CIFAR recipe: two 32 px
+# crops only (a 32 px image leaves too little to take smaller crops from; solo-learn also uses 2
+# crops), queue 3840 from epoch 50, prototypes frozen 2 epochs. Not solo-learn's: its views (crop
+# scale 0.08, blur p 0.5: we keep SwAV's 0.14 and drop the blur as every small-image recipe here),
+# its LARS (eta 0.02, clipped) and its warmup from 3e-5 to a cosine to 0; docs/swav.md lists them.
+# Any flag given wins.
 IMAGENET = dict(arch="resnet50", epochs=800, batch_size=4096, lr=0.3, weight_decay=1e-6,
                 warmup_epochs=10, warmup_start_lr=0.3, blur_prob=0.5, num_crops=(2, 6),
                 crop_scales=(0.14, 1.0, 0.05, 0.14), queue_start_epoch=15,
@@ -85,7 +98,7 @@ def get_args(argv=None):
                    "queue " + both("queue_start_epoch"))
     g.add_argument("--freeze-prototypes-epochs", type=float, help="epochs during which the "
                    "prototypes get no update (official: 313 iterations at batch 4096, 5005 at "
-                   "batch 256, one epoch each) " + both("freeze_prototypes_epochs"))
+                   "batch 256, about one epoch each) " + both("freeze_prototypes_epochs"))
     g.add_argument("--warmup-epochs", type=float, help="linear lr warmup " + both("warmup_epochs"))
     g.add_argument("--warmup-start-lr", type=float, help="absolute lr at step 0 of the warmup "
                    "(official: 0.3 before a peak of 4.8) " + both("warmup_start_lr"))

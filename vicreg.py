@@ -3,19 +3,23 @@
 Bardes, Ponce, LeCun, ICLR 2022, arXiv 2105.04906.
 Official code: github.com/facebookresearch/vicreg
 
-Two augmented views of each image go through a ResNet and an expander MLP; the loss has three
-terms and no negatives: invariance (mean squared distance between the two embeddings of an
-image), variance (a hinge keeping the std of every embedding dimension over the batch above 1)
-and covariance (pushes the off-diagonal covariances of the embedding dimensions to 0). Defaults
-are the paper's ImageNet recipe (ResNet-50, expander 8192-8192-8192, batch 2048, LARS, lr 0.2 x
-batch/256, coefficients 25 / 25 / 1, 1000 epochs: 73.2% linear top-1). 32 px images switch to a
-CIFAR-10 recipe (ResNet-18 with a 3x3 stem, expander 2048-2048-2048, batch 256, lr 0.3, wd 1e-4,
-no blur, 1000 epochs: solo-learn reports 92.1% linear top-1 with its online linear probe).
+Two augmented views of each image go through a ResNet and an expander MLP; the loss has three terms
+and no negatives: invariance (mean squared distance between the two embeddings of an image),
+variance (a hinge keeping the std of every embedding dimension over the batch above 1) and
+covariance (pushes the off-diagonal covariances of the embedding dimensions to 0). Defaults are the
+paper's ImageNet recipe (ResNet-50, expander 8192-8192-8192, batch 2048, LARS, lr 0.2 x batch/256,
+coefficients 25 / 25 / 1, 1000 epochs: 73.2% linear top-1). Images of 64 px or less (CIFAR) switch
+to a CIFAR-10 recipe (ResNet-18 with a 3x3 stem, expander 2048-2048-2048, batch 256, lr 0.3, wd
+1e-4, no blur, 1000 epochs: solo-learn reports 92.1% linear top-1 with its online linear probe).
 
-    python vicreg.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, ~1 minute
+    python vicreg.py --data synthetic --arch resnet18 --epochs 1      # CPU smoke run, 1-2 minutes
     python vicreg.py --data cifar10                                   # CIFAR-10 recipe
     torchrun --nproc_per_node=8 vicreg.py --data /imagenet            # ImageNet recipe, one node
     sbatch slurm/train.sbatch vicreg.py --data /imagenet              # Slurm
+
+The method, its equations, every implementation detail with its source (deviations from the
+official code included), both recipes and measured results: docs/vicreg.md. Shared flags:
+docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
 import os
@@ -25,14 +29,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Logger, Progress, StopSignal, UserError, ViewPipeline, add_common_args,
-                    autocast, broadcast_object, build_dataset, build_optimizer, check_batch,
-                    cleanup_distributed, describe_optimizer, distribute, end_epoch,
-                    exit_on_user_error, format_args, gather_with_grad, grad_scaler, knn_monitor,
-                    make_loader, online_probe, param_groups, recipe_values, resnet_backbone,
-                    resolve_precision, resolve_recipe, resume, save_args, save_checkpoint,
-                    seed_everything, set_lr, setup_distributed, ssl_view, stop_agreed,
-                    stop_and_requeue, unwrap, warmup_cosine)
+from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
+                         save_args)
+from common.log import Logger, Progress, UserError, exit_on_user_error
+from common.data import build_dataset, make_loader
+from common.augment import ViewPipeline, ssl_view
+from common.model import (autocast, distribute, grad_scaler, resnet_backbone, resolve_precision,
+                          unwrap)
+from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
+from common.dist import broadcast_object, cleanup_distributed, gather_with_grad, setup_distributed
+from common.probe import online_probe
+from common.knn import knn_monitor
+from common.checkpoint import StopSignal, resume, save_checkpoint, seed_everything
+from common.loop import end_epoch, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -58,8 +67,8 @@ def get_args(argv=None):
     add_common_args(p, "vicreg", IMAGENET, SMALL_IMAGES)
     both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
     g = p.add_argument_group("VICReg", "--lr: the paper's base rates for small batches (appendix "
-                             "C.4) are 0.8 at batch 128, 0.5 at 256, 0.4 at 512, 0.3 above (the "
-                             "official README's batch-512 command uses 0.3)")
+                             "C.4) are 0.8 at batch 128, 0.5 at 256, 0.4 at 512 (the official "
+                             "README's batch-512 command uses 0.3)")
     g.add_argument("--sim-coeff", type=float, default=25.0,
                    help="invariance coefficient lambda (paper: 25)")
     g.add_argument("--std-coeff", type=float, default=25.0,

@@ -80,7 +80,8 @@ def add_common_args(parser, method, imagenet, small, optimizer="lars", sync_bn="
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay " + both("weight_decay"))
     g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default=optimizer,
                    help=f"(default: {optimizer}, the official code's). lars: LARS as the official "
-                        "SimCLR/BYOL/Barlow Twins/VICReg code, 1-D parameters excluded; sgd: "
+                        "SimCLR/BYOL/Barlow Twins/VICReg code, 1-D parameters neither decayed nor "
+                        "adapted (for every method); sgd: "
                         "SGD with momentum; adamw: AdamW (--lr is then yours to choose: the "
                         "recipes' rates are SGD/LARS rates). The choice is printed at start")
     g.add_argument("--momentum", type=float, default=0.9,

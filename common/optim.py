@@ -57,11 +57,26 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def lars_split(group):
+    """A group without a `lars_exclude` flag, split into its weights (as given) and its 1-D
+    parameters (no weight decay, no LARS adaptation); empty parts are dropped."""
+    if "lars_exclude" in group:
+        return [group]
+    weights = [p for p in group["params"] if p.ndim > 1]
+    one_d = [p for p in group["params"] if p.ndim <= 1]
+    return [part for part in (dict(group, params=weights, lars_exclude=False),
+                              dict(group, params=one_d, weight_decay=0.0, lars_exclude=True))
+            if part["params"]]
+
+
 def build_optimizer(groups, args):
     """The optimizer of --optimizer over `groups` (dicts holding their own weight decay; LARS
     reads `lars_exclude`), with --momentum (AdamW: beta1) and LARS's --lars-eta and --lars-clip.
     Its learning rate starts at 0: every script sets it at every step."""
     if args.optimizer == "lars":
+        # LARS as every official LARS recipe runs it: 1-D parameters neither decayed nor adapted,
+        # also for the groups of a method whose SGD recipe decays everything (MoCo, SimSiam)
+        groups = [part for group in groups for part in lars_split(group)]
         return LARS(groups, lr=0.0, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=args.momentum)

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import barlow
-from common import all_gather_tensor, cleanup_distributed, distribute, setup_distributed
+from common.model import distribute
+from common.dist import all_gather_tensor, cleanup_distributed, setup_distributed
 
 GLOBAL_BATCH, IN_DIM, FEATURES, DIM, LAMBD = 16, 12, 24, 10, 0.05
 

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common import all_gather_tensor, cleanup_distributed, distribute, setup_distributed
+from common.model import distribute
+from common.dist import all_gather_tensor, cleanup_distributed, setup_distributed
 import simclr
 
 

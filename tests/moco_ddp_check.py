@@ -11,7 +11,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from common import all_gather_tensor, cleanup_distributed, distribute, setup_distributed, unwrap
+from common.model import distribute, unwrap
+from common.dist import all_gather_tensor, cleanup_distributed, setup_distributed
 import moco
 
 GLOBAL_BATCH, QUEUE, STEPS, MOMENTUM, TEMPERATURE = 8, 16, 3, 0.9, 0.2

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import swav
-from common import all_gather_tensor, cleanup_distributed, distribute, setup_distributed, unwrap
+from common.model import distribute, unwrap
+from common.dist import all_gather_tensor, cleanup_distributed, setup_distributed
 
 GLOBAL_BATCH, SIZES, PROTOTYPES, DIM, QUEUE, STEPS, LR = 8, (12, 12, 8, 8), 10, 6, 8, 2, 0.5
 TEMPERATURE, EPSILON, ITERS = 0.1, 0.05, 3

@@ -181,14 +181,15 @@ FLAGS = ["simclr.py", "--data", "synthetic", "--arch", "resnet18", "--img-size",
 
 def test_the_three_pipelines_train_on_the_same_views(tmp_path):
     """SimCLR's small-image recipe has no blur: the fast and torchvision pipelines give the same
-    views up to the resize's rounding, so the first step's loss (same initial network) agrees
-    to 1e-4; the --gpu-aug run draws its colour parameters elsewhere and differs by more."""
+    views up to the bicubic resize's rounding (up to 3 levels), so the first step's loss (same
+    initial network) agrees to 5e-4; the --gpu-aug run draws its colour parameters elsewhere
+    and differs by more."""
     losses = {}
     for name, flag in (("fast", []), ("torchvision", ["--torchvision-aug"]), ("gpu", ["--gpu-aug"])):
         ok(run([*FLAGS, "--epochs", "1", *flag, "--run-dir", tmp_path / name]))
         losses[name] = read_log(tmp_path / name)[0]["loss"]
-    assert losses["fast"] == pytest.approx(losses["torchvision"], rel=1e-4)
-    assert losses["gpu"] != pytest.approx(losses["torchvision"], rel=1e-3)
+    assert losses["fast"] == pytest.approx(losses["torchvision"], rel=5e-4)
+    assert losses["gpu"] != pytest.approx(losses["torchvision"], rel=2e-3)
 
 
 def test_device_pipeline_agrees_statistically_with_the_reference():
@@ -234,7 +235,7 @@ def test_device_augmentation_run_resumes_exactly(tmp_path, monkeypatch, capsys, 
     of an uninterrupted one. In-process, the signal sent by the loader's iterator as it hands
     out epoch 2's second batch."""
     import simclr
-    from common import Progress
+    from common.log import Progress
 
     class SignalInEpochTwo(Progress):
         def __iter__(self):

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from barlow import (BarlowTwins, barlow_optimizer, barlow_twins_loss, barlow_views, get_args,
                     main)
-from common import set_lr
+from common.optim import set_lr
 from tests import barlow_ddp_check as ddp
 from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_signal
 

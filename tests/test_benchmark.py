@@ -87,6 +87,19 @@ def test_the_readme_tables_are_rendered_from_the_json(bench, tmp_path):
     assert "| simclr | 1 | 32 |" in text
     assert "synthetic; resnet18, 1 epoch, 16 px, batch 32, --log-every 1; linear probe: cached" in text
 
+    # a page of one method: its row only, the figure's path relative to the page
+    page = out.parent / "docs" / "simclr.md"
+    page.parent.mkdir()
+    page.write_text(f"<!-- results: ../{out.name} methods=simclr -->\n<!-- /results -->\n")
+    assert benchmark.main(["--render-readme", str(readme), str(page)]) == 0
+    text = page.read_text()
+    assert "| simclr | 1 | 32 |" in text and "| moco |" not in text
+    assert f"](../{out.name}/curves.png)" in text or not (out / "curves.png").exists()
+    assert readme.read_text().count("| moco |") == 1  # the README's block is unchanged
+    page.write_text(f"<!-- results: ../{out.name} methods=dino -->\n<!-- /results -->\n")
+    with pytest.raises(SystemExit, match="no dino in"):
+        benchmark.main(["--render-readme", str(page)])
+
 
 def test_a_class_balanced_subset_is_linked(tmp_path):
     root = make_image_folder(tmp_path / "images", classes=3, train_per_class=5, val_per_class=2)

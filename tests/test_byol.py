@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from byol import BYOL, byol_loss, byol_views, ema_update, get_args
-from common import LARS, param_groups, set_lr, warmup_cosine
+from common.optim import LARS, param_groups, set_lr, warmup_cosine
 from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, ok, read_log, run,
                            run_until_signal)
 

@@ -6,8 +6,12 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from common import (LARS, UserError, gather_with_grad, infer_arch, knn_predict, make_loader,
-                    param_groups, resnet_backbone, warmup_cosine)
+from common.log import UserError
+from common.data import make_loader
+from common.model import infer_arch, resnet_backbone
+from common.optim import LARS, param_groups, warmup_cosine
+from common.dist import gather_with_grad
+from common.knn import knn_predict
 from common.checkpoint import atomic_save, load_checkpoint, save_checkpoint
 from common.augment import FastView, ssl_view
 from common.data import SyntheticImages

@@ -8,7 +8,8 @@ device's arithmetic. TF32 is turned off (NVIDIA_TF32_OVERRIDE=0) so that fp32 me
 import pytest
 import torch
 
-from common import ViewPipeline, distribute, ssl_view
+from common.augment import ViewPipeline, ssl_view
+from common.model import distribute
 from tests.helpers import TINY, ok, read_log, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -9,7 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moco
-from common import ViewPipeline, build_dataset, make_loader, resnet_backbone
+from common.data import build_dataset, make_loader
+from common.augment import ViewPipeline
+from common.model import resnet_backbone
 from tests import moco_ddp_check as ddp
 from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, ok, read_log, run,
                            run_until_signal)

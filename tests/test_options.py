@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import LARS, UserError, format_args, param_groups
+from common.args import format_args
+from common.log import UserError
+from common.optim import LARS, param_groups
 from tests.helpers import TINY, assert_same_tensors, read_log
 
 METHODS = ["simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg"]
@@ -88,6 +90,41 @@ def test_the_chosen_optimizer_trains(choice, tmp_path, capsys):
         assert (group["eta"], group["clip"]) == (0.02, True) and "momentum_buffer" in state
         assert "(LARS, momentum 0.9, eta 0.02, clipped;" in out
     assert torch.isfinite(torch.tensor(read_log(tmp_path)[-1]["loss"]))
+
+
+def test_lars_leaves_1d_parameters_alone_for_every_method():
+    """--optimizer lars on MoCo (one group, SGD's decay on everything) and SimSiam (the
+    predictor's own group): every 1-D parameter lands in a group without weight decay or LARS
+    adaptation, every weight keeps its decay, and SimSiam's fixed-lr predictor flag survives."""
+    import moco
+    import simsiam
+    from common.optim import LARS
+    for script, build in ((moco, lambda m, a: moco.build_optimizer(
+            [{"params": list(m.parameters()), "weight_decay": a.weight_decay}], a)),
+                          (simsiam, simsiam.simsiam_optimizer)):
+        args = script.get_args(["--data", "synthetic", "--arch", "resnet18", "--optimizer", "lars",
+                                "--weight-decay", "0.5"])
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+        if script is simsiam:
+            model.predictor = nn.Linear(2, 2)
+            args.fix_pred_lr = True
+        opt = build(model, args)
+        assert isinstance(opt, LARS)
+        seen = 0
+        for group in opt.param_groups:
+            for p in group["params"]:
+                seen += 1
+                assert group["lars_exclude"] == (p.ndim == 1)
+                assert group["weight_decay"] == (0.0 if p.ndim == 1 else 0.5)
+        assert seen == len(list(model.parameters()))
+        if script is simsiam:
+            assert [g["fix_lr"] for g in opt.param_groups if g["params"][0] is
+                    model.predictor.weight] == [True]
+    # the control: SGD keeps MoCo's single group, decay on every parameter
+    args = moco.get_args(["--data", "synthetic", "--weight-decay", "0.5"])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    opt = moco.build_optimizer([{"params": list(model.parameters()), "weight_decay": 0.5}], args)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.5
 
 
 def test_save_every_keeps_resumable_epochs(tmp_path):

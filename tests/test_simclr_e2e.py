@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from common import resnet_backbone
+from common.model import resnet_backbone
 from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, make_image_folder, ok,
                            read_log, run, run_until_signal, signal_when_logged)
 
@@ -171,7 +171,7 @@ def test_stop_signal_in_one_step_epochs(tmp_path, monkeypatch):
     taken once the epoch is saved. In-process, with the signal sent by the loader's iterator while
     it hands out epoch 2's batch; then the run resumes and ends exactly as an uninterrupted one."""
     import simclr
-    from common import Progress
+    from common.log import Progress
 
     epochs_started = []
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import simclr
-from common import ssl_view
+from common.augment import ssl_view
 from tests.ddp_check import make_crops, make_model, multi_crop_grads_and_loss
 from tests.helpers import ok, run
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import warmup_cosine
+from common.optim import warmup_cosine
 from simsiam import (SimSiam, get_args, output_std, set_simsiam_lr, simsiam_loss,
                      simsiam_optimizer)
 from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_signal

@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from common import LARS, UserError, ViewPipeline, build_dataset, param_groups, set_lr
+from common.log import UserError
+from common.data import build_dataset
+from common.augment import ViewPipeline
+from common.optim import LARS, param_groups, set_lr
 from swav import SwAV, get_args, push_queue, sinkhorn, swav_crops, swav_loss
 from tests import swav_ddp_check as ddp
 from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, ok, read_log, run,

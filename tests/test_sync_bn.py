@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from common import UserError
+from common.log import UserError
 from tests.helpers import ok, run
 
 

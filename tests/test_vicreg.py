@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import vicreg
-from common import UserError, ViewPipeline, build_dataset, make_loader, resnet_backbone
+from common.log import UserError
+from common.data import build_dataset, make_loader
+from common.augment import ViewPipeline
+from common.model import resnet_backbone
 from tests import vicreg_ddp_check as ddp
 from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_signal
 

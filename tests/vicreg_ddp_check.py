@@ -3,7 +3,7 @@
 Each rank takes its half of a fixed global batch and runs vicreg.py's model-side code (the
 forward of vicreg.VICReg: one pass per view in a single DDP call) on a small network without
 BatchNorm, wrapped by common.distribute (DDP), then vicreg.vicreg_loss, which gathers the
-embeddings through common.gather_with_grad. BatchNorm is left out because SyncBatchNorm does not
+embeddings through common.dist.gather_with_grad. BatchNorm is left out because SyncBatchNorm does not
 exist on CPU: per-process BN statistics would make the comparison with one process inexact.
 Rank 0 saves every rank's loss and terms and the DDP-averaged gradients. Two controls save the
 gradients obtained with a broken gather: common.all_gather_tensor (no gradient at all through
@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common import all_gather_tensor, cleanup_distributed, distribute, get_rank, setup_distributed
+from common.model import distribute
+from common.dist import all_gather_tensor, cleanup_distributed, get_rank, setup_distributed
 import vicreg
 
 GLOBAL_BATCH, COEFFS = 8, (25.0, 25.0, 1.0)

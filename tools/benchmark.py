@@ -3,7 +3,7 @@
     python tools/benchmark.py --data cifar10 --methods all --arch resnet18 --epochs 200 \\
         --out results/cifar10-200ep
     python tools/benchmark.py ... --nproc-per-node 8 -- --precision bf16   # flags for every method
-    python tools/benchmark.py --render-readme README.md                    # refresh its tables
+    python tools/benchmark.py --render-readme README.md docs/*.md          # refresh its tables
 
 Each method's script runs as a subprocess (through torchrun with --nproc-per-node N > 1) in its own
 run directory, OUT/runs/<method>; then linear_eval.py evaluates its backbone.pt: weighted kNN top-1
@@ -70,8 +70,9 @@ def get_args(argv=None):
     p.add_argument("--linear-batch-size", type=int, help="default: linear_eval.py's (512 at 32 px)")
     p.add_argument("--method-flags", nargs="*", default=[], metavar="METHOD=FLAGS",
                    help="flags for one method only, e.g. simclr='--warmup-epochs 1'")
-    p.add_argument("--render-readme", type=Path, metavar="README", help="only re-render the "
-                   "tables between <!-- results: FOLDER --> and <!-- /results --> in README")
+    p.add_argument("--render-readme", type=Path, nargs="+", metavar="MD", help="only re-render "
+                   "the blocks between <!-- results: FOLDER [methods=a,b] --> and <!-- /results "
+                   "--> of these Markdown files (the README, docs/*.md) from FOLDER/results.json")
     args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -213,8 +214,8 @@ def fmt(value, unit="", digits=1):
     return "–" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def markdown(results, folder=""):
-    """results.md: the table, then what made it."""
+def markdown(results, folder="", methods=None):
+    """results.md: the table (of `methods` only, if given), then what made it."""
     s, m = results["settings"], results["machine"]
     data = s["data"] + "".join(f", the first {s[k]} {split} images of each class"
                                for k, split in (("train_per_class", "train"),
@@ -231,6 +232,8 @@ def markdown(results, folder=""):
              "Linear top-5 | Training time | img/s | Peak GPU memory |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for method, e in results["methods"].items():
+        if methods and method not in methods:
+            continue
         if e.get("status") != "done":
             lines.append(f"| {method} | {e.get('status', 'not run')} |||||||||")
             continue
@@ -245,20 +248,25 @@ def markdown(results, folder=""):
     return "\n".join(lines) + "\n"
 
 
-def render_readme(readme):
-    """Replace every block <!-- results: FOLDER --> ... <!-- /results --> of the README by the
-    table rendered from FOLDER/results.json (folders relative to the README), and rewrite
-    FOLDER/results.md."""
-    text = readme.read_text()
+def render_readme(page):
+    """Replace every block <!-- results: FOLDER --> ... <!-- /results --> of a Markdown page by
+    the table rendered from FOLDER/results.json (FOLDER relative to the page; `methods=a,b` after
+    it keeps those rows only), and rewrite FOLDER/results.md."""
+    text = page.read_text()
 
     def table(match):
-        folder = match.group(1).strip()
-        results = json.loads((readme.parent / folder / "results.json").read_text())
-        (readme.parent / folder / "results.md").write_text(markdown(results))
-        return f"<!-- results: {folder} -->\n{markdown(results, folder)}<!-- /results -->"
+        folder, methods = match.group(1), match.group(2)
+        results = json.loads((page.parent / folder / "results.json").read_text())
+        (page.parent / folder / "results.md").write_text(markdown(results))
+        methods = methods.split(",") if methods else None
+        unknown = sorted(set(methods or []) - set(results["methods"]))
+        if unknown:
+            raise SystemExit(f"error: {page}: no {', '.join(unknown)} in {folder}/results.json")
+        return (match.group(0).split("\n")[0] + "\n" + markdown(results, folder, methods)
+                + "<!-- /results -->")
 
-    readme.write_text(re.sub(r"<!-- results: (.*?) -->.*?<!-- /results -->", table, text,
-                             flags=re.S))
+    page.write_text(re.sub(r"<!-- results: (\S+?)(?: methods=(\S+))? -->.*?<!-- /results -->",
+                           table, text, flags=re.S))
 
 
 # ------------------------------------------------------------------------------- main
@@ -266,8 +274,9 @@ def render_readme(readme):
 def main(argv=None):
     args = get_args(argv)
     if args.render_readme:
-        render_readme(args.render_readme)
-        print(f"rendered the results tables of {args.render_readme}")
+        for page in args.render_readme:
+            render_readme(page)
+            print(f"rendered the results tables of {page}")
         return 0
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"

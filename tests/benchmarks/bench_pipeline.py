@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run as a script: `common` and `byol` live at the repo root
 
 import byol  # noqa: E402
-from common import (LARS, ViewPipeline, autocast, distribute, multi_crop,  # noqa: E402
-                    param_groups, unwrap)
+from common.augment import ViewPipeline, multi_crop
+from common.model import autocast, distribute, unwrap
+from common.optim import LARS, param_groups
 from common.gpu_aug import gpu_augment  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "train"
