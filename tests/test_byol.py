@@ -149,9 +149,10 @@ def test_presets_and_asymmetric_views():
 
     v1, v2 = byol_views(get())
     assert (v1.blur_p, v2.blur_p, v1.solarize_p, v2.solarize_p) == (1.0, 0.1, 0.0, 0.2)
-    for v in (v1, v2):  # saturation 0.2, not SimCLR's 0.8
+    for v in (v1, v2):  # saturation 0.2, not SimCLR's 0.8; bicubic as utils/dataset.py
         assert (v.scale, v.jitter, v.jitter_p, v.gray_p) == ((0.08, 1.0), (0.4, 0.4, 0.2, 0.1),
                                                              0.8, 0.2)
+        assert v.interpolation == "bicubic"
     v1, v2 = byol_views(small)
     assert (v1.blur_p, v2.blur_p, v1.solarize_p, v2.solarize_p) == (0.0, 0.0, 0.0, 0.2)
 

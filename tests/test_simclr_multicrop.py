@@ -95,11 +95,12 @@ def test_two_processes_equal_one(tmp_path):
 
 def test_default_crops_are_the_papers_two_views():
     """Without crop flags, simclr_crops gives what simclr_view gave before multi-crop: 2 crops of
-    --img-size, scale (0.08, 1), SimCLR's colour strength and blur, in both recipes."""
+    --img-size, scale (0.08, 1), SimCLR's colour strength and blur, in both recipes, resized
+    bicubically as the official data_util.py."""
     for argv, size, s, blur in ((["--data", "synthetic"], 32, 0.5, 0.0),
                                 (["--data", "/imagenet"], 224, 1.0, 0.5)):
         old_view = ssl_view(size, scale=(0.08, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
-                            jitter_p=0.8, gray_p=0.2, blur_p=blur)
+                            jitter_p=0.8, gray_p=0.2, blur_p=blur, interpolation="bicubic")
         assert simclr.simclr_crops(simclr.get_args(argv)) == [old_view] * 2
 
 
