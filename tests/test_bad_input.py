@@ -63,7 +63,7 @@ def test_cifar10_offline_says_where_to_put_it(tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     ("text", "not a PyTorch checkpoint"),
-    ("foreign", "no ResNet found in it; known layouts"),
+    ("foreign", "no ResNet or ViT found in it; known layouts"),
     ("missing", "no such file"),
 ])
 def test_linear_eval_rejects_what_is_not_a_checkpoint(tmp_path, content, message):
