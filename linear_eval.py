@@ -39,16 +39,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import check_batch, default_workers, format_args, save_args
-from common.checkpoint import (StopSignal, export_backbone, head_layer, read_head, resume,
-                               save_checkpoint, save_head, seed_everything)
+from common.args import check_batch, default_workers, format_args, make_run_dir, save_args
+from common.checkpoint import (StopSignal, export_backbone, head_layer, open_run, read_head,
+                               restore, save_checkpoint, save_head, seed_everything)
 from common.data import (build_dataset, count_bad_images, default_img_size, eval_transform,
                          labelled_subset, linear_train_transform, make_loader)
 from common.dist import (all_gather_tensor, broadcast_object, cleanup_distributed,
                          setup_distributed)
 from common.knn import extract_features, knn_predict
-from common.log import Logger, Progress, UserError, exit_on_user_error
-from common.loop import save_or_stop, stop_agreed, stop_and_requeue
+from common.log import Logger, Progress, UserError, add_tracking_args, exit_on_user_error
+from common.loop import DivergenceGuard, save_or_stop, stop_agreed, stop_and_requeue
 from common.model import autocast, distribute, grad_scaler, resolve_precision, unwrap
 from common.optim import warmup_cosine
 from common.weights import load_backbone
@@ -75,9 +75,6 @@ FINETUNE = {
     # all weights, no warmup, no weight decay; 60 epochs on 1% of the labels, 30 on 10%
     "simclr": {1: dict(SIMCLR_B5, epochs=60), 10: dict(SIMCLR_B5, epochs=30)},
 }
-# What must not change when a run directory is resumed (another evaluation is an error).
-SAME_RUN = ("ckpt", "data", "img_size", "finetune", "cached_features", "train_percent",
-            "train_subset", "subset_seed", "epochs", "batch_size", "seed")
 
 
 def get_args(argv=None):
@@ -146,7 +143,10 @@ def get_args(argv=None):
     g.add_argument("--run-dir", help="output folder (default: runs/linear_eval/<Slurm job id or "
                    "timestamp>); the same command with the same folder resumes its checkpoint.pt")
     g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (50)")
+    g.add_argument("--allow-changes", nargs="+", default=[], metavar="FLAG", help="resuming: "
+                   "accept these flags differing from the run directory's evaluation")
     g.add_argument("--out", help="also write the result JSON to this file")
+    add_tracking_args(p)
     args = p.parse_args(argv)
     if args.train_percent is not None and not 0 < args.train_percent <= 100:
         raise UserError(f"--train-percent {args.train_percent}: must be in (0, 100]")
@@ -222,7 +222,7 @@ def main(argv=None):
     args.img_size = (args.img_size or source["train_args"].get("img_size") or head_file.get(
         "img_size") or (32 if args.small_images else default_img_size(args.data)))
     args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (rank 0's timestamp)
-    os.makedirs(args.run_dir, exist_ok=True)
+    make_run_dir(args.run_dir)
     log = Logger(args.run_dir, is_main=rank == 0)
     seed_everything(args.seed)  # the same head on every rank
 
@@ -309,19 +309,14 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
     scaler = grad_scaler(args.precision, device)
     total_steps = args.epochs * steps_per_epoch
 
-    def same_run(ckpt):
-        if changed := [k for k in SAME_RUN if ckpt["args"].get(k) != getattr(args, k)]:
-            raise UserError(f"{args.run_dir} holds another evaluation (different "
-                            f"{', '.join('--' + k.replace('_', '-') for k in changed)}): "
-                            f"choose another --run-dir")
-
-    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    ckpt = resume(ckpt_path, model, optimizer, scaler, check=same_run)
-    start_epoch, start_batch, best = ((ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best"])
-                                      if ckpt else (0, 0, None))
-    if ckpt:
-        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
-    else:
+    # a run directory holds one evaluation: another one's settings are refused (open_run)
+    ckpt_path, ckpt = (os.path.join(args.run_dir, "checkpoint.pt"),
+                       open_run(args, "linear_eval", world, log))
+    start_epoch, start_batch = restore(ckpt, model, optimizer, scaler)
+    log.start_tracking(args, steps_per_epoch, resume=ckpt and (start_epoch, start_batch))
+    best = ckpt["best"] if ckpt else None
+    guard = DivergenceGuard(args, model, steps_per_epoch, device, ckpt)  # see common/loop.py
+    if not ckpt:
         log.print(format_args(args))
         if rank == 0:
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
@@ -356,6 +351,7 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
         return accuracy(logits, y, 1), accuracy(logits, y, 5)
 
     def save(epoch, batch_in_epoch):
+        guard.check(epoch, batch_in_epoch)  # never save a diverged head over its last good state
         if rank == 0:
             save_checkpoint(ckpt_path, "linear_eval", args, model, optimizer, scaler, epoch,
                             batch_in_epoch, best=best)
@@ -377,6 +373,7 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            guard.watch(loss, step)  # a few device operations, no host sync
             loss_sum += loss.detach()
 
             if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
@@ -385,6 +382,7 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
                           * args.batch_size / (time.time() - epoch_start)}
                 progress.update(record)
                 log.log(record)
+                guard.check()  # stops every rank if a loss since the last check was non-finite
             if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
                 stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
                 return None
@@ -434,6 +432,7 @@ def finish(args, log, rank, result):
                 json.dump(result, f, indent=2)
     log.print(" ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float))
               + f" -> {args.run_dir}/result.json")
+    log.close()
     cleanup_distributed()
     return result
 

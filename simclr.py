@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
-                         save_args)
+from common.args import (add_common_args, check_batch, describe_lr, format_args, make_run_dir,
+                         recipe_values, resolve_recipe, save_args)
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline, multi_crop
@@ -42,8 +42,8 @@ from common.dist import (broadcast_object, cleanup_distributed, gather_with_grad
                          setup_distributed)
 from common.probe import online_probe
 from common.knn import knn_monitor
-from common.checkpoint import StopSignal, resume, save_checkpoint, seed_everything
-from common.loop import end_epoch, stop_agreed, stop_and_requeue
+from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
+from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -212,8 +212,9 @@ def main(argv=None):
     per_rank_batch = check_batch(args, world)
     args.precision = resolve_precision(args.precision, device)
     args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
-    os.makedirs(args.run_dir, exist_ok=True)
+    make_run_dir(args.run_dir)
     log = Logger(args.run_dir, is_main=rank == 0)
+    ckpt = open_run(args, "simclr", world, log)  # None: a new run; refuses another run's folder
     seed_everything(args.seed + rank)
 
     # data: two views (or multi-crop) per image; kNN monitor on the labelled train and val splits
@@ -234,28 +235,28 @@ def main(argv=None):
     model = distribute(model, device, world, args.compile, args.sync_bn, args.channels_last)
     optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
     scaler = grad_scaler(args.precision, device)
-    peak_lr = args.peak_lr = args.lr * args.batch_size / 256
+    peak_lr = args.peak_lr  # --lr x batch/256, or --peak-lr as given
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
 
     # resume from the run directory if it holds a checkpoint
     ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    ckpt = resume(ckpt_path, model, optimizer, scaler)
+    start_epoch, start_batch = restore(ckpt, model, optimizer, scaler)
+    log.start_tracking(args, steps_per_epoch, resume=ckpt and (start_epoch, start_batch))
     probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
-    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
-    if ckpt:
-        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
-    else:
+    guard = DivergenceGuard(args, model, steps_per_epoch, device, ckpt)  # see common/loop.py
+    if not ckpt:
         log.print(f"SimCLR, {world} process(es) on {device}\n{format_args(args)}")
         if rank == 0:
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} "
+    log.print(f"{describe_lr(args)} "
               f"({describe_optimizer(args)}; {args.warmup_epochs} warmup epochs, cosine to 0); crops "
               f"{' + '.join(f'{c} x {s}' for c, s in zip(args.num_crops, args.crop_sizes))} px; "
               f"{args.proj_layers}-layer projector; {steps_per_epoch} steps per epoch")
 
     def save(epoch, batch_in_epoch):
+        guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
         if rank == 0:
             save_checkpoint(ckpt_path, "simclr", args, model, optimizer, scaler, epoch,
                             batch_in_epoch, probe=probe and probe.state_dict())
@@ -282,6 +283,7 @@ def main(argv=None):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            guard.watch(loss, step)  # a few device operations, no host sync
             if probe:  # --probe: a linear classifier on this step's detached features
                 probe.step(labels)
             loss_sum += loss.detach()
@@ -292,6 +294,7 @@ def main(argv=None):
                           / (time.time() - epoch_start)}
                 progress.update(record)
                 log.log(record)
+                guard.check()  # stops every rank if a loss since the last check was non-finite
             if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
                 stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
                 return
@@ -305,6 +308,7 @@ def main(argv=None):
             return
         start_batch = 0
     log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
+    log.close()
     cleanup_distributed()
 
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import (add_common_args, check_batch, format_args, recipe_values, resolve_recipe,
-                         save_args)
+from common.args import (add_common_args, check_batch, describe_lr, format_args, make_run_dir,
+                         recipe_values, resolve_recipe, save_args)
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline, multi_crop
@@ -43,8 +43,8 @@ from common.dist import (all_gather_tensor, all_reduce_with_grad, broadcast_obje
                          cleanup_distributed, get_world_size, setup_distributed)
 from common.probe import online_probe
 from common.knn import knn_monitor
-from common.checkpoint import StopSignal, resume, save_checkpoint, seed_everything
-from common.loop import end_epoch, stop_agreed, stop_and_requeue
+from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
+from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -232,7 +232,7 @@ def main(argv=None):
     per_rank_batch = check_batch(args, world)
     args.precision = resolve_precision(args.precision, device)
     args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
-    os.makedirs(args.run_dir, exist_ok=True)
+    make_run_dir(args.run_dir)
     log = Logger(args.run_dir, is_main=rank == 0)
     seed_everything(args.seed + rank)
     if args.queue_length % args.batch_size:  # as the official code: whole batches only
@@ -240,6 +240,7 @@ def main(argv=None):
         log.print(f"--queue-length {args.queue_length} rounded down to {rounded}, a multiple of "
                   f"the global batch {args.batch_size}")
         args.queue_length = rounded
+    ckpt = open_run(args, "swav", world, log)  # None: a new run; refuses another run's folder
 
     # data: multi-crop views of each image; kNN monitor on the labelled train and val splits
     views = ViewPipeline(swav_crops(args), args.aug, args.seed, rank, args.channels_last)
@@ -262,7 +263,7 @@ def main(argv=None):
     swav = unwrap(model)
     optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
     scaler = grad_scaler(args.precision, device)
-    peak_lr = args.peak_lr = args.lr * args.batch_size / 256
+    peak_lr = args.peak_lr  # --lr x batch/256, or --peak-lr as given
     final_lr = peak_lr * args.final_lr_ratio
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
     freeze_steps = round(args.freeze_prototypes_epochs * steps_per_epoch)
@@ -273,11 +274,11 @@ def main(argv=None):
 
     # resume from the run directory if it holds a checkpoint (the queue included)
     ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    ckpt = resume(ckpt_path, model, optimizer, scaler)
+    start_epoch, start_batch = restore(ckpt, model, optimizer, scaler)
+    log.start_tracking(args, steps_per_epoch, resume=ckpt and (start_epoch, start_batch))
     probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
-    start_epoch, start_batch = (ckpt["epoch"], ckpt["batch_in_epoch"]) if ckpt else (0, 0)
+    guard = DivergenceGuard(args, model, steps_per_epoch, device, ckpt)  # see common/loop.py
     if ckpt:
-        log.print(f"resumed from {ckpt_path} at epoch {start_epoch}, batch {start_batch}")
         saved_length = 0 if ckpt.get("queue") is None else ckpt["queue"].shape[1]
         if saved_length != args.queue_length:
             raise UserError(f"{ckpt_path} holds a queue of {saved_length} rows, --queue-length "
@@ -291,7 +292,7 @@ def main(argv=None):
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"lr = {args.lr} x {args.batch_size}/256 = {peak_lr:g} "
+    log.print(f"{describe_lr(args)} "
               f"({describe_optimizer(args)}; {args.warmup_epochs} "
               f"warmup epochs from {args.warmup_start_lr:g}, cosine to {final_lr:g}); crops "
               f"{' + '.join(f'{c} x {s}' for c, s in zip(args.num_crops, args.crop_sizes))} px; "
@@ -305,6 +306,7 @@ def main(argv=None):
         return queue is not None and queued >= 0 and queued * per_rank_batch >= queue.shape[1]
 
     def save(epoch, batch_in_epoch):  # called on every rank: the queues are gathered
+        guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
         full_queue = None if queue is None else gather_queue(queue).cpu()  # [2, length, D]
         if rank == 0:
             save_checkpoint(ckpt_path, "swav", args, model, optimizer, scaler, epoch,
@@ -342,6 +344,7 @@ def main(argv=None):
                 swav.prototypes.weight.grad = None  # (no update, no decay, no momentum)
             scaler.step(optimizer)
             scaler.update()
+            guard.watch(loss, step)  # a few device operations, no host sync
             if probe:  # --probe: a linear classifier on this step's detached features
                 probe.step(labels)
             loss_sum += loss.detach()
@@ -353,6 +356,7 @@ def main(argv=None):
                           / (time.time() - epoch_start)}
                 progress.update(record)
                 log.log(record)
+                guard.check()  # stops every rank if a loss since the last check was non-finite
             if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
                 stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
                 return
@@ -368,6 +372,7 @@ def main(argv=None):
             return
         start_batch = 0
     log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
+    log.close()
     cleanup_distributed()
 
 

@@ -11,7 +11,8 @@ import torch
 import torchvision
 
 from common.data import default_img_size
-from common.log import UserError
+from common.log import UserError, add_tracking_args
+from common.model import ARCHS
 
 
 def recipe_values(key, imagenet, small):
@@ -75,8 +76,15 @@ def add_common_args(parser, method, imagenet, small, optimizer="lars", sync_bn="
     g.add_argument("--epochs", type=int, default=None, help="training epochs " + both("epochs"))
     g.add_argument("--batch-size", type=int, default=None,
                    help="GLOBAL batch size, split evenly over all processes " + both("batch_size"))
-    g.add_argument("--lr", type=float, default=None,
-                   help="base learning rate, scaled x batch/256 as printed at start " + both("lr"))
+    rate = g.add_mutually_exclusive_group()
+    rate.add_argument("--lr", type=float, default=None,
+                      help="BASE learning rate, scaled x batch/256 as printed at start: the "
+                           "convention of the papers' recipes, whose values are base rates "
+                           + both("lr"))
+    rate.add_argument("--peak-lr", type=float, default=None,
+                      help="the learning rate the optimizer reaches, used as given (instead of "
+                           "--lr): for a rate quoted from a code base that does not scale by the "
+                           "batch, e.g. BYOL-HPC's --lr_init 2.0 at batch 512 (= --lr 1.0)")
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay " + both("weight_decay"))
     g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default=optimizer,
                    help=f"(default: {optimizer}, the official code's). lars: LARS as the official "
@@ -119,6 +127,12 @@ def add_common_args(parser, method, imagenet, small, optimizer="lars", sync_bn="
     g.add_argument("--run-dir", default=None,
                    help=f"output folder (default: runs/{method}/<Slurm job id or timestamp>); "
                         f"running again with the same folder resumes from its checkpoint.pt")
+    g.add_argument("--allow-changes", nargs="+", default=[], metavar="FLAG",
+                   help="resuming a run directory: accept these flags differing from the "
+                        "checkpoint's run (e.g. `--allow-changes epochs` to train a finished run "
+                        "longer, `--allow-changes lr` to resume a diverged run with a lower "
+                        "rate); they take effect from the resumed step and are recorded in "
+                        "args.json. Without it, a changed setting is refused")
     g.add_argument("--save-every", type=int, default=0,
                    help="also keep the checkpoint and backbone.pt of every Nth epoch, as "
                         "checkpoint_epochN.pt and backbone_epochN.pt (default: 0, only the rolling "
@@ -126,6 +140,7 @@ def add_common_args(parser, method, imagenet, small, optimizer="lars", sync_bn="
     g.add_argument("--knn-every", type=int, default=1,
                    help="weighted kNN top-1 on the val split every N epochs, 0: never (default: 1)")
     g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (default: 50)")
+    add_tracking_args(parser)  # TensorBoard, W&B
     return parser
 
 
@@ -144,6 +159,12 @@ def resolve_recipe(args, imagenet, small, method):
         args.run_dir = os.path.join("runs", method, tag)
     if args.batch_size <= 0 or args.epochs <= 0:
         raise UserError("--batch-size and --epochs must be positive")
+    if args.arch not in ARCHS:  # before any data is scanned
+        raise UserError(f"--arch {args.arch}: not supported (choose from {', '.join(ARCHS)})")
+    args.peak_lr_given = args.peak_lr is not None
+    if args.peak_lr_given:  # the given rate as is; --lr is the base rate it scales from
+        args.lr = args.peak_lr * 256 / args.batch_size
+    args.peak_lr = args.lr * args.batch_size / 256
     if args.optimizer != "lars" and (args.lars_eta is not None or args.lars_clip):
         raise UserError(f"--lars-eta and --lars-clip apply to --optimizer lars, not {args.optimizer}")
     args.lars_eta = 0.001 if args.lars_eta is None else args.lars_eta
@@ -153,6 +174,27 @@ def resolve_recipe(args, imagenet, small, method):
     if args.save_every < 0:
         raise UserError("--save-every must be 0 (off) or a number of epochs")
     return args
+
+
+def describe_lr(args):
+    """The learning-rate line printed at start, e.g. 'lr = 0.3 x 4096/256 = 4.8'; with
+    --peak-lr, 'lr = 2 (--peak-lr, as given; = 1 x 512/256)'."""
+    if args.peak_lr_given:
+        return f"lr = {args.peak_lr:g} (--peak-lr, as given; = {args.lr:g} x {args.batch_size}/256)"
+    return f"lr = {args.lr:g} x {args.batch_size}/256 = {args.peak_lr:g}"
+
+
+def make_run_dir(path):
+    """Create the run directory and check that it is writable, before any data is read: a path
+    that cannot be created or a read-only folder is one line, not a traceback at the first save."""
+    probe = os.path.join(path, f".write-test.{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--run-dir {path}: cannot write there ({e.strerror or e})") from None
 
 
 def check_batch(args, world_size):

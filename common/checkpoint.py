@@ -1,4 +1,9 @@
-"""Atomic checkpoints, automatic resume, backbone export, RNG state and stop signals."""
+"""Atomic checkpoints, resume (and what a resume may change), backbone export, RNG state and
+stop signals."""
+import argparse
+import errno
+import json
+import math
 import os
 import pickle
 import random
@@ -10,6 +15,7 @@ import subprocess
 import numpy as np
 import torch
 
+from common.dist import get_rank, get_world_size
 from common.log import UserError
 from common.model import unwrap
 
@@ -18,7 +24,8 @@ FORMAT = "cleanssl-checkpoint-v1"
 
 def atomic_save(obj, path):
     """torch.save to a temporary file, fsync, then os.replace: a crash or a kill at any moment
-    leaves either the previous file or the new one, never a truncated one."""
+    leaves either the previous file or the new one, never a truncated one. A failed write (a full
+    disk, a read-only run directory) is a UserError in one line; the previous file stays."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -26,50 +33,213 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # torch.save reports a failed write of its file as a RuntimeError ("unexpected pos")
+        # raised while handling the OSError: look for that cause
+        cause = next((x for x in (e, e.__cause__, e.__context__) if isinstance(x, OSError)), None)
+        if cause is not None:
+            raise UserError(write_failure(path, cause, tensor_bytes(obj))) from None
         raise
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in a nested structure: about what its torch.save needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def write_failure(path, error, needed=None):
+    """One line for an OSError writing `path`: what failed and, for a full disk, the space."""
+    line = f"could not write {path}: {error.strerror or error}"
+    if error.errno == errno.ENOSPC:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        line += (f" (it needs about {needed / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free "
+                 f"there)" if needed else "")
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        line += " (the run directory is not writable: give another --run-dir)"
+    if os.path.exists(path):
+        line += f"; the previous {os.path.basename(path)} is intact"
+    return line
 
 
 def save_checkpoint(path, method, args, model, optimizer, scaler, epoch, batch_in_epoch,
                     **method_state):
     """Everything needed to continue exactly: the unwrapped model, optimizer, GradScaler, the
-    position (`epoch` epochs done plus `batch_in_epoch` batches of the next), the arguments,
-    the RNG states, and the method's own state (target network, queue, ...) as keywords."""
+    position (`epoch` epochs done plus `batch_in_epoch` batches of the next), the arguments and
+    the number of processes, the RNG states, and the method's own state (target network,
+    queue, ...) as keywords."""
     atomic_save({"format": FORMAT, "method": method, "args": vars(args),
-                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "rng": rng_state(), **method_state}, path)
+                 "world_size": get_world_size(), "model": unwrap(model).state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_state(),
+                 **method_state}, path)
 
 
-def resume(path, model, optimizer, scaler, check=None):
-    """If `path` exists, load model, optimizer, scaler and RNG states from it and return the
-    checkpoint (for the position and the method's own state); otherwise return None. `check`,
-    if given, sees the checkpoint first (e.g. to refuse one of another run)."""
+# ------------------------------------------------------------------------------- resuming
+
+# Settings that do not change what a run learns: a resume may give them other values.
+FREE_ON_RESUME = {"workers", "log_every", "knn_every", "save_every", "run_dir", "data_dir",
+                  "compile", "channels_last", "probe", "probe_lr", "allow_changes", "eval_every",
+                  "out", "tensorboard", "wandb", "wandb_entity", "wandb_name", "wandb_group",
+                  "wandb_tags", "wandb_mode"}
+# Values that follow from settings compared themselves (peak_lr: --lr and --batch-size).
+DERIVED = {"small_images", "preset", "peak_lr", "peak_lr_given"}
+DIVERGED = "diverged.json"  # written by a run whose loss turned non-finite (common/loop.py)
+
+
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def changed_settings(saved, args, free=FREE_ON_RESUME):
+    """[(key, saved value, value now)] for the settings of `args` that differ from the `saved`
+    arguments, leaving out the `free` ones and derived values."""
+    def same(key, old, new):
+        if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+            return list(old) == list(new)
+        if key == "data" and old != new and os.path.exists(old) and os.path.exists(new):
+            return os.path.samefile(old, new)  # ./imagenet and /abs/path/imagenet
+        return old == new
+    return [(key, saved[key], value) for key, value in sorted(vars(args).items())
+            if key in saved and key not in free | DERIVED and not same(key, saved[key], value)]
+
+
+def open_run(args, method, world_size, log, free=FREE_ON_RESUME):
+    """The checkpoint.pt of args.run_dir (loaded on the CPU), or None for a new run.
+
+    A run directory holds one run. Refused in one line: a checkpoint of another method; settings
+    that change the training (every flag but `free`) unless --allow-changes names each changed
+    flag; the same command again after the run diverged (it would diverge again). Accepted
+    changes are printed and recorded in args.json, and take effect from the resumed step.
+    """
+    path = os.path.join(args.run_dir, "checkpoint.pt")
+    diverged_path = os.path.join(args.run_dir, DIVERGED)
+    diverged = json.load(open(diverged_path)) if os.path.exists(diverged_path) else None
     if not os.path.exists(path):
+        if diverged:
+            raise UserError(f"{args.run_dir} holds a run that diverged before its first "
+                            f"checkpoint ({diverged['reason']}): start again in a new --run-dir")
         return None
     ckpt = load_checkpoint(path)
-    if check:
-        check(ckpt)
-    unwrap(model).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    where = f"epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']}"
+    if ckpt["method"] != method:
+        raise UserError(f"{args.run_dir} holds a {ckpt['method']} run, which {method} cannot "
+                        f"resume: give another --run-dir")
+    changes = changed_settings(ckpt["args"], args, free)
+    allowed = {name.lstrip("-").replace("-", "_") for name in args.allow_changes}
+    if refused := [(k, old, new) for k, old, new in changes if k not in allowed]:
+        raise UserError(
+            f"{args.run_dir} holds a run with other settings ("
+            + "; ".join(f"{flag(k)} {old} there, {new} now" for k, old, new in refused)
+            + "): train them in a new --run-dir, or continue this run with them from "
+            f"{where} by adding --allow-changes {' '.join(flag(k)[2:] for k, _, _ in refused)}")
+    if diverged and not changed_settings(diverged["args"], args, free):
+        raise UserError(
+            f"{args.run_dir}: the run diverged with these settings ({diverged['reason']}); "
+            f"resuming its checkpoint ({where}) with them would repeat it: change what caused it "
+            f"and name the change, "
+            f"e.g. a lower --lr with --allow-changes lr, or another --seed with --allow-changes "
+            f"seed (or delete {diverged_path} to retry as it is)")
+    done = ckpt["epoch"] + (ckpt["batch_in_epoch"] > 0)
+    if args.epochs < done:
+        raise UserError(f"--epochs {args.epochs}: {args.run_dir} has already trained {done} "
+                        f"epochs")
+    log.print(f"resumed from {path} at {where}")
+    if ckpt.get("world_size", world_size) != world_size:
+        log.print(f"note: {world_size} processes now, {ckpt['world_size']} before: the global "
+                  f"batch and the recipe are unchanged, each process takes "
+                  f"{args.batch_size // world_size} images per step")
+    if changes:
+        ckpt["changes"] = changes
+        log.print("changed settings, in effect from here on (--allow-changes): "
+                  + "; ".join(f"{flag(k)} {old} -> {new}" for k, old, new in changes))
+        for key, old, new in changes:
+            if key == "epochs":
+                log.print(schedule_change(args, ckpt["epoch"], old, new))
+            if key == "optimizer":  # LARS, SGD and AdamW states do not convert into each other
+                log.print(f"the {new} optimizer starts with a fresh state (no momentum)")
+            if key == "batch_size" and ckpt["batch_in_epoch"]:
+                ckpt["batch_in_epoch"] = ckpt["batch_in_epoch"] * old // new  # images done
+                log.print(f"the position in epoch {ckpt['epoch']} is now batch "
+                          f"{ckpt['batch_in_epoch']} of {new} images")
+        if get_rank() == 0:
+            record_changes(os.path.join(args.run_dir, "args.json"), args, where, changes,
+                           diverged)
+            if diverged:
+                os.remove(diverged_path)
+    return ckpt
+
+
+def schedule_change(args, epoch, old_epochs, new_epochs):
+    """A line saying what a longer (or shorter) run does to the cosine at the resumed epoch."""
+    warmup = getattr(args, "warmup_epochs", 0) or 0
+
+    def cosine(epochs):  # the fraction of the way from the final value to the peak
+        progress = min(1.0, max(0.0, (epoch - warmup) / max(1e-9, epochs - warmup)))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return (f"--epochs {old_epochs} -> {new_epochs}: every per-step schedule (learning rate, "
+            f"and momentum or temperature where the method has one) now spans {new_epochs} "
+            f"epochs; at epoch {epoch} the cosine stands at {100 * cosine(new_epochs):.0f}% of "
+            f"the way from its final value to its peak ({100 * cosine(old_epochs):.0f}% before)")
+
+
+def record_changes(path, args, where, changes, diverged):
+    """args.json after an accepted change: the new values, and a history entry per resume."""
+    record = json.load(open(path)) if os.path.exists(path) else {}
+    history = record.get("changes", [])
+    history.append({"at": where, "settings": {k: [old, new] for k, old, new in changes},
+                    **({"after_divergence": diverged} if diverged else {})})
+    record.update(vars(args), changes=history)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+
+
+def restore(ckpt, model, optimizer, scaler):
+    """Load a checkpoint of `open_run` into the model, optimizer, GradScaler and RNGs, and return
+    where to continue: (epochs done, batches done of the next); (0, 0) for a new run. The
+    optimizer keeps this command's hyperparameters (those of the checkpoint unless changed)."""
+    if ckpt is None:
+        return 0, 0
+    try:
+        unwrap(model).load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        detail = (str(e).strip().splitlines()[1:2] or [str(e)])[0].strip()
+        raise UserError(f"the checkpoint's model does not fit these settings ({detail[:160]}"
+                        f"...): a model's shape cannot change on resume") from None
+    if "optimizer" not in {key for key, _, _ in ckpt.get("changes", [])}:
+        settings = [{k: v for k, v in group.items() if k != "params"}
+                    for group in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    return ckpt
+    return ckpt["epoch"], ckpt["batch_in_epoch"]
 
 
 # What our checkpoints hold besides tensors and plain Python values: numpy's RNG state (an
 # array). torch.load(weights_only=True) rebuilds only tensors, containers and the globals
 # allowed here, so opening a checkpoint never runs code that came with the file.
 _numpy_core = getattr(np, "_core", None) or np.core
+# Also argparse.Namespace, the arguments some codebases pickle beside their weights
+# (simclr-pytorch's {"state_dict", "hparams"}, models/ssl.py; DINO's full checkpoints' "args",
+# main_dino.py:278-286): a class whose rebuilding only sets attributes.
 SAFE_GLOBALS = [_numpy_core.multiarray._reconstruct, np.ndarray, np.dtype,
-                type(np.dtype(np.uint32))]
+                type(np.dtype(np.uint32)), argparse.Namespace]
 
 
 def safe_load(path):

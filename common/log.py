@@ -1,7 +1,13 @@
-"""Rank-0 output: printed lines, `log.jsonl`, progress bars, and clean exits on bad input."""
+"""Rank-0 output: printed lines, `log.jsonl`, progress bars, clean exits on bad input, and the
+optional TensorBoard events and Weights & Biases run that hold the same records as log.jsonl."""
+import argparse
+import atexit
 import functools
+import importlib.util
 import json
 import os
+import re
+import secrets
 import sys
 import time
 
@@ -14,36 +20,112 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main):
-    """Decorator for a script's main(): a UserError prints `error: ...` and exits with 2. Under
-    torchrun, other exceptions are also recorded (`record`) in the error file torchrun gives each
-    worker, so that its failure summary shows the failing rank's traceback, not only its exit
-    code."""
+    """Decorator for a script's main(): a UserError prints `error: ...` and exits with 2 (or the
+    error's own `exit_code`). Under torchrun, other exceptions are also recorded (`record`) in
+    the error file torchrun gives each worker, so that its failure summary shows the failing
+    rank's traceback, not only its exit code."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))
     return record(wrapper) if "TORCHELASTIC_ERROR_FILE" in os.environ else wrapper
 
 
+# ------------------------------------------------------------------------------- tracking flags
+
+def installed(package, flag):
+    """Whether `package` can be imported, without importing it. Asked for by a flag and missing:
+    a UserError with the install command."""
+    if importlib.util.find_spec(package) is not None:
+        return True
+    if flag:
+        raise UserError(f"{flag} needs the {package} package: pip install {package} "
+                        f"(or pip install -r requirements-extras.txt)")
+    return False
+
+
+def add_tracking_args(parser):
+    """TensorBoard and Weights & Biases flags, in their own group.
+
+    TensorBoard is on whenever the `tensorboard` package is installed (--no-tensorboard turns it
+    off; --tensorboard makes a missing package an error): a researcher who has it expects
+    `tensorboard --logdir runs/` to show every run, including the three-day one started without
+    thinking of a flag; an event costs tens of microseconds and ~110 bytes per log record.
+    Without the package nothing changes. W&B sends data to a server, so it is on only when asked
+    (--wandb PROJECT)."""
+    g = parser.add_argument_group(
+        "tracking", "optional extras (pip install -r requirements-extras.txt), rank 0 only, with "
+        "the same records, names and steps as log.jsonl; a resume continues them")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorBoard event files in the run directory: train/<key> at every log "
+                        "step, epoch/<key> at each epoch's last step, the arguments as text; "
+                        "view with `tensorboard --logdir runs`. Default: on when the tensorboard "
+                        "package is installed")
+    g.add_argument("--wandb", metavar="PROJECT", type=wandb_project,
+                   help="also log to this Weights & Biases project. The run id is kept in the "
+                        "run directory (wandb_run_id), so a resumed or requeued run continues "
+                        "the same W&B run. Nodes without internet: --wandb-mode offline (or "
+                        "WANDB_MODE=offline), then `wandb sync RUN_DIR/wandb/offline-run-*`")
+    g.add_argument("--wandb-entity", metavar="ENTITY",
+                   help="W&B team or user (default: WANDB_ENTITY, or your default entity)")
+    g.add_argument("--wandb-name", metavar="NAME",
+                   help="W&B run name (default: the run directory's last two parts, e.g. "
+                        "simclr/20250101-120000)")
+    g.add_argument("--wandb-group", metavar="GROUP",
+                   help="W&B group, e.g. a sweep or the pre-training and linear evaluation of "
+                        "one backbone")
+    g.add_argument("--wandb-tags", nargs="+", metavar="TAG", help="W&B tags")
+    g.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
+                   help="online sends as it trains; offline writes RUN_DIR/wandb/ for a later "
+                        "`wandb sync` (default: WANDB_MODE, else online)")
+    return parser
+
+
+def wandb_project(name):
+    """--wandb's value, checked at parsing: a missing package fails before any work starts."""
+    installed("wandb", "--wandb")
+    return name
+
+
+def config_values(args):
+    """The arguments as plain JSON values (paths and other objects as strings)."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+# ------------------------------------------------------------------------------- logger
+
 class Logger:
-    """Prints and appends JSON lines to `run_dir/log.jsonl` on rank 0; silent elsewhere."""
+    """Prints and appends JSON lines to `run_dir/log.jsonl` on rank 0; silent elsewhere.
+
+    After `start_tracking`, every record also goes to TensorBoard and W&B where they are on.
+    A record with a "step" (logged every --log-every steps) is placed at that global step under
+    train/<key>; an epoch summary (no "step"; epoch 0 holds the random-init kNN) at the step that
+    ends the epoch, epoch x steps_per_epoch, under epoch/<key>. Every number but the step itself
+    is a scalar, the "epoch" included (an x axis in W&B)."""
 
     def __init__(self, run_dir, is_main):
         self.is_main = is_main
+        self.run_dir = run_dir
         self.path = os.path.join(run_dir, "log.jsonl") if run_dir else None
+        self.steps_per_epoch = None
+        self.events = self.wandb = None
+        self.wandb_from = {}  # per kind: the first step W&B does not hold yet
 
     def print(self, *msg):
         if self.is_main:
             print(*msg, flush=True)
 
     def summary(self, record):
-        """Print `record` as one line and append it to log.jsonl (end of an epoch)."""
+        """Print `record` as one line and log it (end of an epoch); flush the events, so that a
+        crash loses no epoch that its checkpoint, written after this, holds."""
         self.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in record.items()))
         self.log(record)
+        if self.events:
+            self.events.flush()
 
     def log(self, record):
         if not self.is_main:
@@ -53,6 +135,180 @@ class Logger:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.events or self.wandb:
+            self.track(record)
+
+    def place(self, record):
+        """(kind, global step) of a record: ("train", its step) or ("epoch", epoch x steps)."""
+        if "step" in record:
+            return "train", record["step"]
+        return "epoch", record.get("epoch", 0) * self.steps_per_epoch
+
+    def track(self, record, events=True):
+        kind, step = self.place(record)
+        values = {f"{kind}/{k}": v for k, v in record.items() if k != "step"
+                  and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.events and events:
+            self.events.scalars(step, values)
+        if self.wandb and step >= self.wandb_from[kind]:
+            # A summary shares its step with the epoch's last train record: logged after it, it
+            # joins that row and commits it (train records commit when a later step arrives).
+            self.wandb.log(values, step=step, commit=kind == "epoch")
+
+    def start_tracking(self, args, steps_per_epoch, resume=None):
+        """Call once, when the run's position is known and before its first record: `resume`
+        is (epoch, batch_in_epoch) of the checkpoint resumed, None for a new run.
+
+        log.jsonl is rewritten (atomically) without the records past that position, which a
+        crash or a stop after the checkpoint left and which the run now logs again; then it,
+        the TensorBoard events and W&B hold each step once:
+        - TensorBoard: a new event file whose purge_step (the first step after the position)
+          makes TensorBoard drop the older files' later events (the step-based preemption of
+          TensorBoard's fast loader drops them too, as the new values arrive);
+        - W&B keeps a step's first values, so steps it already holds are not sent again: those
+          before the server's step when it resumed the run online, otherwise those that
+          log.jsonl held before the rewrite (sent by the earlier processes).
+        A sink turned on later in a run (first --wandb, or TensorBoard newly installed) first
+        gets the records log.jsonl keeps. Rank 0 only; tracking flags absent from `args` are off.
+        """
+        # flags checked on every rank, so that all of them stop together
+        wandb_flags = [f"--{k.replace('_', '-')}" for k in ("wandb_entity", "wandb_name",
+                       "wandb_group", "wandb_tags", "wandb_mode") if getattr(args, k, None)]
+        if wandb_flags and not getattr(args, "wandb", None):
+            raise UserError(f"{' '.join(wandb_flags)}: give the W&B project too (--wandb PROJECT)")
+        asked = getattr(args, "tensorboard", None)  # None: when installed
+        tensorboard = asked is not False and installed("tensorboard", asked and "--tensorboard")
+        if not (self.is_main and self.path):
+            return
+        self.steps_per_epoch = steps_per_epoch
+        position = resume[0] * steps_per_epoch + resume[1] if resume else -1
+        kept, held = self.keep_until(position)
+        had_events = any(f.startswith("events.out.tfevents.") for f in os.listdir(self.run_dir))
+        if tensorboard:
+            try:
+                self.events = EventFile(self.run_dir, position + 1, config_values(args))
+                self.print(f"TensorBoard: events in {self.run_dir}")
+            except ImportError as e:  # installed but broken: an error only if asked for
+                if asked:
+                    raise UserError(f"--tensorboard: {e}") from None
+                self.print(f"TensorBoard off: {e}")
+        if getattr(args, "wandb", None):
+            self.wandb, self.wandb_from = start_wandb(args, self.run_dir, held)
+        if self.events or self.wandb:
+            for rec in kept:  # only what a newly started sink lacks (see track)
+                self.track(rec, events=not had_events)
+        atexit.register(self.flush)  # an exception or sys.exit: the events reach the disk
+
+    def keep_until(self, position):
+        """Drop from log.jsonl the records placed after global step `position` (-1: all).
+        Returns the records kept and, per kind, the last step log.jsonl held."""
+        held = {"train": -1, "epoch": -1}
+        if not os.path.exists(self.path):
+            return [], held
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept, text = [], []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by a crash
+                continue
+            if not isinstance(rec, dict):
+                continue
+            kind, step = self.place(rec)
+            held[kind] = max(held[kind], step)
+            if step <= position:
+                kept.append(rec)
+                text.append(line.rstrip("\n") + "\n")
+        if text != lines:
+            tmp = f"{self.path}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        return kept, held
+
+    def flush(self):
+        if self.events:
+            self.events.flush()
+
+    def close(self):
+        """At the end of a run: close the event file and finish the W&B run."""
+        if self.events:
+            self.events.close()
+            self.events = None
+        if self.wandb:
+            self.wandb.finish()
+            self.wandb = None
+
+
+class EventFile:
+    """A TensorBoard event file in `run_dir`, written with tensorboard's own writer: one event
+    per record (all its scalars), the arguments as a text table at `purge_step`."""
+
+    def __init__(self, run_dir, purge_step, config):
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.plugins.text.summary_v2 import text_pb
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        self.Event, self.Summary = Event, Summary
+        # Readers take a run's files in name order, and a name starts with its creation second:
+        # a resumed run's file must come after the earlier ones for its purge to apply to them.
+        stamps = [int(m[1]) for f in os.listdir(run_dir)
+                  if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", f))]
+        wait = max(stamps) + 1 - time.time() if stamps else 0
+        if 0 < wait <= 2:  # more: another node's clock is ahead; nothing to wait for
+            time.sleep(wait)
+        self.writer = EventFileWriter(run_dir, max_queue_size=100, flush_secs=30)
+        self.writer.add_event(Event(wall_time=time.time(), step=purge_step,
+                                    session_log=SessionLog(status=SessionLog.START)))
+        table = "\n".join(f"| {k} | {json.dumps(v).replace('|', '&#124;')} |"
+                          for k, v in config.items())
+        self.writer.add_event(Event(wall_time=time.time(), step=purge_step, summary=text_pb(
+            "args", f"| argument | value |\n|---|---|\n{table}")))
+
+    def scalars(self, step, values):
+        summary = self.Summary(value=[self.Summary.Value(tag=tag, simple_value=v)
+                                      for tag, v in values.items()])
+        self.writer.add_event(self.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self):
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def start_wandb(args, run_dir, held):
+    """wandb.init for the run in `run_dir`, resuming the W&B run whose id the folder keeps.
+    Returns the run and, per kind, the first step to send (see Logger.start_tracking)."""
+    installed("wandb", "--wandb")
+    import wandb
+    id_path = os.path.join(run_dir, "wandb_run_id")
+    known = os.path.exists(id_path)
+    if known:
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], as W&B's own ids
+        with open(id_path, "w") as f:
+            f.write(run_id + "\n")
+    flag = lambda key: getattr(args, f"wandb_{key}", None)
+    name = flag("name") or "/".join(os.path.abspath(run_dir).split(os.sep)[-2:])
+    try:
+        run = wandb.init(project=args.wandb, entity=flag("entity"), name=name,
+                         group=flag("group"), tags=flag("tags"), mode=flag("mode"), dir=run_dir,
+                         id=run_id, resume="allow", config=config_values(args))
+    except wandb.errors.Error as e:
+        raise UserError(f"--wandb: {str(e).strip().splitlines()[0]} (without internet: "
+                        f"--wandb-mode offline, then wandb sync)") from None
+    if getattr(run, "resumed", False):  # online: the server knows what it holds
+        start = getattr(run, "starting_step", 0)
+        return run, {"train": start, "epoch": start}
+    if known:  # offline, or not synced yet: what earlier processes logged was sent
+        return run, {kind: step + 1 for kind, step in held.items()}
+    return run, {"train": 0, "epoch": 0}
 
 
 class Progress:

@@ -132,7 +132,9 @@ def test_cached_features_and_knn_two_processes_equal_one(backbone_file, tmp_path
     ok(run([*TORCHRUN, "linear_eval.py", "--ckpt", backbone_file, *cached, "--run-dir",
             tmp_path / "two"], timeout=300))
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert torch.allclose(one["head.weight"], two["head.weight"], rtol=RTOL, atol=ATOL)
+    # lr 2.0 on unnormalised features (losses ~100) amplifies the different float32 summation
+    # order of 1 process and 2: up to ~1.5e-6 of weights ~0.8 apart, hence atol 1e-5 here
+    assert torch.allclose(one["head.weight"], two["head.weight"], rtol=RTOL, atol=1e-5)
     assert result(tmp_path / "one")["top1"] == result(tmp_path / "two")["top1"]
 
     ok(run([*TORCHRUN, "linear_eval.py", "--ckpt", backbone_file, *DATA, "--knn",
@@ -189,7 +191,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(runs, backbone_file, tmp_p
     with pytest.raises(SystemExit) as exit:
         evaluate("--ckpt", backbone_file, *TRAIN, "--epochs", "3", "--run-dir", run_dir)
     assert exit.value.code == 2
-    assert "holds another evaluation (different --epochs)" in capsys.readouterr().err
+    assert "holds a run with other settings (--epochs" in capsys.readouterr().err
 
 
 def test_finetuning_moves_the_backbone(backbone_file, tmp_path, capsys):
@@ -327,7 +329,7 @@ def test_an_official_layout_end_to_end(tmp_path, capsys):
 
 def test_unknown_and_ambiguous_layouts_are_one_clear_line(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(3)}}, tmp_path / "unknown.pt")
-    with pytest.raises(UserError, match="no ResNet found in it; known layouts: .*MoCo"):
+    with pytest.raises(UserError, match="no ResNet or ViT found in it; known layouts: .*MoCo"):
         load_backbone(tmp_path / "unknown.pt")
     sd = resnet_backbone("resnet18").state_dict()
     torch.save({**{"a." + k: v for k, v in sd.items()}, **{"b." + k: v for k, v in sd.items()}},

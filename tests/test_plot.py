@@ -1,5 +1,6 @@
 """tools/plot.py: the plotted data (series, labels, values) from run directories, what is drawn
-(through a stand-in for matplotlib that records the calls), and the one line without it."""
+(through a stand-in for matplotlib that records the calls: short numbered labels, the differing
+flags below the panels, the optional panels), and the one line without it."""
 import json
 import sys
 import types
@@ -38,10 +39,10 @@ def runs(tmp_path):
 
 def test_series_and_labels(runs):
     curves = plot.collect(runs)
-    # runs of one method differ by their batch size (workers and run_dir are left out); a lone
-    # run of another method is labelled by its method alone
-    assert [c["label"] for c in curves] == ["simclr (batch_size=256)", "simclr (batch_size=512)",
-                                             "byol"]
+    # runs of one method are numbered and differ by their batch size (workers and run_dir are
+    # left out); a lone run of another method is labelled by its method alone
+    assert [c["label"] for c in curves] == ["simclr #1", "simclr #2", "byol"]
+    assert [c["flags"] for c in curves] == ["batch_size=256", "batch_size=512", ""]
     a, b, c = (c["series"] for c in curves)
     assert a["loss"] == {"epoch": [1, 2], "value": [8.5, 7.5]}  # epoch records, not steps
     assert a["lr"] == {"epoch": [1, 2], "value": [0.5, 0.25]}
@@ -63,10 +64,11 @@ class Recorder:
 
     def subplots(self, rows, cols, figsize):
         recorder = self
+        self.grid = (rows, cols)
 
         class Axes:
             def __init__(self):
-                self.lines, self.labels, self.colours = [], {}, []
+                self.lines, self.labels, self.colours, self.visible = [], {}, [], True
                 self.xaxis = types.SimpleNamespace(set_major_locator=lambda locator: None)
                 recorder.panels.append(self)
 
@@ -86,6 +88,9 @@ class Recorder:
             def legend(self, **kw):
                 self.legend_shown = True
 
+            def set_visible(self, visible):
+                self.visible = visible
+
         class Grid:
             flat = [Axes() for _ in range(rows * cols)]
 
@@ -93,8 +98,14 @@ class Recorder:
             def suptitle(self, text):
                 recorder.title = text
 
-            def tight_layout(self):
+            def tight_layout(self, rect=None):
                 pass
+
+            def get_figheight(self):
+                return figsize[1]
+
+            def text(self, x, y, text, **kw):
+                recorder.note = text
 
             def savefig(self, out, dpi):
                 recorder.saved = str(out)
@@ -110,14 +121,37 @@ def test_what_is_drawn(runs, tmp_path, monkeypatch):
                         types.SimpleNamespace(MaxNLocator=lambda integer: None))
     assert plot.main([*map(str, runs), "-o", str(tmp_path / "c.png"), "--title", "t"]) == 0
     assert recorder.saved == str(tmp_path / "c.png") and recorder.backend == "Agg"
+    # no run logged probe_top1 or epoch_time: four panels, drawn in a 2 x 2 grid
+    assert recorder.grid == (2, 2)
     loss, lr, knn, speed = recorder.panels
-    assert [p.labels["y"] for p in recorder.panels] == list(plot.METRICS.values())
-    assert loss.lines == [("simclr (batch_size=256)", [1, 2], [8.5, 7.5]),
-                          ("simclr (batch_size=512)", [1], [8.0]), ("byol", [1], [3.0])]
-    assert knn.lines == [("simclr (batch_size=256)", [0, 1], [30.0, 35.0]),
+    assert [p.labels["y"] for p in recorder.panels] == [plot.METRICS[m] for m in plot.ALWAYS_DRAWN]
+    assert loss.lines == [("simclr #1", [1, 2], [8.5, 7.5]), ("simclr #2", [1], [8.0]),
+                          ("byol", [1], [3.0])]
+    assert knn.lines == [("simclr #1", [0, 1], [30.0, 35.0]),
                          ("byol", [0, 1], [31.0, 33.0])]  # a run without kNN draws no line
     assert speed.lines[0][2] == [100.0, 110.0] and loss.legend_shown
     assert loss.colours == ["C0", "C1", "C2"] and knn.colours == ["C0", "C2"]  # run by run
+    # what tells the numbered runs apart is written below the panels, not in the legend
+    assert recorder.note == "simclr #1: batch_size=256\nsimclr #2: batch_size=512"
+
+
+def test_probe_and_epoch_time_panels_when_logged(tmp_path, monkeypatch):
+    recorder = Recorder()
+    monkeypatch.setitem(sys.modules, "matplotlib", recorder)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", recorder.pyplot)
+    monkeypatch.setitem(sys.modules, "matplotlib.ticker",
+                        types.SimpleNamespace(MaxNLocator=lambda integer: None))
+    run = make_run(tmp_path, "p", "byol.py", [
+        {"epoch": 1, "loss": 3.0, "lr": 0.2, "img_per_s": 50.0, "probe_top1": 40.0},
+        {"epoch": 2, "loss": 2.0, "lr": 0.1, "img_per_s": 52.0, "probe_top1": 45.0,
+         "epoch_time": 12.5}])
+    assert plot.main([str(run), "-o", str(tmp_path / "c.png")]) == 0
+    assert recorder.grid == (3, 2)  # six panels
+    probe, epoch_time = recorder.panels[4:]
+    assert probe.labels["y"] == plot.METRICS["probe_top1"]
+    assert probe.lines == [("byol", [1, 2], [40.0, 45.0])]
+    assert epoch_time.lines == [("byol", [2], [12.5])] and all(p.visible for p in recorder.panels)
+    assert not hasattr(recorder, "note")  # a lone run: nothing to tell apart
 
 
 def test_without_matplotlib_one_line_and_the_data_still_written(runs, tmp_path, monkeypatch,

@@ -299,6 +299,23 @@ def test_a_dead_rank_ends_the_job(cluster):
     assert "done:" not in output
 
 
+@needs_slurm
+def test_a_diverged_job_fails_without_requeue(cluster):
+    # a rate that blows the weights up in the first epoch: both ranks stop at the epoch's save,
+    # nothing is saved, and the job ends FAILED with exit code 3, not requeued into the same
+    # divergence
+    job_id = cluster.submit(train=[*TRAIN, "--workers", "0", "--optimizer", "sgd", "--lr",
+                                   "1e12", "--warmup-epochs", "0"])
+    job = cluster.wait_until_done(job_id, 180)
+    output = cluster.output(job_id)
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", output
+    assert job["ExitCode"].startswith("3:"), (job["ExitCode"], output)
+    assert "the run diverged and stopped without saving" in output, output
+    assert "requeue" not in output.split("restart 0")[-1], output
+    run_dir = cluster.run_dir(job_id)
+    assert (run_dir / "diverged.json").exists() and not (run_dir / "checkpoint.pt").exists()
+
+
 def test_requeue_reports_what_scontrol_did(tmp_path, monkeypatch):
     """requeue_slurm_job runs `scontrol requeue $SLURM_JOB_ID` and reports failure (a fake
     scontrol records its arguments)."""

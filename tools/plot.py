@@ -1,6 +1,8 @@
-"""Training curves of cleanssl runs: loss, learning rate, kNN top-1 and images per second
-against epochs, from each run directory's log.jsonl (its end-of-epoch records), several runs
-overlaid, each labelled with its method and, among runs of one method, the flags that differ.
+"""Training curves of cleanssl runs: loss, learning rate, kNN top-1 and images per second (and the
+online probe's top-1 and the epoch time, when logged) against epochs, from each run directory's
+log.jsonl (its end-of-epoch records), several runs overlaid. The legend names each run by its
+method, numbered when a method has several runs; what differs between those runs (the flags)
+is written below the panels, so long flag lists never squeeze the plots.
 
     python tools/plot.py runs/simclr/A runs/byol/B -o curves.png
     python tools/plot.py results/cpu-check/runs/* -o curves.png --json curves.json
@@ -15,10 +17,14 @@ import sys
 from pathlib import Path
 
 METRICS = {"loss": "loss", "lr": "learning rate", "knn_top1": "kNN top-1 (%)",
-           "img_per_s": "images / s"}
+           "img_per_s": "images / s", "probe_top1": "online probe top-1 (%)",
+           "epoch_time": "epoch time (s)"}
+ALWAYS_DRAWN = ("loss", "lr", "knn_top1", "img_per_s")  # the others when a run logged them
 # arguments that do not change what a run learns, or follow from others
 NOT_IN_LABELS = {"run_dir", "argv", "git", "torch", "torchvision", "python", "cuda", "preset",
-                 "peak_lr", "small_images", "log_every", "workers", "data_dir"}
+                 "peak_lr", "small_images", "log_every", "workers", "data_dir", "peak_lr_given",
+                 "allow_changes", "tensorboard", "wandb", "wandb_entity", "wandb_name",
+                 "wandb_group", "wandb_tags", "wandb_mode"}
 
 
 class PlotError(Exception):
@@ -38,34 +44,38 @@ def read_run(run_dir):
 
 
 def labels(runs):
-    """A label per (method, args): the method, and the arguments whose values differ among the
-    runs of that method (runs of other methods differ by their recipe anyway)."""
-    out = []
+    """(label, flags) per (method, args): the label is the method, with #1, #2, ... when the
+    method has several runs; flags, the arguments whose values differ among the runs of that
+    method (runs of other methods differ by their recipe anyway), empty for a lone run."""
+    out, seen = [], {}
     for method, args in runs:
         same = [a for m, a in runs if m == method]
         keys = sorted(k for k in set().union(*same) - NOT_IN_LABELS
                       if len({json.dumps(a.get(k)) for a in same}) > 1)
-        flags = ", ".join(f"{k}={args.get(k)}" for k in keys)
-        out.append(f"{method} ({flags})" if flags else method)
+        seen[method] = seen.get(method, 0) + 1
+        label = f"{method} #{seen[method]}" if len(same) > 1 else method
+        value = lambda v: f"{v:.6g}" if isinstance(v, float) else v  # 0.3, not 0.30000000000000004
+        out.append((label, ", ".join(f"{k}={value(args.get(k))}" for k in keys)))
     return out
 
 
 def collect(run_dirs):
-    """The plotted data: [{"run", "label", "series": {metric: {"epoch": [...], "value": [...]}}}]
-    with each metric's values at the epochs whose end-of-epoch record holds it (kNN top-1 also
-    at epoch 0, the random initialisation)."""
+    """The plotted data: [{"run", "label", "flags", "series": {metric: {"epoch": [...],
+    "value": [...]}}}] with each metric's values at the epochs whose end-of-epoch record holds it
+    (kNN top-1 also at epoch 0, the random initialisation)."""
     runs = [read_run(d) for d in run_dirs]
     curves = []
-    for run_dir, (method, args, records), label in zip(run_dirs, runs,
-                                                        labels([r[:2] for r in runs])):
+    for run_dir, (method, args, records), (label, flags) in zip(
+            run_dirs, runs, labels([r[:2] for r in runs])):
         series = {m: {"epoch": [r["epoch"] for r in records if m in r],
                       "value": [r[m] for r in records if m in r]} for m in METRICS}
-        curves.append({"run": str(run_dir), "label": label, "series": series})
+        curves.append({"run": str(run_dir), "label": label, "flags": flags, "series": series})
     return curves
 
 
 def draw(curves, out, title=None):
-    """The four panels, the runs overlaid, as an image file `out` (PNG, SVG or PDF)."""
+    """The panels (two per row), the runs overlaid, as an image file `out` (PNG, SVG or PDF);
+    below them, the flags that tell numbered runs apart."""
     try:
         import matplotlib
     except ImportError:
@@ -74,8 +84,12 @@ def draw(curves, out, title=None):
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for ax, (metric, name) in zip(axes.flat, METRICS.items()):
+    metrics = [m for m in METRICS if m in ALWAYS_DRAWN
+               or any(c["series"][m]["epoch"] for c in curves)]
+    notes = [f"{c['label']}: {c['flags']}" for c in curves if c["flags"]]
+    rows = (len(metrics) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.6 * rows + 0.25 * len(notes)))
+    for ax, metric in zip(axes.flat, metrics):
         for i, curve in enumerate(curves):  # a run keeps its colour in every panel
             s = curve["series"][metric]
             if s["epoch"]:
@@ -83,12 +97,16 @@ def draw(curves, out, title=None):
                         label=curve["label"], color=f"C{i % 10}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
+        ax.set_ylabel(METRICS[metric])
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
     axes.flat[0].legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.25 * len(notes) / fig.get_figheight(), 1, 1))
+    if notes:  # one line per numbered run; the figure grew to hold them
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize="small", va="bottom", wrap=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
