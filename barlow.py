@@ -35,8 +35,8 @@ from common.args import (add_common_args, check_batch, describe_lr, format_args,
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline, ssl_view
-from common.model import (autocast, distribute, grad_scaler, resnet_backbone, resolve_precision,
-                          unwrap)
+from common.model import (autocast, build_backbone, distribute, grad_scaler, is_vit,
+                          mocov3_vit_init, resolve_precision, unwrap)
 from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
 from common.dist import (all_reduce_with_grad, broadcast_object, cleanup_distributed,
                          get_world_size, setup_distributed)
@@ -54,12 +54,23 @@ from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeu
 # and BN the official ratio of rates, 0.3 x 0.0048 / 0.2. solo-learn also scales the loss by 0.1
 # and uses a LARS with eta 0.02 and lr clipping; we keep the official optimizer (eta 0.001, no
 # clipping) and the unscaled loss. Any flag given on the command line wins.
-IMAGENET = dict(arch="resnet50", epochs=1000, batch_size=2048, lr=0.2, lr_biases=0.0048,
-                weight_decay=1e-6, warmup_epochs=10, lambd=0.0051, projector="8192-8192-8192",
-                blur_probs=(1.0, 0.1), solarize_probs=(0.0, 0.2))
-SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=256, lr=0.3, lr_biases=0.0072,
-                    weight_decay=1e-4, warmup_epochs=10, lambd=0.0051, projector="2048-2048-2048",
-                    blur_probs=(0.0, 0.0), solarize_probs=(0.0, 0.2))
+IMAGENET = dict(arch="resnet50", epochs=1000, batch_size=2048, optimizer="lars", lr=0.2,
+                lr_biases=0.0048, weight_decay=1e-6, warmup_epochs=10, lambd=0.0051,
+                projector="8192-8192-8192", blur_probs=(1.0, 0.1), solarize_probs=(0.0, 0.2))
+SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.3,
+                    lr_biases=0.0072, weight_decay=1e-4, warmup_epochs=10, lambd=0.0051,
+                    projector="2048-2048-2048", blur_probs=(0.0, 0.0), solarize_probs=(0.0, 0.2))
+# --arch vit_*: no Barlow Twins ViT recipe has been published (by its authors, solo-learn,
+# lightly, mmpretrain or VISSL). Ours: MoCo v3's ViT optimizer (arXiv 2104.02057 section 5;
+# moco-v3 CONFIG.md: AdamW, lr 1.5e-4 x batch/256, weight decay 0.1, 40 warmup epochs, 300
+# epochs, the random patch projection frozen), one rate for biases and norms too, with Barlow
+# Twins' own projector, loss and batch. Unvalidated. Images <= 64 px: that optimizer with the
+# CIFAR recipe's length, batch, projector and views.
+VIT = dict(recipe="ViT (ours: MoCo v3's optimizer, Barlow Twins' projector)", optimizer="adamw",
+           epochs=300, lr=1.5e-4, lr_biases=1.5e-4, weight_decay=0.1, warmup_epochs=40)
+VIT_SMALL_IMAGES = dict(SMALL_IMAGES, recipe="ViT at <= 64 px (ours: MoCo v3's optimizer, "
+                        "CIFAR length)", optimizer="adamw", lr=1.5e-4, lr_biases=1.5e-4,
+                        weight_decay=0.1)
 
 
 def get_args(argv=None):
@@ -82,7 +93,8 @@ def get_args(argv=None):
     g.add_argument("--solarize-probs", type=float, nargs=2, metavar=("P1", "P2"),
                    help="solarisation probability of view 1 and view 2 " + both("solarize_probs"))
     g.add_argument("--warmup-epochs", type=float, help="linear lr warmup " + both("warmup_epochs"))
-    args = resolve_recipe(p.parse_args(argv), IMAGENET, SMALL_IMAGES, "barlow")
+    args = resolve_recipe(p.parse_args(argv), IMAGENET, SMALL_IMAGES, "barlow",
+                          (VIT, VIT_SMALL_IMAGES))
     widths = args.projector.split("-")
     if not all(w.isdigit() and int(w) > 0 for w in widths):
         raise UserError(f"--projector {args.projector}: expected widths like 8192-8192-8192")
@@ -113,7 +125,9 @@ class BarlowTwins(nn.Module):
     def __init__(self, arch, small_images, projector="8192-8192-8192"):
         super().__init__()
         # The official code builds its ResNet-50 with zero_init_residual=True.
-        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
+        self.backbone = build_backbone(arch, small_images, zero_init_residual=True)
+        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
+            mocov3_vit_init(self.backbone)
         sizes = [self.backbone.feature_dim] + [int(w) for w in projector.split("-")]
         layers = []
         for d_in, d_out in zip(sizes[:-2], sizes[1:-1]):

@@ -37,8 +37,8 @@ from common.args import (add_common_args, check_batch, describe_lr, format_args,
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline, ssl_view
-from common.model import (autocast, distribute, grad_scaler, resnet_backbone, resolve_precision,
-                          unwrap)
+from common.model import (autocast, build_backbone, distribute, grad_scaler, is_vit,
+                          mocov3_vit_init, resolve_precision, unwrap)
 from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
 from common.dist import broadcast_object, cleanup_distributed, setup_distributed
 from common.probe import online_probe
@@ -53,11 +53,23 @@ from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeu
 # --lr_init 2.0 = 1.0 x 512/256, tau_base 0.996, wd 1e-6, 800 epochs: 91.9% linear top-1).
 # The paper gives no CIFAR recipe; solo-learn's CIFAR BYOL also drops blur and keeps the
 # solarisation asymmetry. Any flag given on the command line wins.
-IMAGENET = dict(arch="resnet50", epochs=1000, batch_size=4096, lr=0.2, weight_decay=1.5e-6,
-                tau_base=0.996, warmup_epochs=10, blur_probs=(1.0, 0.1), solarize_probs=(0.0, 0.2))
-SMALL_IMAGES = dict(arch="resnet18", epochs=800, batch_size=512, lr=1.0, weight_decay=1e-6,
-                    tau_base=0.996, warmup_epochs=10, blur_probs=(0.0, 0.0),
+IMAGENET = dict(arch="resnet50", epochs=1000, batch_size=4096, optimizer="lars", lr=0.2,
+                weight_decay=1.5e-6, tau_base=0.996, warmup_epochs=10, blur_probs=(1.0, 0.1),
+                solarize_probs=(0.0, 0.2))
+SMALL_IMAGES = dict(arch="resnet18", epochs=800, batch_size=512, optimizer="lars", lr=1.0,
+                    weight_decay=1e-6, tau_base=0.996, warmup_epochs=10, blur_probs=(0.0, 0.0),
                     solarize_probs=(0.0, 0.2))
+# --arch vit_*: BYOL on a ViT as the MoCo v3 paper trained it (arXiv 2104.02057, section 5:
+# AdamW, batch 4096, 40 warmup epochs, the random patch projection frozen; Fig. 6 caption:
+# lr 1e-4 x batch/256, weight decay 0.03 for ViT-B/16; appendix A: BYOL's own heads), 300
+# epochs. The paper states no EMA momentum: tau_base 0.99, BYOL's official 300-epoch preset
+# (and MoCo v3's). Images <= 64 px: ours, that optimizer with the CIFAR recipe's length,
+# batch, tau and views (no published CIFAR ViT recipe for BYOL).
+VIT = dict(recipe="ViT (the MoCo v3 paper's for BYOL)", optimizer="adamw", epochs=300, lr=1e-4,
+           weight_decay=0.03, warmup_epochs=40, tau_base=0.99)
+VIT_SMALL_IMAGES = dict(VIT, recipe="ViT at <= 64 px (ours: MoCo v3's for BYOL, CIFAR length)",
+                        epochs=800, batch_size=512, warmup_epochs=10, tau_base=0.996,
+                        blur_probs=(0.0, 0.0))
 
 
 def imagenet_preset(epochs):
@@ -95,9 +107,9 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     given = {k for k in ("tau_base", "lr", "weight_decay") if getattr(args, k) is not None}
     given |= {"lr"} if args.peak_lr is not None else set()  # --peak-lr sets the rate too
-    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "byol")
-    args.preset = "small-image recipe (the BYOL-HPC CIFAR-10 settings)"
-    if not args.small_images:
+    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "byol", (VIT, VIT_SMALL_IMAGES))
+    args.preset = None
+    if args.recipe == "ImageNet":
         preset = imagenet_preset(args.epochs)
         for key in preset.keys() - given:
             setattr(args, key, preset[key])
@@ -164,7 +176,9 @@ class BYOL(nn.Module):
         super().__init__()
         # The official ResNet zero-initialises the last BN scale of each residual block, but its
         # README says the paper's results were obtained without it: we follow the paper.
-        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=False)
+        self.backbone = build_backbone(arch, small_images, zero_init_residual=False)
+        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
+            mocov3_vit_init(self.backbone)
         self.projector = mlp(self.backbone.feature_dim, hidden_dim, out_dim)
         self.predictor = mlp(out_dim, hidden_dim, out_dim)
         # Deviation: the target starts as a copy of the online network; the official code draws
@@ -248,7 +262,9 @@ def main(argv=None):
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"{args.preset}\n{describe_lr(args)} "
+    if args.preset:  # ImageNet: the official preset for the epoch budget
+        log.print(args.preset)
+    log.print(f"{describe_lr(args)} "
               f"({describe_optimizer(args)}; {args.warmup_epochs} warmup epochs, cosine to 0); "
               f"tau = {args.tau_base} "
               f"{'-> 1 (cosine)' if args.tau_schedule == 'cosine' else 'constant'}; "

@@ -1,32 +1,27 @@
-"""Evaluation of a pre-trained backbone: linear probe, semi-supervised fine-tuning, kNN.
+"""Evaluation of a pre-trained backbone: linear probe, semi-supervised fine-tuning, kNN; on one
+process, one node (torchrun) or a Slurm job (srun), and resumable, as the training scripts.
 
-The standard protocols of self-supervised learning, on one process, one node (torchrun) or a
-Slurm job (srun), and resumable, as the training scripts:
-
-- linear (default): the backbone is frozen in eval mode (BN keeps its running statistics, no
-  gradients); a linear head on its pooled features is trained with SGD (momentum 0.9, no weight
-  decay, cosine, lr 0.1 x batch/256; ImageNet: 90 epochs, batch 1024; images <= 64 px: 100
-  epochs, batch 512) on random-resized crops and flips, evaluated on centre crops of the val split.
-- `--cached-features`: features of centre crops extracted once, without augmentation; the head
-  trains on them in seconds. Faster, but not the standard protocol's numbers.
-- `--finetune`: the semi-supervised protocol: backbone and head trained together (BN in train
-  mode) on 1% or 10% of the labels (`--train-percent`, or a published list `--train-subset`),
-  with VICReg's, Barlow Twins' or SimCLR's recipe (`--recipe`).
+- linear (default): the backbone frozen in eval mode (BN keeps its running statistics), a linear
+  head on its pooled features trained with SGD (momentum 0.9, no weight decay, cosine, lr 0.1 x
+  batch/256, a ViT's 3 x batch/256; ImageNet: 90 epochs, batch 1024; images <= 64 px: 100
+  epochs, batch 512) on random-resized crops and flips, evaluated on centre crops of val.
+- `--cached-features`: centre-crop features extracted once; the head trains in seconds (not the
+  standard protocol's numbers).
+- `--finetune`: semi-supervised: backbone and head trained together on 1% or 10% of the labels
+  (`--train-percent`, or a published list `--train-subset`), with VICReg's, Barlow Twins' or
+  SimCLR's recipe (`--recipe`).
 - `--knn`: weighted kNN top-1 (cosine similarity, k=200, T=0.07; Wu et al. 2018).
 - `--eval-only HEAD`: top-1/top-5 with a saved `linear_head.pt`, no training.
 
-`--ckpt`: any cleanssl checkpoint.pt or backbone.pt, or an official MoCo v1/v2, SimSiam, SwAV,
-Barlow Twins or VICReg ResNet release (common/weights.py), never unpickling code. The run
-directory (runs/linear_eval/<Slurm job id or timestamp>) gets args.json, log.jsonl, checkpoint.pt
-(every epoch and on SIGUSR1/SIGTERM: the same command resumes), linear_head.pt (weights and class
-names), result.json and, fine-tuned, backbone.pt. All of it in detail: docs/evaluation.md.
+`--ckpt`: any cleanssl checkpoint.pt or backbone.pt (ResNet, ResNeXt or ViT), or an official
+MoCo v1/v2/v3, SimSiam, SwAV, Barlow Twins, VICReg or DINO release (common/weights.py), never
+unpickling code. The run directory gets args.json, log.jsonl, checkpoint.pt (the same command
+resumes), linear_head.pt, result.json and, fine-tuned, backbone.pt: docs/evaluation.md.
 
     python linear_eval.py --ckpt runs/simclr/<run>/checkpoint.pt --data cifar10
     torchrun --nproc_per_node=8 linear_eval.py --ckpt runs/byol/<run>/checkpoint.pt --data /imagenet
     sbatch slurm/train.sbatch linear_eval.py --ckpt runs/byol/<run>/backbone.pt --data /imagenet
-    torchrun --nproc_per_node=8 linear_eval.py --ckpt backbone.pt --data /imagenet --finetune --train-percent 1
     python linear_eval.py --ckpt moco_v2_800ep_pretrain.pth.tar --data /imagenet     # an official release
-    python linear_eval.py --ckpt backbone.pt --data cifar10 --eval-only runs/linear_eval/<run>/linear_head.pt
     python linear_eval.py --ckpt backbone.pt --data cifar10 --knn
 """
 import argparse
@@ -49,7 +44,7 @@ from common.dist import (all_gather_tensor, broadcast_object, cleanup_distribute
 from common.knn import extract_features, knn_predict
 from common.log import Logger, Progress, UserError, add_tracking_args, exit_on_user_error
 from common.loop import DivergenceGuard, save_or_stop, stop_agreed, stop_and_requeue
-from common.model import autocast, distribute, grad_scaler, resolve_precision, unwrap
+from common.model import autocast, distribute, grad_scaler, is_vit, resolve_precision, unwrap
 from common.optim import warmup_cosine
 from common.weights import load_backbone
 
@@ -165,7 +160,10 @@ def resolve_protocol(args, labelled_percent):
         recipe, name = table[fraction], f"{args.recipe}'s {fraction}% recipe"
     else:
         recipe = LINEAR_SMALL if args.img_size <= 64 else LINEAR
-        name = f"linear protocol ({'images <= 64 px' if args.img_size <= 64 else 'ImageNet'})"
+        # a ViT's head: MoCo v3's main_lincls.py command for ViTs (CONFIG.md: --lr=3)
+        recipe = dict(recipe, lr=3.0) if is_vit(args.arch) else recipe
+        name = (f"linear protocol ({'images <= 64 px' if args.img_size <= 64 else 'ImageNet'}"
+                f"{', ViT: lr 3' if is_vit(args.arch) else ''})")
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -221,6 +219,8 @@ def main(argv=None):
     # a backbone with the small-image stem was trained on images <= 64 px: 32 unless told
     args.img_size = (args.img_size or source["train_args"].get("img_size") or head_file.get(
         "img_size") or (32 if args.small_images else default_img_size(args.data)))
+    if args.img_size % getattr(backbone, "patch_size", 1):  # a ViT's: before any data is read
+        raise UserError(f"--img-size {args.img_size}: not a multiple of {backbone.patch_size} px")
     args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (rank 0's timestamp)
     make_run_dir(args.run_dir)
     log = Logger(args.run_dir, is_main=rank == 0)
@@ -289,8 +289,7 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
                              seeded=True)  # each image's crop seeded by (seed, epoch, index)
         steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}: "
-                        f"give a smaller --batch-size")
+        raise UserError(f"{len(train_set)} train images < one batch of {args.batch_size}: lower it")
     val = None if args.finetune else features(val_set, "val features")  # frozen: computed once
 
     model = Classifier(backbone, len(classes), args.finetune)

@@ -35,9 +35,9 @@ from common.args import (add_common_args, check_batch, describe_lr, format_args,
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline, ssl_view
-from common.model import (autocast, distribute, grad_scaler, resnet_backbone, resolve_precision,
-                          unwrap)
-from common.optim import build_optimizer, describe_optimizer, set_lr, warmup_cosine
+from common.model import (autocast, build_backbone, distribute, grad_scaler, is_vit,
+                          mocov3_vit_init, resolve_precision, unwrap)
+from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
 from common.dist import (all_gather_tensor, broadcast_object, cleanup_distributed, get_rank,
                          get_world_size, setup_distributed)
 from common.probe import online_probe
@@ -55,16 +55,31 @@ from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeu
 # torchvision's default (0.08, 1) crop. Deviation: the inputs are normalised with the ImageNet
 # statistics, as in every script here and in linear_eval.py (a checkpoint carries no statistics
 # of its own), where the demo uses CIFAR-10's.
-IMAGENET = dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4,
-                temperature=0.2, queue_size=65536, moco_momentum=0.999, blur_prob=0.5)
-SMALL_IMAGES = dict(arch="resnet18", epochs=200, batch_size=512, lr=0.03, weight_decay=5e-4,
-                    temperature=0.1, queue_size=4096, moco_momentum=0.99, blur_prob=0.0)
+IMAGENET = dict(arch="resnet50", epochs=200, batch_size=256, optimizer="sgd", lr=0.03,
+                weight_decay=1e-4, warmup_epochs=0, temperature=0.2, queue_size=65536,
+                moco_momentum=0.999, blur_prob=0.5)
+SMALL_IMAGES = dict(arch="resnet18", epochs=200, batch_size=512, optimizer="sgd", lr=0.03,
+                    weight_decay=5e-4, warmup_epochs=0, temperature=0.1, queue_size=4096,
+                    moco_momentum=0.99, blur_prob=0.0)
+# --arch vit_*: MoCo's authors published no MoCo v2 ViT (MoCo v3 is another method: no queue,
+# a predictor, BN heads). The DINO authors trained MoCo v2 on ViT-S/16 (DINO paper, Table 2:
+# 72.7% linear top-1) with DINO's optimizer, as they describe it in facebookresearch/dino issue
+# #34: AdamW, lr 5e-4 x batch/256 and 10 warmup epochs (main_dino.py defaults; batch 1024 as
+# 64 x 16 GPUs), weight decay 0.05, temperature 0.1, queue 65536, key momentum 0.996; 300
+# epochs (DINO's Table 7). Deviation: their momentum rose to 1 on a cosine; ours stays
+# constant. Images <= 64 px: ours, that optimizer with the CIFAR recipe's length and batch.
+VIT = dict(recipe="ViT (the DINO authors' MoCo v2 run, not MoCo's)", optimizer="adamw",
+           epochs=300, batch_size=1024, lr=5e-4, weight_decay=0.05, warmup_epochs=10,
+           temperature=0.1, queue_size=65536, moco_momentum=0.996)
+VIT_SMALL_IMAGES = dict(SMALL_IMAGES, recipe="ViT at <= 64 px (ours: DINO's MoCo v2 optimizer, "
+                        "CIFAR length)", optimizer="adamw", lr=5e-4, weight_decay=0.05,
+                        warmup_epochs=10)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MoCo v2 pre-training (Chen et al. 2020). Recipe "
                                 "values in brackets; a flag given on the command line wins.")
-    add_common_args(p, "moco", IMAGENET, SMALL_IMAGES, optimizer="sgd", sync_bn="off")
+    add_common_args(p, "moco", IMAGENET, SMALL_IMAGES, sync_bn="off")
     both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
     g = p.add_argument_group("MoCo")
     g.add_argument("--temperature", type=float, help="InfoNCE temperature T " + both("temperature"))
@@ -73,9 +88,12 @@ def get_args(argv=None):
     g.add_argument("--moco-momentum", type=float,
                    help="key encoder momentum m, constant " + both("moco_momentum"))
     g.add_argument("--blur-prob", type=float, help="Gaussian blur probability " + both("blur_prob"))
+    g.add_argument("--warmup-epochs", type=float, help="linear lr warmup (ViT recipe: 10) "
+                   + both("warmup_epochs"))
     g.add_argument("--bn-splits", type=int, default=None,
                    help="BatchNorm groups per process (default: 8 with one process, emulating "
-                        "the paper's 8 GPUs; 1 with several, whose shuffle BN spans processes)")
+                        "the paper's 8 GPUs; 1 with several, whose shuffle BN spans processes; "
+                        "1 for a ViT, which has no BatchNorm)")
     g.add_argument("--symmetric", action="store_true",
                    help="also contrast (view 2 query, view 1 key) and enqueue both keys "
                         "(the 'MoCo v2+' variant; paper: off)")
@@ -87,7 +105,11 @@ def get_args(argv=None):
         raise UserError(f"--bn-splits {args.bn_splits} with --sync-bn {args.sync_bn}: "
                         f"SyncBatchNorm would replace the split BN layers; keep MoCo's --sync-bn "
                         f"off (shuffle BN) or use --bn-splits 1")
-    return resolve_recipe(args, IMAGENET, SMALL_IMAGES, "moco")
+    if (args.bn_splits or 1) > 1 and args.arch and is_vit(args.arch):
+        raise UserError(f"--bn-splits {args.bn_splits} with --arch {args.arch}: a ViT with MoCo "
+                        f"v2's head has no BatchNorm to split (nor to shuffle: keys are encoded "
+                        f"unshuffled)")
+    return resolve_recipe(args, IMAGENET, SMALL_IMAGES, "moco", (VIT, VIT_SMALL_IMAGES))
 
 
 # ------------------------------------------------------------------------------- augmentations
@@ -147,7 +169,12 @@ class MoCo(nn.Module):
                  bn_splits=1):
         super().__init__()
         # The official code uses torchvision's ResNet with its default init (no zero-init).
-        self.backbone = resnet_backbone(arch, cifar_stem=small_images)
+        self.backbone = build_backbone(arch, small_images)
+        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
+            mocov3_vit_init(self.backbone)
+        # Shuffle BN hides a key's BN statistics from its query; a ViT with this BN-free head has
+        # no BatchNorm at all (LayerNorm works per image): nothing to shuffle
+        self.shuffle = not is_vit(arch)
         # The paper computes BN per GPU (8 GPUs, no SyncBN) and shuffles the keys across GPUs.
         # One process has no GPUs to shuffle across: as the official CIFAR-10 demo, BN runs in
         # `bn_splits` groups in both encoders and the key batch is shuffled (see keys), so a
@@ -185,6 +212,8 @@ class MoCo(nn.Module):
         not with the images of its query, so BN cannot leak which key is the positive. With one
         process the batch is shuffled in place and SplitBatchNorm gives the per-GPU groups.
         `seed` (from the step) makes the permutations the same after a resume."""
+        if not self.shuffle:  # a ViT: no BatchNorm to hide anything from
+            return F.normalize(self.key_projector(self.key_backbone(x)).float(), dim=1)
         n, rank = x.shape[0], get_rank()
         x_all = all_gather_tensor(x)                                   # [N, C, H, W]
         g = torch.Generator(device=x.device).manual_seed(seed)  # on the device: no host sync
@@ -239,7 +268,7 @@ def main(argv=None):
         raise UserError(f"--queue-size {args.queue_size} is not a multiple of the {keys_per_step} "
                         f"keys enqueued per step ({why})")
     if args.bn_splits is None:
-        args.bn_splits = 8 if world == 1 else 1
+        args.bn_splits = 8 if world == 1 and not is_vit(args.arch) else 1
     if per_rank_batch % args.bn_splits:
         raise UserError(f"the batch per process {per_rank_batch} is not divisible by "
                         f"--bn-splits {args.bn_splits}")
@@ -270,12 +299,14 @@ def main(argv=None):
                  args.queue_size, args.bn_splits)
     model = distribute(model, device, world, args.compile, sync_bn=args.sync_bn,
                        channels_last=args.channels_last)
-    # SGD with weight decay on every parameter, biases and BN included, as the official code.
+    # SGD with weight decay on every parameter, biases and BN included, as the official code;
+    # the ViT recipe (DINO's) keeps biases and norms (every 1-D parameter) out of it.
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer([{"params": params, "weight_decay": args.weight_decay}], args)
+    optimizer = build_optimizer(param_groups(model, args.weight_decay) if is_vit(args.arch) else
+                                [{"params": params, "weight_decay": args.weight_decay}], args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr  # --lr x batch/256, or --peak-lr as given
-    total_steps = args.epochs * steps_per_epoch
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
 
     # resume from the run directory if it holds a checkpoint (key encoder and queue included)
     ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
@@ -289,10 +320,12 @@ def main(argv=None):
             save_args(args, os.path.join(args.run_dir, "args.json"), world)
         if args.knn_every:  # epoch-0 reference: the randomly initialised network
             log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"{describe_lr(args)} ({describe_optimizer(args)}; "
-              f"no warmup, cosine to 0); queue {args.queue_size}, key momentum "
-              f"{args.moco_momentum}, T {args.temperature}, BN groups {args.bn_splits} x {world}; "
-              f"{steps_per_epoch} steps per epoch")
+    bn = ("no BatchNorm: keys not shuffled" if is_vit(args.arch)
+          else f"BN groups {args.bn_splits} x {world}, keys shuffled")
+    log.print(f"{describe_lr(args)} ({describe_optimizer(args)}; {args.warmup_epochs} warmup "
+              f"epochs, cosine to 0); queue {args.queue_size}, key momentum "
+              f"{args.moco_momentum}, T {args.temperature}; {bn}; {steps_per_epoch} steps per "
+              f"epoch")
 
     def save(epoch, batch_in_epoch):
         guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
@@ -310,8 +343,9 @@ def main(argv=None):
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
-            # Cosine per iteration with no warmup (the official code steps the cosine per epoch).
-            lr = warmup_cosine(step, total_steps, 0, peak_lr)
+            # Cosine per iteration, with no warmup but the ViT recipe's (the official code steps
+            # the cosine per epoch).
+            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
             set_lr(optimizer, lr)
             x1, x2 = views.to_device([x1, x2], device, step)
             moco.momentum_update(args.moco_momentum)  # m constant; BEFORE the keys, as official

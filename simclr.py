@@ -35,8 +35,8 @@ from common.args import (add_common_args, check_batch, describe_lr, format_args,
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline, multi_crop
-from common.model import (autocast, distribute, features_by_resolution, grad_scaler,
-                          resnet_backbone, resolve_precision, unwrap)
+from common.model import (autocast, build_backbone, distribute, features_by_resolution,
+                          grad_scaler, is_vit, mocov3_vit_init, resolve_precision, unwrap)
 from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
 from common.dist import (broadcast_object, cleanup_distributed, gather_with_grad, get_rank,
                          setup_distributed)
@@ -50,10 +50,25 @@ from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeu
 # The paper's ImageNet recipe (section 2.3 and appendix B) and, for images <= 64 px, the
 # CIFAR-10 recipe of the official README (the paper's appendix B.9 uses the same stem,
 # colour strength and temperature). Any flag given on the command line wins.
-IMAGENET = dict(arch="resnet50", epochs=100, batch_size=4096, lr=0.3, weight_decay=1e-6,
-                warmup_epochs=10, temperature=0.1, color_strength=1.0, blur_prob=0.5)
-SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=512, lr=1.0, weight_decay=1e-4,
-                    warmup_epochs=10, temperature=0.5, color_strength=0.5, blur_prob=0.0)
+IMAGENET = dict(arch="resnet50", epochs=100, batch_size=4096, optimizer="lars", lr=0.3,
+                weight_decay=1e-6, warmup_epochs=10, temperature=0.1, color_strength=1.0,
+                blur_prob=0.5, proj_layers=2, proj_dim=128)
+SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=512, optimizer="lars", lr=1.0,
+                    weight_decay=1e-4, warmup_epochs=10, temperature=0.5, color_strength=0.5,
+                    blur_prob=0.0, proj_layers=2, proj_dim=128)
+# --arch vit_*: SimCLR on a ViT as the MoCo v3 paper trained it (Chen, Xie, He 2021, arXiv
+# 2104.02057, section 5: AdamW, batch 4096, 40 warmup epochs, the random patch projection
+# frozen; Fig. 6 caption: lr 2e-4 x batch/256, weight decay 0.1 for ViT-B/16), 300 epochs, and
+# the 3-layer 4096-4096-256 projector with BN and temperature 0.1 of ronghanghu/moco_v3_tpu
+# (config.py:41, 52-56; models.py:12-31), whose settings follow the paper (the paper gives no
+# temperature). Images <= 64 px: ours, that optimizer and head with the CIFAR recipe's length,
+# batch, temperature and views (no published CIFAR ViT recipe for SimCLR).
+VIT = dict(recipe="ViT (the MoCo v3 paper's for SimCLR)", optimizer="adamw", epochs=300,
+           lr=2e-4, weight_decay=0.1, warmup_epochs=40, temperature=0.1, proj_layers=3,
+           proj_hidden_dim=4096, proj_dim=256)
+VIT_SMALL_IMAGES = dict(VIT, recipe="ViT at <= 64 px (ours: MoCo v3's for SimCLR, CIFAR length)",
+                        epochs=1000, batch_size=512, warmup_epochs=10, temperature=0.5,
+                        color_strength=0.5, blur_prob=0.0)
 
 
 def get_args(argv=None):
@@ -67,12 +82,12 @@ def get_args(argv=None):
                    help="colour distortion strength s " + both("color_strength"))
     g.add_argument("--blur-prob", type=float, help="Gaussian blur probability " + both("blur_prob"))
     g.add_argument("--warmup-epochs", type=float, help="linear lr warmup " + both("warmup_epochs"))
-    g.add_argument("--proj-hidden-dim", type=int, default=None,
-                   help="projector hidden width (default: the backbone's, 2048 for ResNet-50)")
-    g.add_argument("--proj-dim", type=int, default=128, help="projection output dim (paper: 128)")
-    g.add_argument("--proj-layers", type=int, default=2, help="Linear-BN layers of the projector, "
-                   "ReLU between them (default: 2, SimCLR v1; 3: SimCLR v2's head, Chen et al. "
-                   "2020b, arXiv 2006.10029, official tf2/model.py num_proj_layers)")
+    g.add_argument("--proj-hidden-dim", type=int, default=None, help="projector hidden width "
+                   "(default: the backbone's, 2048 for ResNet-50; ViT recipe: 4096)")
+    g.add_argument("--proj-dim", type=int, help="projection output dim (paper: 128; ViT: 256)")
+    g.add_argument("--proj-layers", type=int, help="Linear-BN layers of the projector, ReLU "
+                   "between them (default: 2, SimCLR v1; 3: SimCLR v2's head, Chen et al. 2020b, "
+                   "arXiv 2006.10029, official tf2/model.py num_proj_layers; ViT recipe: 3)")
     g.add_argument("--num-crops", type=int, nargs="+", default=[2], help="crops per group "
                    "(default: 2, the paper's two views). More crops: multi-crop (SwAV, Caron et "
                    "al. 2020) as VISSL's multi-crop SimCLR, e.g. --num-crops 2 4 --crop-sizes 160 "
@@ -83,7 +98,7 @@ def get_args(argv=None):
     g.add_argument("--crop-scales", type=float, nargs="+", default=[0.08, 1.0], metavar="S",
                    help="area fraction of the crops, a MIN MAX pair per group (default: 0.08 1)")
     args = p.parse_args(argv)
-    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simclr")
+    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simclr", (VIT, VIT_SMALL_IMAGES))
     args.crop_sizes = args.crop_sizes or [args.img_size]
     groups = len(args.num_crops)
     if len(args.crop_sizes) != groups or len(args.crop_scales) != 2 * groups:
@@ -119,15 +134,17 @@ def simclr_crops(args):
 # ------------------------------------------------------------------------------- model
 
 class SimCLR(nn.Module):
-    """ResNet backbone f and projector g: z = g(f(x)). As in the official code, every linear
-    layer of g is bias-free and followed by BN; the hidden ones by BN with shift and a ReLU, the
-    last one by BN without shift (center=False). 2 layers: SimCLR v1's head; 3: SimCLR v2's
-    (tf2/model.py ProjectionHead, hidden layers as wide as their input)."""
+    """Backbone f (ResNet or ViT) and projector g: z = g(f(x)). As in the official code, every
+    linear layer of g is bias-free and followed by BN; the hidden ones by BN with shift and a
+    ReLU, the last one by BN without shift (center=False). 2 layers: SimCLR v1's head; 3: SimCLR
+    v2's (tf2/model.py ProjectionHead, hidden layers as wide as their input)."""
 
     def __init__(self, arch, small_images, hidden_dim=None, out_dim=128, proj_layers=2):
         super().__init__()
         # The official ResNet zero-initialises the last BN scale of each residual block.
-        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
+        self.backbone = build_backbone(arch, small_images, zero_init_residual=True)
+        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
+            mocov3_vit_init(self.backbone)
         hidden_dim = hidden_dim or self.backbone.feature_dim
         layers, width = [], self.backbone.feature_dim
         for _ in range(proj_layers - 1):  # hidden layers: Linear-BN-ReLU

@@ -35,8 +35,8 @@ from common.args import (add_common_args, check_batch, describe_lr, format_args,
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline, ssl_view
-from common.model import (autocast, distribute, grad_scaler, resnet_backbone, resolve_precision,
-                          unwrap)
+from common.model import (autocast, build_backbone, distribute, grad_scaler, is_vit,
+                          mocov3_vit_init, resolve_precision, unwrap)
 from common.optim import build_optimizer, describe_optimizer, warmup_cosine
 from common.dist import broadcast_object, cleanup_distributed, setup_distributed
 from common.probe import online_probe
@@ -49,16 +49,26 @@ from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeu
 # The paper's ImageNet recipe (section 3 and appendix A, the official README's command with
 # --fix-pred-lr) and, for images <= 64 px, its CIFAR-10 recipe (appendix D: 2-layer projector,
 # no blur). Any flag given on the command line wins.
-IMAGENET = dict(arch="resnet50", epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4,
-                blur_prob=0.5, proj_layers=3)
-SMALL_IMAGES = dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, weight_decay=5e-4,
-                    blur_prob=0.0, proj_layers=2)
+IMAGENET = dict(arch="resnet50", epochs=100, batch_size=512, optimizer="sgd", lr=0.05,
+                weight_decay=1e-4, warmup_epochs=0.0, blur_prob=0.5, proj_layers=3)
+SMALL_IMAGES = dict(arch="resnet18", epochs=800, batch_size=512, optimizer="sgd", lr=0.03,
+                    weight_decay=5e-4, warmup_epochs=0.0, blur_prob=0.0, proj_layers=2)
+# --arch vit_*: no SimSiam ViT recipe has been published (by its authors, solo-learn, lightly,
+# mmpretrain or VISSL). Ours: MoCo v3's ViT optimizer (arXiv 2104.02057 section 5; moco-v3
+# CONFIG.md: AdamW, lr 1.5e-4 x batch/256, weight decay 0.1, 40 warmup epochs, 300 epochs, the
+# random patch projection frozen) with SimSiam's own heads, loss and batch. Unvalidated. Images
+# <= 64 px: that optimizer with the CIFAR recipe's length, batch and views.
+VIT = dict(recipe="ViT (ours: MoCo v3's optimizer, SimSiam's heads)", optimizer="adamw",
+           epochs=300, lr=1.5e-4, weight_decay=0.1, warmup_epochs=40)
+VIT_SMALL_IMAGES = dict(SMALL_IMAGES, recipe="ViT at <= 64 px (ours: MoCo v3's optimizer, "
+                        "CIFAR length)", optimizer="adamw", lr=1.5e-4, weight_decay=0.1,
+                        warmup_epochs=10)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="SimSiam pre-training (Chen & He 2021). Recipe "
                                 "values in brackets; a flag given on the command line wins.")
-    add_common_args(p, "simsiam", IMAGENET, SMALL_IMAGES, optimizer="sgd")
+    add_common_args(p, "simsiam", IMAGENET, SMALL_IMAGES)
     both = lambda key: recipe_values(key, IMAGENET, SMALL_IMAGES)
     g = p.add_argument_group("SimSiam")
     g.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,
@@ -66,8 +76,8 @@ def get_args(argv=None):
                         "cosine (default: on, as the official README's command; paper Table 1c: "
                         "68.1%% with, 67.7%% without)")
     g.add_argument("--blur-prob", type=float, help="Gaussian blur probability " + both("blur_prob"))
-    g.add_argument("--warmup-epochs", type=float, default=0.0,
-                   help="linear lr warmup (paper: 0; 10 for batches >= 1024, section 4.3)")
+    g.add_argument("--warmup-epochs", type=float, help="linear lr warmup (paper: 0; 10 for "
+                   "batches >= 1024, section 4.3; ViT recipe: 40) " + both("warmup_epochs"))
     g.add_argument("--proj-layers", type=int, choices=[2, 3],
                    help="projection MLP layers " + both("proj_layers"))
     g.add_argument("--proj-dim", type=int, default=2048,
@@ -75,7 +85,7 @@ def get_args(argv=None):
     g.add_argument("--pred-hidden-dim", type=int, default=512,
                    help="prediction MLP bottleneck width (paper: 512)")
     args = p.parse_args(argv)
-    return resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simsiam")
+    return resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simsiam", (VIT, VIT_SMALL_IMAGES))
 
 
 # ------------------------------------------------------------------------------- augmentations
@@ -101,7 +111,9 @@ class SimSiam(nn.Module):
     def __init__(self, arch, small_images, proj_layers=3, dim=2048, pred_dim=512):
         super().__init__()
         # The official builder zero-initialises the last BN scale of each residual block.
-        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
+        self.backbone = build_backbone(arch, small_images, zero_init_residual=True)
+        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
+            mocov3_vit_init(self.backbone)
         layers, width = [], self.backbone.feature_dim
         for _ in range(proj_layers - 1):
             layers += [nn.Linear(width, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True)]

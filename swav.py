@@ -36,8 +36,8 @@ from common.args import (add_common_args, check_batch, describe_lr, format_args,
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline, multi_crop
-from common.model import (autocast, distribute, features_by_resolution, grad_scaler,
-                          resnet_backbone, resolve_precision, unwrap)
+from common.model import (autocast, build_backbone, distribute, features_by_resolution,
+                          grad_scaler, is_vit, mocov3_vit_init, resolve_precision, unwrap)
 from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
 from common.dist import (all_gather_tensor, all_reduce_with_grad, broadcast_object,
                          cleanup_distributed, get_world_size, setup_distributed)
@@ -56,13 +56,24 @@ from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeu
 # scale 0.08, blur p 0.5: we keep SwAV's 0.14 and drop the blur as every small-image recipe here),
 # its LARS (eta 0.02, clipped) and its warmup from 3e-5 to a cosine to 0; docs/swav.md lists them.
 # Any flag given wins.
-IMAGENET = dict(arch="resnet50", epochs=800, batch_size=4096, lr=0.3, weight_decay=1e-6,
-                warmup_epochs=10, warmup_start_lr=0.3, blur_prob=0.5, num_crops=(2, 6),
-                crop_scales=(0.14, 1.0, 0.05, 0.14), queue_start_epoch=15,
+IMAGENET = dict(arch="resnet50", epochs=800, batch_size=4096, optimizer="lars", lr=0.3,
+                weight_decay=1e-6, warmup_epochs=10, warmup_start_lr=0.3, blur_prob=0.5,
+                num_crops=(2, 6), crop_scales=(0.14, 1.0, 0.05, 0.14), queue_start_epoch=15,
                 freeze_prototypes_epochs=1)
-SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=256, lr=0.6, weight_decay=1e-6,
-                    warmup_epochs=10, warmup_start_lr=0.0, blur_prob=0.0, num_crops=(2,),
-                    crop_scales=(0.14, 1.0), queue_start_epoch=50, freeze_prototypes_epochs=2)
+SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.6,
+                    weight_decay=1e-6, warmup_epochs=10, warmup_start_lr=0.0, blur_prob=0.0,
+                    num_crops=(2,), crop_scales=(0.14, 1.0), queue_start_epoch=50,
+                    freeze_prototypes_epochs=2)
+# --arch vit_*: SwAV on a ViT as far as the MoCo v3 paper describes it (arXiv 2104.02057:
+# AdamW, batch 4096, 40 warmup epochs, the random patch projection frozen, section 5; two 224
+# px crops, no multi-crop, Table 4; no BN in the heads, appendix A), 300 epochs. It gives no
+# rate ("the largest stable lr"): ours is MoCo v3's own, lr 1.5e-4 x batch/256 with weight
+# decay 0.1 (moco-v3 CONFIG.md). Images <= 64 px: that optimizer with the CIFAR recipe.
+VIT = dict(recipe="ViT (the MoCo v3 paper's for SwAV, MoCo v3's rate)", optimizer="adamw",
+           epochs=300, lr=1.5e-4, weight_decay=0.1, warmup_epochs=40, warmup_start_lr=0.0,
+           num_crops=(2,), crop_scales=(0.14, 1.0))
+VIT_SMALL_IMAGES = dict(SMALL_IMAGES, recipe="ViT at <= 64 px (ours: MoCo v3's optimizer, "
+                        "CIFAR length)", optimizer="adamw", lr=1.5e-4, weight_decay=0.1)
 
 
 def get_args(argv=None):
@@ -105,10 +116,10 @@ def get_args(argv=None):
     g.add_argument("--final-lr-ratio", type=float, default=0.001, help="final lr of the cosine "
                    "as a fraction of the peak (official: 0.0048 / 4.8 and 0.0006 / 0.6 = 0.001)")
     args = p.parse_args(argv)
-    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "swav")
-    if args.crop_sizes is None:
-        args.crop_sizes = ([args.img_size] if args.small_images
-                           else [args.img_size, round(args.img_size * 96 / 224)])
+    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "swav", (VIT, VIT_SMALL_IMAGES))
+    if args.crop_sizes is None:  # small images: one group of --img-size crops
+        args.crop_sizes = ([args.img_size] if args.small_images else
+                           [args.img_size, round(args.img_size * 96 / 224)][:len(args.num_crops)])
     if args.queue_length is None:
         args.queue_length = 3840 if args.batch_size <= 256 else 0
     groups = len(args.num_crops)
@@ -146,10 +157,13 @@ class SwAV(nn.Module):
     def __init__(self, arch, small_images, hidden_dim=2048, out_dim=128, num_prototypes=3000):
         super().__init__()
         # The official ResNet-50 has a zero_init_residual option that main_swav.py leaves off.
-        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=False)
-        self.projector = nn.Sequential(
-            nn.Linear(self.backbone.feature_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        self.backbone = build_backbone(arch, small_images, zero_init_residual=False)
+        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
+            mocov3_vit_init(self.backbone)
+        # With a ViT, SwAV's heads do best without BN (MoCo v3 paper, appendix A)
+        bn = nn.Identity() if is_vit(arch) else nn.BatchNorm1d(hidden_dim)
+        self.projector = nn.Sequential(nn.Linear(self.backbone.feature_dim, hidden_dim), bn,
+                                       nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
         self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
 
     @torch.no_grad()

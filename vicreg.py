@@ -34,8 +34,8 @@ from common.args import (add_common_args, check_batch, describe_lr, format_args,
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline, ssl_view
-from common.model import (autocast, distribute, grad_scaler, resnet_backbone, resolve_precision,
-                          unwrap)
+from common.model import (autocast, build_backbone, distribute, grad_scaler, is_vit,
+                          mocov3_vit_init, resolve_precision, unwrap)
 from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
 from common.dist import broadcast_object, cleanup_distributed, gather_with_grad, setup_distributed
 from common.probe import online_probe
@@ -52,12 +52,21 @@ from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeu
 # epochs). solo-learn's LARS has eta 0.02 and lr clipping and its CIFAR views are symmetric (crop
 # scale 0.2-1, solarize 0.1 on both); we keep the official optimizer and the official asymmetric
 # views, minus the blur that erases most of a 32 px image. Any flag given on the command line wins.
-IMAGENET = dict(arch="resnet50", epochs=1000, batch_size=2048, lr=0.2, weight_decay=1e-6,
-                warmup_epochs=10, expander="8192-8192-8192", blur_probs=(1.0, 0.1),
-                solarize_probs=(0.0, 0.2))
-SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=256, lr=0.3, weight_decay=1e-4,
-                    warmup_epochs=10, expander="2048-2048-2048", blur_probs=(0.0, 0.0),
-                    solarize_probs=(0.0, 0.2))
+IMAGENET = dict(arch="resnet50", epochs=1000, batch_size=2048, optimizer="lars", lr=0.2,
+                weight_decay=1e-6, warmup_epochs=10, expander="8192-8192-8192",
+                blur_probs=(1.0, 0.1), solarize_probs=(0.0, 0.2))
+SMALL_IMAGES = dict(arch="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.3,
+                    weight_decay=1e-4, warmup_epochs=10, expander="2048-2048-2048",
+                    blur_probs=(0.0, 0.0), solarize_probs=(0.0, 0.2))
+# --arch vit_*: no VICReg ViT recipe has been published (by its authors, solo-learn, lightly,
+# mmpretrain or VISSL). Ours: MoCo v3's ViT optimizer (arXiv 2104.02057 section 5; moco-v3
+# CONFIG.md: AdamW, lr 1.5e-4 x batch/256, weight decay 0.1, 40 warmup epochs, 300 epochs, the
+# random patch projection frozen) with VICReg's own expander, loss and batch. Unvalidated.
+# Images <= 64 px: that optimizer with the CIFAR recipe's length, batch, expander and views.
+VIT = dict(recipe="ViT (ours: MoCo v3's optimizer, VICReg's expander)", optimizer="adamw",
+           epochs=300, lr=1.5e-4, weight_decay=0.1, warmup_epochs=40)
+VIT_SMALL_IMAGES = dict(SMALL_IMAGES, recipe="ViT at <= 64 px (ours: MoCo v3's optimizer, "
+                        "CIFAR length)", optimizer="adamw", lr=1.5e-4, weight_decay=0.1)
 TERMS = ("loss", "invariance", "variance", "covariance")  # logged; the three terms unweighted
 
 
@@ -82,7 +91,8 @@ def get_args(argv=None):
     g.add_argument("--solarize-probs", type=float, nargs=2, metavar=("P1", "P2"),
                    help="solarisation probability of view 1 and view 2 " + both("solarize_probs"))
     g.add_argument("--warmup-epochs", type=float, help="linear lr warmup " + both("warmup_epochs"))
-    args = resolve_recipe(p.parse_args(argv), IMAGENET, SMALL_IMAGES, "vicreg")
+    args = resolve_recipe(p.parse_args(argv), IMAGENET, SMALL_IMAGES, "vicreg",
+                          (VIT, VIT_SMALL_IMAGES))
     widths = args.expander.split("-")
     if not all(w.isdigit() and int(w) > 0 for w in widths):
         raise UserError(f"--expander {args.expander}: expected positive widths joined by '-', "
@@ -115,12 +125,15 @@ def expander_mlp(in_dim, spec):
 
 
 class VICReg(nn.Module):
-    """ResNet backbone f and expander h (the paper's name for the projector): z = h(f(x))."""
+    """Backbone f (ResNet or ViT) and expander h (the paper's name for the projector):
+    z = h(f(x))."""
 
     def __init__(self, arch, small_images, expander="8192-8192-8192"):
         super().__init__()
         # The official ResNet zero-initialises the last BN scale of each residual block.
-        self.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
+        self.backbone = build_backbone(arch, small_images, zero_init_residual=True)
+        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
+            mocov3_vit_init(self.backbone)
         self.expander = expander_mlp(self.backbone.feature_dim, expander)
 
     def forward(self, x1, x2):

@@ -12,7 +12,7 @@ import torchvision
 
 from common.data import default_img_size
 from common.log import UserError, add_tracking_args
-from common.model import ARCHS
+from common.model import ARCHS, is_vit
 
 
 def recipe_values(key, imagenet, small):
@@ -31,10 +31,10 @@ def default_workers():
     return max(1, (cpus or 1) - 1)
 
 
-def add_common_args(parser, method, imagenet, small, optimizer="lars", sync_bn="global"):
+def add_common_args(parser, method, imagenet, small, sync_bn="global"):
     """Add the shared flags. Flags whose value depends on the recipe default to None and are
-    filled by `resolve_recipe` from the script's ImageNet or small-image recipe. `optimizer`
-    and `sync_bn`: the method's official choices, the defaults of --optimizer and --sync-bn."""
+    filled by `resolve_recipe` from the script's ImageNet, small-image or ViT recipe (the
+    optimizer included). `sync_bn`: the method's official choice, the default of --sync-bn."""
     # No silent abbreviations: `--warmup 0` must fail, not quietly become --warmup-epochs 0 in one
     # script and an error in another that has no such flag.
     parser.allow_abbrev = False
@@ -68,11 +68,14 @@ def add_common_args(parser, method, imagenet, small, optimizer="lars", sync_bn="
     g.add_argument("--synthetic-size", type=int, default=512,
                    help="number of training images of --data synthetic, val: a quarter (default: 512)")
     g = parser.add_argument_group("training")
-    g.add_argument("--arch", default=None, help="any torchvision ResNet: resnet18, resnet34, "
-                   "resnet50, resnet101, resnet152, wide_resnet50_2, wide_resnet101_2 "
-                   "(torchvision's: only the bottleneck widened, 2048-d), or resnet50w2/w4/w5 "
-                   "(every layer widened, as SimCLR and SwAV: 4096/8192/10240-d features) "
-                   + both("arch"))
+    g.add_argument("--arch", default=None, help="the backbone, a torchvision class: ResNets "
+                   "resnet18, resnet34, resnet50, resnet101, resnet152, wide_resnet50_2, "
+                   "wide_resnet101_2 (torchvision's: only the bottleneck widened, 2048-d), "
+                   "resnet50w2/w4/w5 (every layer widened, as SimCLR and SwAV: "
+                   "4096/8192/10240-d features); ResNeXts resnext50_32x4d, resnext101_32x8d, "
+                   "resnext101_64x4d; Vision Transformers vit_tiny, vit_small, vit_base (patch "
+                   "16 at 224 px; patch 4 at 32 px for images <= 64 px), which select the "
+                   "method's ViT recipe (printed at start) " + both("arch"))
     g.add_argument("--epochs", type=int, default=None, help="training epochs " + both("epochs"))
     g.add_argument("--batch-size", type=int, default=None,
                    help="GLOBAL batch size, split evenly over all processes " + both("batch_size"))
@@ -86,12 +89,13 @@ def add_common_args(parser, method, imagenet, small, optimizer="lars", sync_bn="
                            "--lr): for a rate quoted from a code base that does not scale by the "
                            "batch, e.g. BYOL-HPC's --lr_init 2.0 at batch 512 (= --lr 1.0)")
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay " + both("weight_decay"))
-    g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default=optimizer,
-                   help=f"(default: {optimizer}, the official code's). lars: LARS as the official "
+    g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default=None,
+                   help="the official code's by default " + both("optimizer") + ", AdamW for "
+                        "the ViT recipes. lars: LARS as the official "
                         "SimCLR/BYOL/Barlow Twins/VICReg code, 1-D parameters neither decayed nor "
                         "adapted (for every method); sgd: "
-                        "SGD with momentum; adamw: AdamW (--lr is then yours to choose: the "
-                        "recipes' rates are SGD/LARS rates). The choice is printed at start")
+                        "SGD with momentum; adamw: AdamW (with a ResNet recipe --lr is then "
+                        "yours to choose: its rates are SGD/LARS rates). Printed at start")
     g.add_argument("--momentum", type=float, default=0.9,
                    help="optimizer momentum; AdamW's beta1 (default: 0.9, every official recipe)")
     g.add_argument("--lars-eta", type=float, default=None,
@@ -144,13 +148,18 @@ def add_common_args(parser, method, imagenet, small, optimizer="lars", sync_bn="
     return parser
 
 
-def resolve_recipe(args, imagenet, small, method):
-    """Fill every None flag from `small` (img_size <= 64) or `imagenet`, derive the run
-    directory, and check what can be checked before any work starts."""
+def resolve_recipe(args, imagenet, small, method, vit=None):
+    """Fill every None flag from `small` (img_size <= 64) or `imagenet` or, when --arch names a
+    ViT, from `vit` = (ViT recipe at 224 px, at <= 64 px), whose `recipe` entry names it; derive
+    the run directory, and check what can be checked before any work starts."""
     if args.img_size is None:
         args.img_size = default_img_size(args.data)
     args.small_images = args.img_size <= 64
     recipe = small if args.small_images else imagenet
+    args.recipe = "small-image" if args.small_images else "ImageNet"
+    if args.arch is not None and is_vit(args.arch) and vit:
+        recipe = {**recipe, **vit[args.small_images]}
+        args.recipe = recipe.pop("recipe")
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -177,11 +186,13 @@ def resolve_recipe(args, imagenet, small, method):
 
 
 def describe_lr(args):
-    """The learning-rate line printed at start, e.g. 'lr = 0.3 x 4096/256 = 4.8'; with
-    --peak-lr, 'lr = 2 (--peak-lr, as given; = 1 x 512/256)'."""
+    """The recipe in force and the learning rate, printed at start, e.g. 'ImageNet recipe;
+    lr = 0.3 x 4096/256 = 4.8'; with --peak-lr, 'lr = 2 (--peak-lr, as given; = 1 x 512/256)'."""
+    recipe = f"recipe: {args.recipe}; " if getattr(args, "recipe", None) else ""
     if args.peak_lr_given:
-        return f"lr = {args.peak_lr:g} (--peak-lr, as given; = {args.lr:g} x {args.batch_size}/256)"
-    return f"lr = {args.lr:g} x {args.batch_size}/256 = {args.peak_lr:g}"
+        return (f"{recipe}lr = {args.peak_lr:g} (--peak-lr, as given; = {args.lr:g} x "
+                f"{args.batch_size}/256)")
+    return f"{recipe}lr = {args.lr:g} x {args.batch_size}/256 = {args.peak_lr:g}"
 
 
 def make_run_dir(path):
@@ -220,9 +231,16 @@ def save_args(args, path, world_size):
 
 
 def format_args(args):
-    """The resolved arguments, one per line, for the start of a run; then a note if the warmup
-    lasts the whole run (e.g. a 1-epoch smoke run of a 10-warmup-epoch recipe)."""
+    """The resolved arguments, one per line, for the start of a run; then a note for STL-10 (the
+    ImageNet recipe) and one if the warmup lasts the whole run (e.g. a 1-epoch smoke run of a
+    10-warmup-epoch recipe)."""
     lines = [f"  {k:<18} {v}" for k, v in sorted(vars(args).items())]
+    if args.data == "stl10" and not args.small_images:
+        lines.append(f"note: STL-10's {args.img_size} px images take the ImageNet recipe "
+                     f"({args.arch}, batch {args.batch_size}, {args.epochs} epochs): no paper "
+                     f"of these methods "
+                     f"gives an STL-10 recipe; on one GPU, e.g. --arch resnet18 --batch-size 256, "
+                     f"or --img-size 64 for the small-image recipe")
     warmup = getattr(args, "warmup_epochs", 0) or 0
     if warmup >= args.epochs:
         lines.append(f"note: --warmup-epochs {warmup:g} >= --epochs {args.epochs}: the learning "

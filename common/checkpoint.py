@@ -95,7 +95,7 @@ FREE_ON_RESUME = {"workers", "log_every", "knn_every", "save_every", "run_dir", 
                   "out", "tensorboard", "wandb", "wandb_entity", "wandb_name", "wandb_group",
                   "wandb_tags", "wandb_mode"}
 # Values that follow from settings compared themselves (peak_lr: --lr and --batch-size).
-DERIVED = {"small_images", "preset", "peak_lr", "peak_lr_given"}
+DERIVED = {"small_images", "preset", "peak_lr", "peak_lr_given", "recipe"}
 DIVERGED = "diverged.json"  # written by a run whose loss turned non-finite (common/loop.py)
 
 

@@ -1,7 +1,31 @@
-"""Fixtures shared by the tests."""
+"""Fixtures shared by the tests, and the two tiers.
+
+`python -m pytest` runs the default tier: every loss against its reference, every script end to
+end on tiny settings, resume, bad input, the docs; a few minutes on 2 cores. `python -m pytest
+--full` (what CI runs) adds the tests marked `full`: several processes (torchrun, Slurm), the real
+CIFAR-10 images (every test that takes the `cifar10_dir` fixture), the input pipelines, the
+benchmark tool and the heavier runs. `-m slow` selects opt-in measurements outside both.
+"""
 import pytest
 
 from tests.helpers import SHARED_CIFAR10
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="the full suite: also the tests marked `full` (CI runs it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "cifar10_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.full)  # real images: the full suite
+    if config.getoption("--full"):
+        return
+    full = [item for item in items if item.get_closest_marker("full")]
+    if full:
+        config.hook.pytest_deselected(items=full)
+        items[:] = [item for item in items if not item.get_closest_marker("full")]
 
 
 @pytest.fixture

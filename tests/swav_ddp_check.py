@@ -9,6 +9,10 @@ projector replace swav.SwAV's): CPU processes cannot synchronise BN, and without
 coupling between samples is Sinkhorn, so the comparison with one process is exact. Everything
 runs in float64.
 
+With `vit` as second argument the network is swav.SwAV's own ViT variant instead (vit_tiny with
+patch 4, MoCo v3's init with its frozen patch projection, the projector without BN that SwAV's
+ViT recipe uses): a Vision Transformer has no BatchNorm either, so the comparison stays exact.
+
 Rank 0 saves per step both ranks' losses and the (DDP-averaged) gradient of every parameter,
 the final queue of each rank and the gathered queue that a checkpoint holds, and a CONTROL: the
 first step again with Sinkhorn's sums left local (no all-reduce, each rank normalising over its
@@ -28,13 +32,14 @@ GLOBAL_BATCH, SIZES, PROTOTYPES, DIM, QUEUE, STEPS, LR = 8, (12, 12, 8, 8), 10, 
 TEMPERATURE, EPSILON, ITERS = 0.1, 0.05, 3
 
 
-def make_model():
+def make_model(arch="toy"):
     torch.manual_seed(0)
-    model = swav.SwAV("resnet18", small_images=True, hidden_dim=16, out_dim=DIM,
-                      num_prototypes=PROTOTYPES)
-    model.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                   nn.Flatten())
-    model.projector = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, DIM))
+    model = swav.SwAV("vit_tiny" if arch == "vit" else "resnet18", small_images=True,
+                      hidden_dim=16, out_dim=DIM, num_prototypes=PROTOTYPES)
+    if arch == "toy":
+        model.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                       nn.Flatten())
+        model.projector = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, DIM))
     return model.double()
 
 
@@ -50,11 +55,11 @@ def make_queue():
                                    dim=2)
 
 
-def train(steps, rank, world, device):
+def train(steps, rank, world, device, arch):
     """`steps` SwAV steps; returns per step (loss of every rank, gradients) and the local queue."""
-    model = distribute(make_model(), device, world, sync_bn="off")
+    model = distribute(make_model(arch), device, world, sync_bn="off")
     net = unwrap(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     n, rows = GLOBAL_BATCH // world, QUEUE // world
     queue = make_queue()[:, rank * rows:(rank + 1) * rows].clone()
     records = []
@@ -68,19 +73,20 @@ def train(steps, rank, world, device):
         optimizer.zero_grad()
         loss.backward()
         records.append({"losses": all_gather_tensor(loss.detach()[None]),
-                        "grads": {k: p.grad.clone() for k, p in net.named_parameters()}})
+                        "grads": {k: p.grad.clone() for k, p in net.named_parameters()
+                                  if p.requires_grad}})
         optimizer.step()
     return records, queue
 
 
-def main(out):
+def main(out, arch="toy"):
     rank, world, _, device = setup_distributed()
-    records, queue = train(STEPS, rank, world, device)
+    records, queue = train(STEPS, rank, world, device, arch)
     queues = all_gather_tensor(queue[None])                       # [world, 2, QUEUE / world, D]
     full_queue = swav.gather_queue(queue)                         # [2, QUEUE, D], as checkpointed
     # CONTROL: Sinkhorn normalised over each rank's own samples only
     swav.all_reduce_with_grad, swav.get_world_size = (lambda x: x), (lambda: 1)
-    control, _ = train(1, rank, world, device)
+    control, _ = train(1, rank, world, device, arch)
     if rank == 0:
         torch.save({"world": world, "steps": records, "queues": queues, "full_queue": full_queue,
                     "control": control[0]}, out)
@@ -89,4 +95,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -179,6 +179,7 @@ FLAGS = ["simclr.py", "--data", "synthetic", "--arch", "resnet18", "--img-size",
          "--knn-every", "0", "--workers", "0"]
 
 
+@pytest.mark.full
 def test_the_three_pipelines_train_on_the_same_views(tmp_path):
     """SimCLR's small-image recipe has no blur: the fast and torchvision pipelines give the same
     views up to the bicubic resize's rounding (up to 3 levels), so the first step's loss (same
@@ -228,6 +229,7 @@ def test_load_pixels_of_arrays_and_image_folders(tmp_path):
         load_pixels(build_dataset(str(root), "train", None))
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("mode", ["--gpu-aug", "--data-on-device"])
 def test_device_augmentation_run_resumes_exactly(tmp_path, monkeypatch, capsys, mode):
     """--gpu-aug and --data-on-device (on the CPU here; the second loads the train set once):

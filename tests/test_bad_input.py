@@ -1,10 +1,30 @@
-"""Bad input: one clear `error:` line on stderr, exit code 2, no traceback."""
+"""Bad input: one clear `error:` line on stderr, exit code 2, no traceback. The scripts run
+in-process (their main), but for one subprocess run: the real exit code of a real process."""
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import linear_eval
+import simclr as simclr_script
 from tests.helpers import TINY, make_image_folder, run
+
+
+@pytest.fixture
+def in_process(capsys):
+    """run(["script.py", *argv]) in this process: a CompletedProcess-like exit code and output."""
+    scripts = {"simclr.py": simclr_script.main, "linear_eval.py": linear_eval.main}
+
+    def call(argv, timeout=None):
+        try:
+            scripts[argv[0]]([str(a) for a in argv[1:]])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return call
 
 
 def assert_one_clear_line(proc, *fragments):
@@ -16,32 +36,35 @@ def assert_one_clear_line(proc, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
-def simclr(tmp_path, data, *extra):
-    return run(["simclr.py", "--data", data, *TINY, "--run-dir", tmp_path / "run", *extra],
-               timeout=120)
+def simclr(tmp_path, data, *extra, launch=run):
+    return launch(["simclr.py", "--data", data, *TINY, "--run-dir", tmp_path / "run", *extra],
+                  timeout=120)
 
 
-def test_missing_data_path(tmp_path):
+def test_missing_data_path(tmp_path):  # a real process: its exit code and stderr
     assert_one_clear_line(simclr(tmp_path, tmp_path / "nowhere"), "no such directory")
 
 
-def test_empty_data_folder(tmp_path):
+def test_empty_data_folder(tmp_path, in_process):
     (tmp_path / "empty").mkdir()
-    assert_one_clear_line(simclr(tmp_path, tmp_path / "empty"), "no train/ folder")
+    assert_one_clear_line(simclr(tmp_path, tmp_path / "empty", launch=in_process),
+                          "no train/ folder")
 
 
-def test_class_folder_without_images(tmp_path):
+def test_class_folder_without_images(tmp_path, in_process):
     root = make_image_folder(tmp_path / "images")
     (root / "train" / "empty_class").mkdir()
-    assert_one_clear_line(simclr(tmp_path, root), "empty_class")
+    assert_one_clear_line(simclr(tmp_path, root, launch=in_process), "empty_class")
 
 
-def test_batch_larger_than_dataset(tmp_path):
-    assert_one_clear_line(simclr(tmp_path, "synthetic", "--batch-size", "128"), "one batch of 128")
+def test_batch_larger_than_dataset(tmp_path, in_process):
+    assert_one_clear_line(simclr(tmp_path, "synthetic", "--batch-size", "128", launch=in_process),
+                          "one batch of 128")
 
 
-def test_unknown_arch(tmp_path):
-    assert_one_clear_line(simclr(tmp_path, "synthetic", "--arch", "resnet19"), "not supported")
+def test_unknown_arch(tmp_path, in_process):
+    assert_one_clear_line(simclr(tmp_path, "synthetic", "--arch", "resnet19", launch=in_process),
+                          "not supported")
 
 
 def _online(host="www.cs.toronto.edu"):
@@ -52,11 +75,11 @@ def _online(host="www.cs.toronto.edu"):
         return False
 
 
-def test_cifar10_offline_says_where_to_put_it(tmp_path):
+def test_cifar10_offline_says_where_to_put_it(tmp_path, in_process):
     if _online():
         pytest.skip("online: --data cifar10 would download the dataset")
-    proc = run(["simclr.py", "--data", "cifar10", "--data-dir", tmp_path / "data", "--epochs", "1"],
-               timeout=120)
+    proc = in_process(["simclr.py", "--data", "cifar10", "--data-dir", tmp_path / "data",
+                       "--epochs", "1", "--run-dir", tmp_path / "run"])
     assert_one_clear_line(proc, "CIFAR-10", "cifar-10-python.tar.gz", str(tmp_path / "data"),
                           "--data synthetic")
 
@@ -66,11 +89,12 @@ def test_cifar10_offline_says_where_to_put_it(tmp_path):
     ("foreign", "no ResNet or ViT found in it; known layouts"),
     ("missing", "no such file"),
 ])
-def test_linear_eval_rejects_what_is_not_a_checkpoint(tmp_path, content, message):
+def test_linear_eval_rejects_what_is_not_a_checkpoint(tmp_path, content, message, in_process):
     path = tmp_path / "model.pt"
     if content == "text":
         path.write_text("not a checkpoint")
     elif content == "foreign":
         torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
-    proc = run(["linear_eval.py", "--ckpt", path, "--data", "synthetic"], timeout=120)
+    proc = in_process(["linear_eval.py", "--ckpt", path, "--data", "synthetic", "--run-dir",
+                       tmp_path / "eval"])
     assert_one_clear_line(proc, message)

@@ -85,6 +85,7 @@ def test_loss_by_hand():
 
 # ------------------------------------------------------------------------------- DDP
 
+@pytest.mark.full
 def test_two_processes_equal_one_and_the_controls_are_off(tmp_path):
     """2 gloo processes x 8 samples == 1 process x 16: loss terms (every rank) and the gradient
     of every parameter. Controls: an all-reduce of C invisible to autograd (the official code's
@@ -245,6 +246,7 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
+@pytest.mark.full
 def test_interrupted_run_resumes_exactly_and_the_schedule(straight, tmp_path):
     """2 epochs straight == the same run stopped by SIGUSR1 in epoch 2 and resumed: weights, BN
     statistics and optimizer state bit-identical; both runs follow the schedule: 3 warmup steps,

@@ -222,6 +222,7 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
+@pytest.mark.full
 def test_interrupted_run_resumes_exactly_with_the_target(tmp_path):
     """2 epochs straight == the same run stopped by SIGUSR1 in epoch 2 and resumed: online and
     target networks (BN statistics included) and the optimizer state are bit-identical, and

@@ -1,4 +1,5 @@
 """DDP equivalence: 2 gloo processes x B/2 give the loss and gradients of 1 process x B."""
+import pytest
 import torch
 
 from tests.helpers import ok, run
@@ -8,6 +9,7 @@ from tests.ddp_check import grads_and_loss, make_batch, make_model
 RTOL, ATOL = 1e-5, 1e-6
 
 
+@pytest.mark.full
 def test_two_processes_equal_one(tmp_path):
     out = tmp_path / "ddp.pt"
     ok(run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

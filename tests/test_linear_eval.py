@@ -87,6 +87,7 @@ def result(run_dir):
     return json.loads((Path(run_dir) / "result.json").read_text())
 
 
+@pytest.mark.full
 def test_two_processes_train_the_head_of_one(runs):
     one, two, control = weights(runs / "one"), weights(runs / "two"), weights(runs / "no_ddp")
     for key in ("head.weight", "head.bias"):
@@ -126,6 +127,7 @@ def test_saved_head_and_evaluation_only(runs, backbone_file, tmp_path):
     assert not (tmp_path / "eval" / "checkpoint.pt").exists()  # no training
 
 
+@pytest.mark.full
 def test_cached_features_and_knn_two_processes_equal_one(backbone_file, tmp_path):
     cached = [*DATA, "--cached-features", "--batch-size", "8", "--epochs", "3", "--lr", "2.0"]
     evaluate("--ckpt", backbone_file, *cached, "--run-dir", tmp_path / "one")

@@ -174,6 +174,7 @@ def test_queue_holds_the_last_keys_in_order():
     assert torch.equal(model.queue.roll(-ptr, dims=0), torch.cat(batches)[-12:])
 
 
+@pytest.mark.full
 def test_queue_with_two_processes(tmp_path):
     out = tmp_path / "moco_ddp.pt"
     ok(run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -315,6 +316,7 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
+@pytest.mark.full
 def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
     """The straight run == the same run stopped by SIGUSR1 in epoch 2 and resumed: query and
     key encoders, queue and pointer bit for bit. The interrupted run uses 2 loader workers, the

@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import simclr
 from tests.helpers import (REPO, SUBPROCESS_ENV, TINY, assert_same_tensors, ok, read_log, run,
                            signal_when_logged)
+
+pytestmark = pytest.mark.full  # several processes: the full suite
 
 FLAGS = ["simclr.py", "--data", "synthetic", *TINY, "--knn-every", "0"]
 

@@ -314,9 +314,11 @@ def test_peak_lr_is_taken_as_given():
     args = simclr.get_args(["--data", "synthetic", "--batch-size", "512", "--peak-lr", "2.0"])
     assert (args.lr, args.peak_lr) == (1.0, 2.0)
     from common.args import describe_lr
-    assert describe_lr(args) == "lr = 2 (--peak-lr, as given; = 1 x 512/256)"
+    assert describe_lr(args) == ("recipe: small-image; lr = 2 (--peak-lr, as given; = 1 x "
+                                 "512/256)")
     args = simclr.get_args(["--data", "synthetic", "--batch-size", "512", "--lr", "2.0"])
-    assert (args.lr, args.peak_lr) == (2.0, 4.0) and describe_lr(args) == "lr = 2 x 512/256 = 4"
+    assert (args.lr, args.peak_lr) == (2.0, 4.0)
+    assert describe_lr(args) == "recipe: small-image; lr = 2 x 512/256 = 4"
     # BYOL's ImageNet preset sets --lr by the epoch budget, but not over a given peak rate
     args = byol.get_args(["--data", "/imagenet", "--epochs", "300", "--peak-lr", "4.8"])
     assert args.peak_lr == 4.8 and args.lr == pytest.approx(4.8 * 256 / 4096)

@@ -59,6 +59,7 @@ def test_synthetic_run_then_linear_eval(tmp_path):
     assert json.loads((tmp_path / "linear" / "result.json").read_text())["protocol"] == "linear"
 
 
+@pytest.mark.full
 def test_imagefolder_with_truncated_jpeg_and_torchvision_backbone(tmp_path):
     root = make_image_folder(tmp_path / "images", size=80)
     bad = root / "train" / "class1" / "3.jpg"
@@ -109,6 +110,7 @@ def torchrun_run(tmp_path_factory):
     return run_dir, ok(run([*TWO_PROCESSES, "--run-dir", run_dir], timeout=300))
 
 
+@pytest.mark.full
 def test_torchrun_two_processes(torchrun_run):
     run_dir, proc = torchrun_run
     assert proc.stdout.count("SimCLR, 2 process(es)") == 1  # rank 0 alone prints
@@ -210,6 +212,7 @@ def test_stop_signal_in_one_step_epochs(tmp_path, monkeypatch):
                                                if "step" not in r]
 
 
+@pytest.mark.full
 def test_stop_signal_in_five_step_epochs_two_processes(torchrun_run, tmp_path):
     """2 processes agree on a stop every 10 steps: in epochs of 5 steps they never would inside
     an epoch. SIGTERM to torchrun is taken after the epoch; the resumed run ends exactly as the

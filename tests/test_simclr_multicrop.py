@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import simclr
+from common.model import resnet_backbone
 from common.augment import ssl_view
 from tests.ddp_check import make_crops, make_model, multi_crop_grads_and_loss
 from tests.helpers import ok, run
@@ -74,6 +75,7 @@ def test_uniform_embeddings_and_invariances():
     assert not torch.allclose(base, simclr.multi_crop_nt_xent_loss(z.flatten(0, 1), C, 0.2))
 
 
+@pytest.mark.full
 def test_two_processes_equal_one(tmp_path):
     """DDP, 2 gloo processes x 4 images x 3 crops == 1 process x 8 images x 3 crops (the
     mechanism of tests/test_ddp.py, whose worker tests/ddp_check.py takes the crop count)."""
@@ -150,7 +152,7 @@ def test_forward_groups_crops_by_resolution():
 def old_simclr(arch, small_images, hidden_dim=None, out_dim=128):
     """simclr.SimCLR's constructor as it was before --proj-layers, copied."""
     model = nn.Module()
-    model.backbone = simclr.resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
+    model.backbone = resnet_backbone(arch, cifar_stem=small_images, zero_init_residual=True)
     hidden_dim = hidden_dim or model.backbone.feature_dim
     model.projector = nn.Sequential(
         nn.Linear(model.backbone.feature_dim, hidden_dim, bias=False),

@@ -239,6 +239,7 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
+@pytest.mark.full
 def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
     """The straight run == the same run stopped by SIGUSR1 in epoch 2 and resumed (with 2
     loader workers instead of none: the augmentations are seeded per sample)."""

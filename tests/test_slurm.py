@@ -220,6 +220,7 @@ def preempted(cluster):
     return cluster.preempt(cluster.submit(train=[*TRAIN, "--workers", "1"]))
 
 
+@pytest.mark.full
 @needs_slurm
 def test_preempted_job_saves_mid_epoch_and_requeues_itself(cluster, preempted):
     output = cluster.output(preempted)
@@ -255,6 +256,7 @@ def preempted_eval(cluster, eval_ckpt):
     return cluster.preempt(job_id, method="linear_eval")
 
 
+@pytest.mark.full
 @needs_slurm
 def test_preempted_linear_eval_saves_and_requeues_itself(cluster, preempted_eval):
     output = cluster.output(preempted_eval)
@@ -264,6 +266,7 @@ def test_preempted_linear_eval_saves_and_requeues_itself(cluster, preempted_eval
     assert (ckpt["epoch"], ckpt["batch_in_epoch"]) in ((0, 10), (1, 0), (1, 10)), output
 
 
+@pytest.mark.full
 @needs_slurm
 def test_signal_to_the_batch_shell_reaches_the_tasks(cluster):
     # `scancel --batch` (and `--signal=B:USR1@...`) signals only the batch script's shell, whose
@@ -282,6 +285,7 @@ def test_signal_to_the_batch_shell_reaches_the_tasks(cluster):
     assert 0 < ckpt["batch_in_epoch"] < STEPS_PER_EPOCH
 
 
+@pytest.mark.full
 @needs_slurm
 def test_a_dead_rank_ends_the_job(cluster):
     job_id = cluster.submit(train=[*TRAIN, "--workers", "0", "--epochs", "50"])
@@ -299,6 +303,7 @@ def test_a_dead_rank_ends_the_job(cluster):
     assert "done:" not in output
 
 
+@pytest.mark.full
 @needs_slurm
 def test_a_diverged_job_fails_without_requeue(cluster):
     # a rate that blows the weights up in the first epoch: both ranks stop at the epoch's save,
@@ -374,6 +379,7 @@ def test_loader_workers_survive_stop_signals():
     assert torch.cat(batches).tolist() == list(range(64))
 
 
+@pytest.mark.full
 @needs_slurm
 def test_requeued_job_resumes_exactly(cluster, preempted):
     # the tests above ran while the preempted job waited in the queue; now the same run,
@@ -401,6 +407,7 @@ def test_requeued_job_resumes_exactly(cluster, preempted):
                            b["optimizer"]["state"][k]["momentum_buffer"]), k
 
 
+@pytest.mark.full
 @needs_slurm
 def test_requeued_linear_eval_resumes_exactly(cluster, preempted_eval, eval_ckpt):
     uninterrupted = cluster.submit(script="linear_eval.py", train=["--ckpt", str(eval_ckpt), *EVAL])

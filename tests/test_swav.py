@@ -234,16 +234,18 @@ def test_forward_one_backbone_pass_per_resolution_group():
 
 # ---------------------------------------------------------------- two processes
 
-def test_two_processes_equal_one_process(tmp_path):
+@pytest.mark.full
+@pytest.mark.parametrize("arch", ["toy", "vit"])
+def test_two_processes_equal_one_process(tmp_path, arch):
     out = tmp_path / "swav_ddp.pt"
     ok(run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "tests/swav_ddp_check.py", out], timeout=240))
+            "tests/swav_ddp_check.py", out, arch], timeout=240))
     res = torch.load(out)
     assert res["world"] == 2
     # One process on the whole batch; its queue is the two ranks' halves side by side (Sinkhorn
     # does not care about the order of the samples), each half pushed with its rank's images.
-    model = ddp.make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=ddp.LR)
+    model = ddp.make_model(arch)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=ddp.LR)
     N, n, rows = ddp.GLOBAL_BATCH, ddp.GLOBAL_BATCH // 2, ddp.QUEUE // 2
     halves = [ddp.make_queue()[:, r * rows:(r + 1) * rows] for r in range(2)]
     for step, record in enumerate(res["steps"]):
@@ -256,14 +258,16 @@ def test_two_processes_equal_one_process(tmp_path):
         loss.backward()
         assert torch.allclose(record["losses"].mean(), loss, rtol=1e-10)
         assert not torch.allclose(record["losses"][0], record["losses"][1])
-        grads = dict(model.named_parameters())
+        grads = {k: p for k, p in model.named_parameters() if p.requires_grad}
         assert record["grads"].keys() == grads.keys()
         for k, g in record["grads"].items():
             assert torch.allclose(g, grads[k].grad, rtol=1e-5, atol=1e-12), (step, k)
             assert grads[k].grad.abs().sum() > 0, k
         if step == 0:  # CONTROL: Sinkhorn over each rank's own samples gives other gradients
             assert not torch.allclose(res["control"]["losses"].mean(), loss, rtol=1e-4)
-            for k in ("prototypes.weight", "projector.0.weight", "backbone.0.weight"):
+            first = ("backbone.encoder.layers.encoder_layer_0.mlp.0.weight" if arch == "vit"
+                     else "backbone.0.weight")
+            for k in ("prototypes.weight", "projector.0.weight", first):
                 assert not torch.allclose(res["control"]["grads"][k], grads[k].grad, rtol=1e-3), k
         halves = [torch.stack([torch.cat([z[a * N + r * n:a * N + (r + 1) * n].detach(),
                                           halves[r][a][:-n]]) for a in (0, 1)]) for r in range(2)]
@@ -342,6 +346,7 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
+@pytest.mark.full
 def test_interrupted_run_resumes_exactly_with_the_queue(tmp_path):
     """2 epochs of 3 steps straight == the same run stopped by SIGUSR1 in epoch 2 and resumed:
     weights, optimizer state and the queue (in use from step 3) are bit-identical; the prototypes

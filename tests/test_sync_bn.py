@@ -8,6 +8,7 @@ from common.log import UserError
 from tests.helpers import ok, run
 
 
+@pytest.mark.full
 def test_groups_of_each_mode(tmp_path):
     out = tmp_path / "groups"
     ok(run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",

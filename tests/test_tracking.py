@@ -401,7 +401,7 @@ def script_tracked(records, steps_per_epoch, dtype=float):
             for place, r in zip(script_places(records, steps_per_epoch), records)}
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_a_script_stopped_and_resumed_mid_epoch(tmp_path):
     """simclr.py itself, uninterrupted and stopped mid-epoch then resumed (SIGUSR1, as Slurm
     before a time limit): TensorBoard's events and the W&B offline files equal log.jsonl record

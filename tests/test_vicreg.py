@@ -104,6 +104,7 @@ def test_loss_hand_values():
 RTOL, ATOL = 1e-5, 1e-6
 
 
+@pytest.mark.full
 def test_two_processes_equal_one(tmp_path):
     out = tmp_path / "vicreg_ddp.pt"
     ok(run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -277,6 +278,7 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
+@pytest.mark.full
 def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
     """The straight run == the same run stopped by SIGUSR1 in epoch 2 and resumed: weights (BN
     statistics included) and the optimizer state bit for bit, the same logged steps. The
