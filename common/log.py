@@ -133,8 +133,11 @@ class Logger:
         # 7 significant digits: short lines, and small learning rates keep their precision
         record = {k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in record.items()}
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk, a run directory gone read-only: one line
+                raise UserError(f"could not write {self.path}: {e.strerror or e}") from None
         if self.events or self.wandb:
             self.track(record)
 

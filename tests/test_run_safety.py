@@ -368,3 +368,21 @@ def test_checkpoint_pickling_an_argparse_namespace(tmp_path, capsys):
     torch.save({"state_dict": state, "hook": print}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="loading it would run code"):
         checkpoint.safe_load(tmp_path / "evil.pt")
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
+    from common.log import Logger
+    log = Logger(str(tmp_path), is_main=True)
+    log.log({"epoch": 0, "step": 1, "loss": 1.0})
+
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):  # appends fail as on a full file system
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(UserError, match=r"^could not write .*log.jsonl: No space left on device$"):
+        log.log({"epoch": 0, "step": 2, "loss": 1.0})
+    monkeypatch.undo()
+    assert (tmp_path / "log.jsonl").read_text().count("\n") == 1  # the first record kept
