@@ -10,8 +10,8 @@ process, one node (torchrun) or a Slurm job (srun), and resumable, as the traini
 - `--finetune`: semi-supervised: backbone and head trained together on 1% or 10% of the labels
   (`--train-percent`, or a published list `--train-subset`), with VICReg's, Barlow Twins' or
   SimCLR's recipe (`--recipe`).
-- `--knn`: weighted kNN top-1 (cosine similarity, k=200, T=0.07; Wu et al. 2018).
-- `--eval-only HEAD`: top-1/top-5 with a saved `linear_head.pt`, no training.
+- `--knn`: weighted kNN top-1 (cosine, k=200, T=0.07; Wu et al. 2018); `--eval-only HEAD`:
+  top-1/top-5 with a saved `linear_head.pt`, no training.
 
 `--ckpt`: any cleanssl checkpoint.pt or backbone.pt (ResNet, ResNeXt or ViT), or an official
 MoCo v1/v2/v3, SimSiam, SwAV, Barlow Twins, VICReg or DINO release (common/weights.py), never
@@ -42,10 +42,11 @@ from common.data import (build_dataset, count_bad_images, default_img_size, eval
 from common.dist import (all_gather_tensor, broadcast_object, cleanup_distributed,
                          setup_distributed)
 from common.knn import extract_features, knn_predict
-from common.log import Logger, Progress, UserError, add_tracking_args, exit_on_user_error
+from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.loop import DivergenceGuard, save_or_stop, stop_agreed, stop_and_requeue
 from common.model import autocast, distribute, grad_scaler, is_vit, resolve_precision, unwrap
 from common.optim import warmup_cosine
+from common.track import add_tracking_args
 from common.weights import load_backbone
 
 # ------------------------------------------------------------------------------- arguments

@@ -11,7 +11,8 @@ import torch
 import torchvision
 
 from common.data import default_img_size
-from common.log import UserError, add_tracking_args
+from common.log import UserError
+from common.track import add_tracking_args
 from common.model import ARCHS, is_vit
 
 

@@ -20,7 +20,8 @@ import types
 import numpy as np
 import pytest
 
-from common.log import Logger, UserError, add_tracking_args
+from common.log import Logger, UserError
+from common.track import add_tracking_args
 
 SPE, EVERY, EPOCHS = 8, 2, 4  # steps per epoch, --log-every, --epochs: 16 train records
 
