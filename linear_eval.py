@@ -5,8 +5,7 @@ process, one node (torchrun) or a Slurm job (srun), and resumable, as the traini
   head on its pooled features trained with SGD (momentum 0.9, no weight decay, cosine, lr 0.1 x
   batch/256, a ViT's 3 x batch/256; ImageNet: 90 epochs, batch 1024; images <= 64 px: 100
   epochs, batch 512) on random-resized crops and flips, evaluated on centre crops of val.
-- `--cached-features`: centre-crop features extracted once; the head trains in seconds (not the
-  standard protocol's numbers).
+- `--cached-features`: centre-crop features extracted once, the head trained in seconds.
 - `--finetune`: semi-supervised: backbone and head trained together on 1% or 10% of the labels
   (`--train-percent`, or a published list `--train-subset`), with VICReg's, Barlow Twins' or
   SimCLR's recipe (`--recipe`).
