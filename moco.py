@@ -37,7 +37,7 @@ from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline, ssl_view
 from common.model import (autocast, build_backbone, distribute, grad_scaler, is_vit,
                           mocov3_vit_init, resolve_precision, unwrap)
-from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
+from common.optim import build_optimizer, describe_optimizer, set_lr, warmup_cosine
 from common.dist import (all_gather_tensor, broadcast_object, cleanup_distributed, get_rank,
                          get_world_size, setup_distributed)
 from common.probe import online_probe
@@ -299,11 +299,10 @@ def main(argv=None):
                  args.queue_size, args.bn_splits)
     model = distribute(model, device, world, args.compile, sync_bn=args.sync_bn,
                        channels_last=args.channels_last)
-    # SGD with weight decay on every parameter, biases and BN included, as the official code;
-    # the ViT recipe (DINO's) keeps biases and norms (every 1-D parameter) out of it.
+    # SGD with weight decay on every parameter, biases and BN included, as the official code
+    # (build_optimizer keeps 1-D parameters out of it for LARS and the ViT recipe's AdamW).
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(param_groups(model, args.weight_decay) if is_vit(args.arch) else
-                                [{"params": params, "weight_decay": args.weight_decay}], args)
+    optimizer = build_optimizer([{"params": params, "weight_decay": args.weight_decay}], args)
     scaler = grad_scaler(args.precision, device)
     peak_lr = args.peak_lr  # --lr x batch/256, or --peak-lr as given
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch

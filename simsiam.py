@@ -163,7 +163,7 @@ def output_std(z):
 def simsiam_optimizer(model, args):
     """--optimizer (official: SGD, momentum 0.9) with weight decay on EVERY parameter, BN and
     biases included (paper appendix A; unlike LARS methods there is no exclusion; with
-    --optimizer lars, build_optimizer excludes 1-D parameters as every LARS recipe). Two groups:
+    --optimizer lars or adamw, build_optimizer excludes 1-D parameters). Two groups:
     the predictor, flagged `fix_lr` if its rate stays at the peak, and everything else."""
     model = unwrap(model)
     predictor = list(model.predictor.parameters())
@@ -248,7 +248,8 @@ def main(argv=None):
             # Cosine per iteration; the official code steps it once per epoch (the same curve,
             # smoother, and a mid-epoch resume needs no special case).
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
-            set_simsiam_lr(optimizer, lr, peak_lr)
+            # the fixed predictor rate warms up with the rest (a warmup: ViT recipe, big batches)
+            set_simsiam_lr(optimizer, lr, peak_lr if step >= warmup_steps else lr)
             x1, x2 = views.to_device([x1, x2], device, step)
             with autocast(args.precision, device):
                 p1, p2, z1, z2 = model(x1, x2)

@@ -71,12 +71,15 @@ def lars_split(group):
 
 def build_optimizer(groups, args):
     """The optimizer of --optimizer over `groups` (dicts holding their own weight decay; LARS
-    reads `lars_exclude`), with --momentum (AdamW: beta1) and LARS's --lars-eta and --lars-clip.
+    reads `lars_exclude`; LARS and AdamW never decay 1-D parameters), with --momentum (AdamW:
+    beta1) and LARS's --lars-eta and --lars-clip.
     Its learning rate starts at 0: every script sets it at every step."""
-    if args.optimizer == "lars":
+    if args.optimizer in ("lars", "adamw"):
         # LARS as every official LARS recipe runs it: 1-D parameters neither decayed nor adapted,
-        # also for the groups of a method whose SGD recipe decays everything (MoCo, SimSiam)
+        # also for the groups of a method whose SGD recipe decays everything (MoCo, SimSiam);
+        # AdamW as DINO's ViT groups (utils.py get_params_groups): biases and norms not decayed
         groups = [part for group in groups for part in lars_split(group)]
+    if args.optimizer == "lars":
         return LARS(groups, lr=0.0, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=args.momentum)

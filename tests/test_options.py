@@ -92,24 +92,26 @@ def test_the_chosen_optimizer_trains(choice, tmp_path, capsys):
     assert torch.isfinite(torch.tensor(read_log(tmp_path)[-1]["loss"]))
 
 
-def test_lars_leaves_1d_parameters_alone_for_every_method():
-    """--optimizer lars on MoCo (one group, SGD's decay on everything) and SimSiam (the
-    predictor's own group): every 1-D parameter lands in a group without weight decay or LARS
-    adaptation, every weight keeps its decay, and SimSiam's fixed-lr predictor flag survives."""
+@pytest.mark.parametrize("optimizer", ["lars", "adamw"])
+def test_lars_and_adamw_leave_1d_parameters_alone_for_every_method(optimizer):
+    """--optimizer lars (and adamw, the ViT recipes') on MoCo (one group, SGD's decay on
+    everything) and SimSiam (the predictor's own group): every 1-D parameter lands in a group
+    without weight decay (or LARS adaptation), every weight keeps its decay, and SimSiam's
+    fixed-lr predictor flag survives."""
     import moco
     import simsiam
     from common.optim import LARS
     for script, build in ((moco, lambda m, a: moco.build_optimizer(
             [{"params": list(m.parameters()), "weight_decay": a.weight_decay}], a)),
                           (simsiam, simsiam.simsiam_optimizer)):
-        args = script.get_args(["--data", "synthetic", "--arch", "resnet18", "--optimizer", "lars",
-                                "--weight-decay", "0.5"])
+        args = script.get_args(["--data", "synthetic", "--arch", "resnet18", "--optimizer",
+                                optimizer, "--weight-decay", "0.5"])
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
         if script is simsiam:
             model.predictor = nn.Linear(2, 2)
             args.fix_pred_lr = True
         opt = build(model, args)
-        assert isinstance(opt, LARS)
+        assert isinstance(opt, LARS if optimizer == "lars" else torch.optim.AdamW)
         seen = 0
         for group in opt.param_groups:
             for p in group["params"]:
