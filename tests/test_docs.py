@@ -31,6 +31,7 @@ FOREIGN = {
     "--shutdown-timeout", "--nodes", "--time", "--signal", "--no-requeue", "--requeue",
     "--gpus-per-node", "--ntasks-per-node", "--cpus-per-task", "--partition", "--account",
     "--kill-on-bad-exit", "--open-mode", "--output", "--batch", "--durations",
+    "--full",  # this repository's pytest option (tests/conftest.py)
 }
 FOREIGN_BY_PAGE = {
     "docs/training.md": {"--eta",       # BYOL-HPC's name of our --lars-eta
@@ -178,7 +179,7 @@ def test_every_results_block_is_what_its_json_renders():
             assert body == rendered, (f"{page_name(page)}: the block of {folder} is not what its "
                                       "JSON renders: python tools/benchmark.py --render-readme "
                                       "README.md docs/*.md")
-    assert blocks >= 1 + len(METHODS), "the README and every method's page show measured results"
+    assert blocks >= 1, "docs/results.md shows measured results"
 
 
 @pytest.mark.parametrize("method", METHODS)
