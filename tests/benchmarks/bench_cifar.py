@@ -1,8 +1,9 @@
 """CIFAR-10 epoch time: the loader path (workers decode and augment each image) against
 --data-on-device (the train set held on the device as uint8, the views made there), measured in
-the same run, one after the other, with the same method, model and batch.
+the same run, one after the other, with the same method, model and batch. --data: CIFAR-10 as
+JPEG files (an ImageFolder of train/ and val/), or cifar10 (torchvision's copy).
 
-    python tests/benchmarks/bench_cifar.py --data ../shared/data/cifar10           # a GPU: bf16
+    python tests/benchmarks/bench_cifar.py --data /tmp/cifar10                     # a GPU: bf16
     python tests/benchmarks/bench_cifar.py --data DIR --steps 10 --batch-size 128  # a CPU check
 
 A benchmark, not a test: pytest collects test_*.py only, so this file is never run by it.
