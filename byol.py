@@ -160,10 +160,9 @@ def ema_update(online, target, tau):
     statistics are copied instead. The official code keeps the target's own BN state, updated
     by its own forward passes; both ways give the same outputs, since the target runs in
     training mode and normalises with batch statistics, and only the online network is kept."""
-    for p_online, p_target in zip(online.parameters(), target.parameters()):
-        p_target.lerp_(p_online, 1.0 - tau)
-    for b_online, b_target in zip(online.buffers(), target.buffers()):
-        b_target.copy_(b_online)
+    # one fused call per list (a handful of kernels, not two per tensor): p_t += (1-tau)(p_o - p_t)
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - tau)
+    torch._foreach_copy_(list(target.buffers()), list(online.buffers()))
 
 
 class BYOL(nn.Module):
