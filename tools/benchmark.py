@@ -638,7 +638,7 @@ def run_table(args, settings, command, stop, deadline=None):
     finished = [m for m in args.methods if results["methods"][m].get("status") == finished_state]
     drawable = [args.out / results["methods"][m]["records"] for m in finished
                 if results["methods"][m].get("records")]
-    if drawable and not args.train_only:
+    if drawable and not args.train_only and args.epochs >= 3:  # fewer: points, not curves
         try:
             plot.draw(plot.collect(drawable), args.out / "curves.png", f"{args.data}, {args.arch}")
             results["curves"] = "curves.png"
@@ -824,19 +824,20 @@ def markdown(results, folder="", methods=None):
              + "".join(f", {d}" for d in details if d) + f"; linear probe: {s['linear']}. "
              f"{hardware}, {m['cpu']}; {results['date']}, revision {results['git']}.", "",
              "| Method | Epochs | Batch | kNN top-1, random init | kNN top-1 | Linear top-1 | "
-             "Linear top-5 | Training time | img/s | Peak GPU memory |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Linear top-5 | Training time | img/s |" + (" Peak GPU memory |" if m["gpus"] else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if m["gpus"] else "")]
     rows = [(method, e) for method, e in results["methods"].items()
             if not methods or method in methods]
     for method, e in rows:
         if e.get("status") != "done":
-            lines.append(f"| {method} | {e.get('status', 'not run')} |||||||||")
+            lines.append(f"| {method} | {e.get('status', 'not run')} ||||||||"
+                         + ("|" if m["gpus"] else ""))
             continue
         lines.append(f"| {method} | {e['epochs']} | {e['batch_size']} | "
                      f"{fmt(e['knn_top1_init'])} | {fmt(e['knn_top1'])} | "
                      f"{fmt(e['linear_top1'])} | {fmt(e['linear_top5'])} | "
-                     f"{fmt(e['train_seconds'] / 60, ' min')} | {fmt(e['img_per_s'])} | "
-                     f"{fmt(e['peak_gpu_mem_gib'], ' GiB', 2)} |")
+                     f"{fmt(e['train_seconds'] / 60, ' min')} | {fmt(e['img_per_s'])} |"
+                     + (f" {fmt(e['peak_gpu_mem_gib'], ' GiB', 2)} |" if m["gpus"] else ""))
     # rows made in other calls (other machines, other revisions) say so
     other = [f"{method}: revision {e['git']}, {e['date']}" + (f", {', '.join(e['gpus'])}"
                                                               if e.get("gpus") else "")
