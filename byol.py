@@ -162,7 +162,8 @@ def ema_update(online, target, tau):
     training mode and normalises with batch statistics, and only the online network is kept."""
     # one fused call per list (a handful of kernels, not two per tensor): p_t += (1-tau)(p_o - p_t)
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - tau)
-    torch._foreach_copy_(list(target.buffers()), list(online.buffers()))
+    if buffers := list(target.buffers()):  # a ViT backbone has none
+        torch._foreach_copy_(buffers, list(online.buffers()))
 
 
 class BYOL(nn.Module):

@@ -262,3 +262,12 @@ def test_interrupted_run_resumes_exactly_with_the_target(tmp_path):
         epochs = [r for r in read_log(run_dir) if "step" not in r]
         last = 1 - 0.01 * (math.cos(math.pi * 5 / 6) + 1) / 2  # the summary: tau at k = 5
         assert epochs[-1]["tau"] == pytest.approx(last, abs=2e-6)
+
+
+def test_ema_update_of_a_network_without_buffers():
+    # a ViT backbone has no BN buffers: the update of its parameters alone
+    online, target = nn.Linear(3, 2), nn.Linear(3, 2)
+    expected = [0.9 * t + 0.1 * o for t, o in zip(target.parameters(), online.parameters())]
+    ema_update(online, target, tau=0.9)
+    for got, want in zip(target.parameters(), expected):
+        assert torch.allclose(got, want)
