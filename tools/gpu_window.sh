@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One short GPU session turned into finished work on the 200-epoch CIFAR-10 table.
 #
-#   OUT=/path/to/keep REVISION=$(git rev-parse --short HEAD) bash tools/gpu_window.sh
+#   OUT=/tmp/keep REVISION=<short hash> bash tools/gpu_window.sh; tar -C /tmp/keep -czf window.tgz .
+#
+# (then only window.tgz need come back: where few files and shallow folders come back from a
+# machine, OUT itself, with its nested table, would not)
 #
 # For sessions of a few minutes on a fresh machine each time, of which only small files are kept:
 # a ~90 MB checkpoint cannot be carried to the next session, so a row is either finished within
