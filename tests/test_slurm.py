@@ -11,6 +11,7 @@ run meanwhile.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -314,11 +315,14 @@ def test_a_diverged_job_fails_without_requeue(cluster):
     job = cluster.wait_until_done(job_id, 180)
     output = cluster.output(job_id)
     assert job["JobState"] == "FAILED" and job["Restarts"] == "0", output
-    assert job["ExitCode"].startswith("3:"), (job["ExitCode"], output)
     assert "the run diverged and stopped without saving" in output, output
     assert "requeue" not in output.split("restart 0")[-1], output
     run_dir = cluster.run_dir(job_id)
     assert (run_dir / "diverged.json").exists() and not (run_dir / "checkpoint.pt").exists()
+    # the ranks exit with 3; srun (--kill-on-bad-exit) ends the others as soon as one has
+    # exited, so a rank still exiting then shows as terminated (143) in the job's exit code
+    assert re.search(r"tasks? [0-9-]+: Exited with exit code 3", output), output
+    assert job["ExitCode"] in ("3:0", "143:0"), (job["ExitCode"], output)
 
 
 def test_requeue_reports_what_scontrol_did(tmp_path, monkeypatch):
