@@ -126,7 +126,7 @@ def open_run(args, method, world_size, log, free=FREE_ON_RESUME):
     """
     path = os.path.join(args.run_dir, "checkpoint.pt")
     diverged_path = os.path.join(args.run_dir, DIVERGED)
-    diverged = json.load(open(diverged_path)) if os.path.exists(diverged_path) else None
+    diverged = read_json(diverged_path)
     if not os.path.exists(path):
         if diverged:
             raise UserError(f"{args.run_dir} holds a run that diverged before its first "
@@ -195,9 +195,17 @@ def schedule_change(args, epoch, old_epochs, new_epochs):
             f"the way from its final value to its peak ({100 * cosine(old_epochs):.0f}% before)")
 
 
+def read_json(path):
+    """The JSON in `path`, or None where there is no such file."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def record_changes(path, args, where, changes, diverged):
     """args.json after an accepted change: the new values, and a history entry per resume."""
-    record = json.load(open(path)) if os.path.exists(path) else {}
+    record = read_json(path) or {}
     history = record.get("changes", [])
     history.append({"at": where, "settings": {k: [old, new] for k, old, new in changes},
                     **({"after_divergence": diverged} if diverged else {})})
