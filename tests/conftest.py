@@ -6,6 +6,8 @@ end on tiny settings, resume, bad input, the docs; a few minutes on 2 cores. `py
 CIFAR-10 images (every test that takes the `cifar10_dir` fixture), the input pipelines, the
 benchmark tool and the heavier runs. `-m slow` selects opt-in measurements outside both.
 """
+import shutil
+
 import pytest
 
 from tests.helpers import SHARED_CIFAR10
@@ -33,3 +35,21 @@ def cifar10_dir():
     if not (SHARED_CIFAR10 / "train").is_dir():
         pytest.skip(f"real CIFAR-10 JPEGs not found at {SHARED_CIFAR10}")
     return SHARED_CIFAR10
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """`module_tmp(name)`: a folder for runs that one module's tests share. A run directory weighs
+    up to a few hundred MB (checkpoints), so these go when their module ends, unless one of its
+    tests failed; a passed test's own `tmp_path` goes when it ends (pytest.ini's
+    tmp_path_retention_policy). That keeps the suite's disk use to a few GB at any time."""
+    made, failed_before = [], request.session.testsfailed
+
+    def mktemp(name):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)

@@ -181,8 +181,8 @@ FLAGS = ["barlow.py", "--data", "synthetic", "--arch", "resnet18", "--img-size",
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("barlow") / "straight"
+def straight(module_tmp):
+    run_dir = module_tmp("barlow") / "straight"
     ok(run([*FLAGS, "--workers", "0", "--run-dir", run_dir]))
     return run_dir
 

@@ -31,8 +31,8 @@ ARGV = [*TINY, "--methods", "moco,simclr", "--method-flags", "moco=--no-such-fla
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "out"
+def bench(module_tmp):
+    out = module_tmp("bench") / "out"
     code = benchmark.main([*ARGV, "--out", str(out), "--", "--log-every", "1"])
     return out, code
 
@@ -160,8 +160,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def sequential(tmp_path_factory, one_thread):
-    out = tmp_path_factory.mktemp("sequential") / "out"
+def sequential(module_tmp, one_thread):
+    out = module_tmp("sequential") / "out"
     assert benchmark.main([*TWO, "--out", str(out), *AFTER]) == 0
     return out
 
@@ -189,8 +189,8 @@ def assert_same_results(a, b, resumed=False):
         assert_same_tensors(torch.load(run_a / "backbone.pt"), torch.load(run_b / "backbone.pt"))
 
 
-def test_methods_side_by_side_give_the_sequential_results(sequential, tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel") / "out"
+def test_methods_side_by_side_give_the_sequential_results(sequential, tmp_path):
+    out = tmp_path / "out"
     assert benchmark.main([*TWO, "--parallel", "2", "--out", str(out), *AFTER]) == 0
     assert_same_results(sequential, out)
     rows = {folder: json.loads((folder / "results.json").read_text())["methods"]

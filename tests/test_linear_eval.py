@@ -41,10 +41,10 @@ linear_eval.main()
 
 
 @pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory):
+def backbone_file(module_tmp):
     """A randomly initialised ResNet-18 (small-image stem) as backbone.pt, with BN running
     statistics that are not the initial 0 and 1 (so that eval mode matters)."""
-    path = tmp_path_factory.mktemp("backbone") / "backbone.pt"
+    path = module_tmp("backbone") / "backbone.pt"
     torch.manual_seed(0)
     net = resnet_backbone("resnet18", cifar_stem=True)
     for m in net.modules():
@@ -67,9 +67,9 @@ def evaluate(*argv):
 
 
 @pytest.fixture(scope="module")
-def runs(backbone_file, tmp_path_factory):
+def runs(backbone_file, module_tmp):
     """The same linear evaluation as 1 process, as 2 (torchrun), and as 2 without DDP."""
-    root = tmp_path_factory.mktemp("linear")
+    root = module_tmp("linear")
     evaluate("--ckpt", backbone_file, *TRAIN, "--run-dir", root / "one")
     ok(run([*TORCHRUN, "linear_eval.py", "--ckpt", backbone_file, *TRAIN, "--run-dir",
             root / "two"], timeout=300))

@@ -246,8 +246,8 @@ FLAGS = ["moco.py", "--data", "synthetic", "--arch", "resnet18", "--img-size", "
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("moco") / "straight"
+def straight_run(module_tmp):
+    run_dir = module_tmp("moco") / "straight"
     ok(run([*FLAGS, "--workers", "0", "--run-dir", run_dir]))
     return run_dir
 

@@ -105,8 +105,8 @@ TWO_PROCESSES = [*TORCHRUN, "simclr.py", "--data", "synthetic", *TINY, "--synthe
 
 
 @pytest.fixture(scope="module")
-def torchrun_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
+def torchrun_run(module_tmp):
+    run_dir = module_tmp("torchrun") / "run"
     return run_dir, ok(run([*TWO_PROCESSES, "--run-dir", run_dir], timeout=300))
 
 

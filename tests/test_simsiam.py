@@ -171,8 +171,8 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("simsiam") / "straight"
+def straight_run(module_tmp):
+    run_dir = module_tmp("simsiam") / "straight"
     ok(run([*FLAGS, "--workers", "0", "--run-dir", run_dir]))
     return run_dir
 

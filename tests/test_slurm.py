@@ -200,8 +200,8 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+def cluster(module_tmp):
+    cluster = Cluster(module_tmp("slurm"))
     try:
         cluster.start()
         yield cluster

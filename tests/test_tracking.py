@@ -95,9 +95,9 @@ TWO_CRASHES = [(("train", 22), (2, 0)), (("epoch", 24), (2, 5))]
 
 
 @pytest.fixture(scope="module")
-def straight_log(tmp_path_factory):
+def straight_log(module_tmp):
     """log.jsonl of the same run, uninterrupted and without the packages' sinks."""
-    run_dir = tmp_path_factory.mktemp("straight")
+    run_dir = module_tmp("straight")
     run(run_dir, [], "--no-tensorboard")
     return jsonl(run_dir)
 
