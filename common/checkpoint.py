@@ -1,6 +1,7 @@
 """Atomic checkpoints, resume (and what a resume may change), backbone export, RNG state and
 stop signals."""
 import argparse
+import copy
 import errno
 import json
 import math
@@ -11,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -280,8 +282,16 @@ def load_checkpoint(path):
 
 def export_backbone(backbone, path):
     """Save the backbone as a plain torchvision state dict (no `fc.*`): with the ImageNet stem,
-    `torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only fc."""
-    sd = {k: v.detach().cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    `torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only fc.
+
+    A ViT's number of heads shows in no weight's shape: it goes into the state dict's
+    `_metadata` (where PyTorch keeps each module's version, ignored by load_state_dict), so that
+    a MoCo v3 ViT-S (12 heads, not DeiT's 6) fine-tuned and saved again loads back as itself."""
+    state = backbone.state_dict()
+    sd = OrderedDict((k, v.detach().cpu()) for k, v in state.items() if not k.startswith("fc."))
+    sd._metadata = copy.deepcopy(state._metadata)
+    if hasattr(backbone, "encoder") and hasattr(backbone, "class_token"):  # a ViT
+        sd._metadata[""]["num_heads"] = backbone.encoder.layers[0].num_heads
     atomic_save(sd, path)
 
 

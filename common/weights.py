@@ -163,8 +163,9 @@ def _backbone_from(obj):
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if kind == "resnet":
         backbone, arch, small, kept, details = _resnet(weights, prefix)
-    else:
-        backbone, arch, small, kept, details = _vit(weights, prefix, kind, layout)
+    else:  # export_backbone records a ViT's heads, which no shape shows, in the metadata
+        heads = getattr(obj, "_metadata", {}).get("", {}).get("num_heads") if not prefix else None
+        backbone, arch, small, kept, details = _vit(weights, prefix, kind, layout, heads)
     depth = max(1, prefix.count("."))  # name what was dropped at the prefix's depth
     dropped = sorted({prefix + k[len(prefix):].split(".")[0] if k.startswith(prefix)
                       else ".".join(k.split(".")[:depth]) for k in state if k not in kept})
@@ -195,9 +196,10 @@ def _resnet(weights, prefix):
             f"{'small-image' if small else 'ImageNet'} stem")
 
 
-def _vit(weights, prefix, kind, layout):
+def _vit(weights, prefix, kind, layout, heads=None):
     """A VisionTransformerBackbone of the layout the weights have (any depth, patch and image
-    size; the heads, which no shape shows, from the width or MoCo v3's rule)."""
+    size; the heads, which no shape shows, as our backbone.pt records them, else from the width
+    or MoCo v3's rule)."""
     if kind == "timm_vit":
         renamed = {k: torchvision_vit_key(k) for k in weights}
         foreign = [k for k, name in renamed.items() if name is None and not k.startswith("head.")]
@@ -210,7 +212,7 @@ def _vit(weights, prefix, kind, layout):
         sources = {k: k for k in weights}
     sizes = vit_layout(weights)
     width = sizes["hidden_dim"]
-    heads = MOCOV3_VIT_HEADS if layout == "MoCo v3" else HEADS_BY_WIDTH.get(width)
+    heads = heads or (MOCOV3_VIT_HEADS if layout == "MoCo v3" else HEADS_BY_WIDTH.get(width))
     if heads is None:
         raise UserError(f"a ViT {width} wide: its number of heads is unknown (widths "
                         f"{', '.join(map(str, HEADS_BY_WIDTH))} are)")

@@ -329,6 +329,17 @@ def test_mocov3_vit_checkpoint_is_its_base_encoder_with_12_heads(tmp_path, image
         # the heads matter: the same weights split 6 ways are another network
         assert not torch.allclose(features, timm_forward(base, images, heads=6), atol=1e-2)
 
+    # fine-tuned and saved again by linear_eval.py (export_backbone), it loads back with 12 heads
+    export_backbone(backbone, tmp_path / "backbone.pt")
+    again, info = load_backbone(tmp_path / "backbone.pt")
+    assert info["description"].startswith("torchvision ViT: vit_small (patch 16 at 224 px, "
+                                          "12 heads)"), info["description"]
+    plain = VisionTransformer(224, 16, 12, 12, 384, 1536)  # and into torchvision's own class
+    plain.load_state_dict({**torch.load(tmp_path / "backbone.pt"), **{
+        k: v for k, v in plain.state_dict().items() if k.startswith("heads.")}})
+    with torch.no_grad():
+        assert torch.equal(again.eval()(images), features)
+
 
 def test_dino_patch_8_and_foreign_timm_keys(tmp_path):
     sd = timm_keys(randomised(plain_vit(32, 8, 3, 192), seed=5))
