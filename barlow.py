@@ -43,7 +43,7 @@ from common.dist import (all_reduce_with_grad, broadcast_object, cleanup_distrib
 from common.probe import online_probe
 from common.knn import knn_monitor
 from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeue
+from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -237,13 +237,13 @@ def main(argv=None):
         guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
         if rank == 0:
             save_checkpoint(ckpt_path, "barlow", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, probe=probe and probe.state_dict())
+                            batch_in_epoch, probe=probe and probe.state_dict(), epoch_sums=sums)
 
     stop = StopSignal()
     model.train()
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, sums = time.time(), torch.zeros(3, device=device)  # loss, on-, off-diagonal
+        epoch_start, sums = time.time(), epoch_sums(ckpt, start_batch, 3, device)  # loss, on, off
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
@@ -278,7 +278,7 @@ def main(argv=None):
                 return
 
         # end of epoch: monitor, log, checkpoint, export the backbone
-        loss_v, on_v, off_v = (sums / max(1, len(loader))).tolist()
+        loss_v, on_v, off_v = (sums / steps_per_epoch).tolist()
         record = {"epoch": epoch + 1, "loss": loss_v, "on_diag": on_v, "off_diag": off_v,
                   "lr": optimizer.param_groups[0]["lr"],
                   "lr_biases": optimizer.param_groups[1]["lr"],

@@ -44,7 +44,7 @@ from common.dist import broadcast_object, cleanup_distributed, setup_distributed
 from common.probe import online_probe
 from common.knn import knn_monitor
 from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeue
+from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -274,13 +274,13 @@ def main(argv=None):
         guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
         if rank == 0:
             save_checkpoint(ckpt_path, "byol", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, probe=probe and probe.state_dict())
+                            batch_in_epoch, probe=probe and probe.state_dict(), epoch_sums=loss_sum)
 
     stop = StopSignal()
     model.train()
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        epoch_start, loss_sum = time.time(), epoch_sums(ckpt, start_batch, (), device)
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
@@ -313,7 +313,7 @@ def main(argv=None):
                 return
 
         # end of epoch: monitor, log, checkpoint, export the (online) backbone
-        record = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(loader))).item(),
+        record = {"epoch": epoch + 1, "loss": (loss_sum / steps_per_epoch).item(),
                   "lr": optimizer.param_groups[0]["lr"],  # and tau, both at the epoch's last step
                   "tau": target_momentum((epoch + 1) * steps_per_epoch - 1, total_steps,
                                          args.tau_base, args.tau_schedule),

@@ -42,7 +42,7 @@ from common.dist import (all_gather_tensor, broadcast_object, cleanup_distribute
                          setup_distributed)
 from common.knn import extract_features, knn_predict
 from common.log import Logger, Progress, UserError, exit_on_user_error
-from common.loop import DivergenceGuard, save_or_stop, stop_agreed, stop_and_requeue
+from common.loop import DivergenceGuard, epoch_sums, save_or_stop, stop_agreed, stop_and_requeue
 from common.model import autocast, distribute, grad_scaler, is_vit, resolve_precision, unwrap
 from common.optim import warmup_cosine
 from common.track import add_tracking_args
@@ -308,9 +308,8 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
     scaler = grad_scaler(args.precision, device)
     total_steps = args.epochs * steps_per_epoch
 
-    # a run directory holds one evaluation: another one's settings are refused (open_run)
-    ckpt_path, ckpt = (os.path.join(args.run_dir, "checkpoint.pt"),
-                       open_run(args, "linear_eval", world, log))
+    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+    ckpt = open_run(args, "linear_eval", world, log)  # None: a new run; refuses another's folder
     start_epoch, start_batch = restore(ckpt, model, optimizer, scaler)
     log.start_tracking(args, steps_per_epoch, resume=ckpt and (start_epoch, start_batch))
     best = ckpt["best"] if ckpt else None
@@ -351,14 +350,15 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
 
     def save(epoch, batch_in_epoch):
         guard.check(epoch, batch_in_epoch)  # never save a diverged head over its last good state
+        summed = all_gather_tensor(loss_sum[None]).mean()  # the ranks' mean loss sum, for a resume
         if rank == 0:
             save_checkpoint(ckpt_path, "linear_eval", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, best=best)
+                            batch_in_epoch, best=best, epoch_sums=summed)
 
     stop, final = StopSignal(), None
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        epoch_start, loss_sum = time.time(), epoch_sums(ckpt, start_batch, (), device)
         progress = Progress(batches(epoch, start_batch), steps_per_epoch - start_batch,
                             f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, (x, y) in enumerate(progress, start=start_batch):
@@ -389,7 +389,7 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
         # end of epoch: the global mean loss, the val split when due, checkpoint
         steps_done = steps_per_epoch - start_batch
         record = {"epoch": epoch + 1,
-                  "loss": all_gather_tensor(loss_sum[None]).mean().item() / max(1, steps_done),
+                  "loss": all_gather_tensor(loss_sum[None]).mean().item() / steps_per_epoch,
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
                   "img_per_s": steps_done * args.batch_size / (time.time() - epoch_start)}
         if bad_images := count_bad_images(os.path.join(args.run_dir, "bad_images.txt")):

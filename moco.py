@@ -43,7 +43,7 @@ from common.dist import (all_gather_tensor, broadcast_object, cleanup_distribute
 from common.probe import online_probe
 from common.knn import knn_monitor
 from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeue
+from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -330,15 +330,15 @@ def main(argv=None):
         guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
         if rank == 0:
             save_checkpoint(ckpt_path, "moco", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, probe=probe and probe.state_dict())
+                            batch_in_epoch, probe=probe and probe.state_dict(), epoch_sums=sums)
 
     stop = StopSignal()
     model.train()
     moco = unwrap(model)
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
-        pos_sum = torch.zeros((), device=device)  # mean cosine of query and positive key
+        # the sums of the loss and of the mean cosine of query and positive key
+        epoch_start, sums = time.time(), epoch_sums(ckpt, start_batch, 2, device)
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
@@ -369,7 +369,7 @@ def main(argv=None):
             # newest keys replace the oldest and become negatives from the next step on.
             moco.enqueue(torch.cat([k1, k2]) if args.symmetric else k2)
             pos_sim = (F.normalize(q[0].detach(), dim=1) * k2).sum(1).mean()  # mean cos(q, k+)
-            loss_sum, pos_sum = loss_sum + loss.detach(), pos_sum + pos_sim
+            sums += torch.stack([loss.detach(), pos_sim])
 
             if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
                 record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
@@ -384,10 +384,10 @@ def main(argv=None):
                 return
 
         # end of epoch: monitor, log, checkpoint, export the backbone
-        steps_done = max(1, len(loader))
-        record = {"epoch": epoch + 1, "loss": (loss_sum / steps_done).item(),
-                  "pos_sim": (pos_sum / steps_done).item(), "momentum": args.moco_momentum,
-                  "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
+        loss_mean, pos_mean = (sums / steps_per_epoch).tolist()
+        record = {"epoch": epoch + 1, "loss": loss_mean, "pos_sim": pos_mean,
+                  "momentum": args.moco_momentum, "lr": optimizer.param_groups[0]["lr"],
+                  "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
         if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
                      train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued

@@ -43,7 +43,7 @@ from common.dist import (broadcast_object, cleanup_distributed, gather_with_grad
 from common.probe import online_probe
 from common.knn import knn_monitor
 from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeue
+from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -276,13 +276,13 @@ def main(argv=None):
         guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
         if rank == 0:
             save_checkpoint(ckpt_path, "simclr", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, probe=probe and probe.state_dict())
+                            batch_in_epoch, probe=probe and probe.state_dict(), epoch_sums=loss_sum)
 
     stop = StopSignal()
     model.train()
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        epoch_start, loss_sum = time.time(), epoch_sums(ckpt, start_batch, (), device)
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, (crops, labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
@@ -317,7 +317,7 @@ def main(argv=None):
                 return
 
         # end of epoch: monitor, log, checkpoint, export the backbone
-        record = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(loader))).item(),
+        record = {"epoch": epoch + 1, "loss": (loss_sum / steps_per_epoch).item(),
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
         if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,

@@ -42,7 +42,7 @@ from common.dist import broadcast_object, cleanup_distributed, setup_distributed
 from common.probe import online_probe
 from common.knn import knn_monitor
 from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeue
+from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -234,14 +234,14 @@ def main(argv=None):
         guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
         if rank == 0:
             save_checkpoint(ckpt_path, "simsiam", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, probe=probe and probe.state_dict())
+                            batch_in_epoch, probe=probe and probe.state_dict(), epoch_sums=sums)
 
     stop = StopSignal()
     model.train()
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
-        std_sum = torch.zeros((), device=device)
+        # the sums of the loss and of the outputs' std (collapse shows as a std near 0)
+        epoch_start, sums = time.time(), epoch_sums(ckpt, start_batch, 2, device)
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
@@ -262,9 +262,8 @@ def main(argv=None):
             guard.watch(loss, step)  # a few device operations, no host sync
             if probe:  # --probe: a linear classifier on this step's detached features
                 probe.step(labels)
-            loss_sum += loss.detach()
             z_std = output_std(torch.cat([z1, z2]))  # this rank's batch, both views
-            std_sum += z_std
+            sums += torch.stack([loss.detach(), z_std])
 
             if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
                 record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
@@ -279,8 +278,8 @@ def main(argv=None):
                 return
 
         # end of epoch: monitor, log, checkpoint, export the backbone
-        record = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(loader))).item(),
-                  "z_std": (std_sum / max(1, len(loader))).item(),
+        loss_mean, std_mean = (sums / steps_per_epoch).tolist()
+        record = {"epoch": epoch + 1, "loss": loss_mean, "z_std": std_mean,
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
         if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,

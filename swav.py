@@ -44,7 +44,7 @@ from common.dist import (all_gather_tensor, all_reduce_with_grad, broadcast_obje
 from common.probe import online_probe
 from common.knn import knn_monitor
 from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeue
+from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -325,13 +325,13 @@ def main(argv=None):
         if rank == 0:
             save_checkpoint(ckpt_path, "swav", args, model, optimizer, scaler, epoch,
                             batch_in_epoch, queue=full_queue,
-                            probe=probe and probe.state_dict())
+                            probe=probe and probe.state_dict(), epoch_sums=loss_sum)
 
     stop = StopSignal()
     model.train()
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        epoch_start, loss_sum = time.time(), epoch_sums(ckpt, start_batch, (), device)
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, (crops, labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
@@ -376,7 +376,7 @@ def main(argv=None):
                 return
 
         # end of epoch: monitor, log, checkpoint, export the backbone
-        record = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(loader))).item(),
+        record = {"epoch": epoch + 1, "loss": (loss_sum / steps_per_epoch).item(),
                   "lr": optimizer.param_groups[0]["lr"],  # and the queue, at the last step
                   "queue": queue_in_use((epoch + 1) * steps_per_epoch - 1),
                   "epoch_time": time.time() - epoch_start,

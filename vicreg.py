@@ -41,7 +41,7 @@ from common.dist import broadcast_object, cleanup_distributed, gather_with_grad,
 from common.probe import online_probe
 from common.knn import knn_monitor
 from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, stop_agreed, stop_and_requeue
+from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -232,13 +232,13 @@ def main(argv=None):
         guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
         if rank == 0:
             save_checkpoint(ckpt_path, "vicreg", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, probe=probe and probe.state_dict())
+                            batch_in_epoch, probe=probe and probe.state_dict(), epoch_sums=sums)
 
     stop = StopSignal()
     model.train()
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, sums = time.time(), torch.zeros(len(TERMS), device=device)
+        epoch_start, sums = time.time(), epoch_sums(ckpt, start_batch, len(TERMS), device)
         progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
         for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
             step = epoch * steps_per_epoch + i
@@ -275,7 +275,7 @@ def main(argv=None):
 
         # end of epoch: monitor, log, checkpoint, export the backbone. The invariance (and so the
         # loss) is rank 0's local value; variance and covariance are those of the global batch.
-        record = {"epoch": epoch + 1, **dict(zip(TERMS, (sums / max(1, len(loader))).tolist())),
+        record = {"epoch": epoch + 1, **dict(zip(TERMS, (sums / steps_per_epoch).tolist())),
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
                   "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
         if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,

@@ -18,6 +18,16 @@ from common.dist import all_gather_tensor, broadcast_flag, cleanup_distributed, 
 from common.log import UserError
 
 
+def epoch_sums(ckpt, batch_in_epoch, size, device):
+    """The running sums of an epoch's per-step values (the loss, its terms) as the epoch starts:
+    zeros, or, in the epoch a run resumes part-way through, what the stopped run had summed
+    (saved as `epoch_sums` with its checkpoint), so that the epoch's means in log.jsonl are
+    those of an uninterrupted run."""
+    if batch_in_epoch and ckpt and "epoch_sums" in ckpt:
+        return ckpt["epoch_sums"].to(device, copy=True)
+    return torch.zeros(size, device=device)
+
+
 def stop_agreed(stop, i, steps_per_epoch, world, device):
     """True on every rank at the same step `i` (0-based, in the epoch) once a stop signal reached
     any rank: every 10 steps with several processes, at every step alone; never at an epoch's

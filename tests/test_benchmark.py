@@ -166,14 +166,13 @@ def sequential(module_tmp, one_thread):
     return out
 
 
-def losses(run_dir, with_epoch_mean=True):
-    """{(epoch, step): loss} of a run's log.jsonl; the end-of-epoch record's mean is over the
-    steps its process trained, so a run resumed inside the epoch leaves it out."""
-    return {(r["epoch"], r.get("step")): r["loss"] for r in read_log(run_dir)
-            if "loss" in r and (with_epoch_mean or "step" in r)}
+def losses(run_dir):
+    """{(epoch, step): loss} of a run's log.jsonl, the epochs' means included (step None): a
+    run resumed inside an epoch logs the mean over the whole epoch too."""
+    return {(r["epoch"], r.get("step")): r["loss"] for r in read_log(run_dir) if "loss" in r}
 
 
-def assert_same_results(a, b, resumed=False):
+def assert_same_results(a, b):
     """Two benchmark folders hold the same table: kNN and linear top-1/top-5, every logged loss,
     bit-identical backbones."""
     rows_a = json.loads((a / "results.json").read_text())["methods"]
@@ -184,7 +183,7 @@ def assert_same_results(a, b, resumed=False):
         for key in ("epochs", "knn_top1_init", "knn_top1", "linear_top1", "linear_top5"):
             assert ra[key] == rb[key], (method, key)
         run_a, run_b = a / "runs" / method, b / "runs" / method
-        la, lb = losses(run_a, not resumed), losses(run_b, not resumed)
+        la, lb = losses(run_a), losses(run_b)
         assert la == lb and len([k for k in la if k[1]]) == 6, method
         assert_same_tensors(torch.load(run_a / "backbone.pt"), torch.load(run_b / "backbone.pt"))
 
@@ -250,7 +249,7 @@ def test_ctrl_c_stops_both_and_a_second_call_resumes_them(sequential, tmp_path, 
         assert 0 < ckpt["batch_in_epoch"] < 6  # saved inside the epoch, at a step's end
 
     assert benchmark.main(argv) == 0  # the same command again
-    assert_same_results(sequential, out, resumed=True)
+    assert_same_results(sequential, out)
 
 
 # ------------------------------------------------------------------------------- time budget

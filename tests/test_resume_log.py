@@ -1,0 +1,73 @@
+"""A run stopped part-way through an epoch and resumed writes the log.jsonl of an uninterrupted
+run, record for record: the step records and the epoch summaries, whose means (the loss and its
+terms) span the steps before the stop too. Timings aside, every value must be equal.
+
+The stop is the one a signal causes (a checkpoint at the position, then the process returns),
+made to happen at a chosen step by replacing the script's `stop_agreed` (common/loop.py)."""
+import importlib
+
+import pytest
+import torch
+
+from common.checkpoint import export_backbone
+from common.model import resnet_backbone
+from tests.helpers import assert_same_tensors, read_log
+
+TIMINGS = {"epoch_time", "img_per_s", "peak_gpu_mem_gib"}
+STEPS_PER_EPOCH = 4  # 64 synthetic images, batch 16
+STOP_AT = STEPS_PER_EPOCH + 2  # the 6th step: epoch 2, after its batch 2
+TINY = ["--data", "synthetic", "--img-size", "16", "--synthetic-size", "64", "--batch-size", "16",
+        "--workers", "0", "--log-every", "1", "--epochs", "2"]
+METHOD = ["--arch", "resnet18", "--knn-every", "0"]
+OWN = {"simclr": METHOD, "moco": [*METHOD, "--queue-size", "32"],
+       "byol": [*METHOD, "--hidden-dim", "256", "--proj-dim", "64"], "simsiam": METHOD,
+       "swav": [*METHOD, "--num-prototypes", "20"], "barlow": METHOD, "vicreg": METHOD,
+       "linear_eval": []}  # its backbone: resnet18, made below
+METHODS = tuple(OWN)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def records(run_dir):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_log(run_dir)]
+
+
+@pytest.mark.parametrize("method", [m if m in ("simclr", "moco") else
+                                    pytest.param(m, marks=pytest.mark.full) for m in METHODS])
+def test_a_run_resumed_mid_epoch_logs_what_an_uninterrupted_one_does(method, tmp_path,
+                                                                     monkeypatch):
+    script = importlib.import_module(method)
+    flags = [*TINY, *OWN[method]]
+    if method == "linear_eval":  # a random backbone to evaluate
+        torch.manual_seed(0)
+        export_backbone(resnet_backbone("resnet18", cifar_stem=True), tmp_path / "backbone.pt")
+        flags += ["--ckpt", str(tmp_path / "backbone.pt")]
+    sums, real = [], script.epoch_sums  # each epoch's running sums, kept to look at
+    monkeypatch.setattr(script, "epoch_sums", lambda *a: sums.append(real(*a)) or sums[-1])
+    script.main([*flags, "--run-dir", str(tmp_path / "straight")])
+    # plain numbers: a sum that kept each step's autograd graph would hold on to every step's
+    # tensors in it until the epoch ends
+    assert len(sums) == 2 and not any(t.requires_grad for t in sums)
+    monkeypatch.undo()
+
+    calls = []
+    monkeypatch.setattr(script, "stop_agreed", lambda *a: calls.append(1) or len(calls) == STOP_AT)
+    script.main([*flags, "--run-dir", str(tmp_path / "split")])
+    stopped = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert (stopped["epoch"], stopped["batch_in_epoch"]) == (1, STOP_AT - STEPS_PER_EPOCH)
+    monkeypatch.undo()
+    script.main([*flags, "--run-dir", str(tmp_path / "split")])
+
+    straight, split = records(tmp_path / "straight"), records(tmp_path / "split")
+    summaries = [r for r in straight if "step" not in r and "loss" in r]
+    assert [r["epoch"] for r in summaries] == [1, 2]
+    assert split == straight
+    final = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"]
+             for run in ("straight", "split")]
+    assert_same_tensors(*final)
