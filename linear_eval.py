@@ -2,9 +2,9 @@
 process, one node (torchrun) or a Slurm job (srun), and resumable, as the training scripts.
 
 - linear (default): the backbone frozen in eval mode (BN keeps its running statistics), a linear
-  head on its pooled features trained with SGD (momentum 0.9, no weight decay, cosine, lr 0.1 x
-  batch/256, a ViT's 3 x batch/256; ImageNet: 90 epochs, batch 1024; images <= 64 px: 100
-  epochs, batch 512) on random-resized crops and flips, evaluated on centre crops of val.
+  head on its pooled features (a ViT's: the class token, or DINO's with `--vit-features dino`)
+  trained with SGD (momentum 0.9, no weight decay, cosine, lr 0.1 x batch/256, a ViT's 3; ImageNet
+  90 epochs, batch 1024; <= 64 px 100, 512) on random-resized crops and flips; val centre crops.
 - `--cached-features`: centre-crop features extracted once, the head trained in seconds.
 - `--finetune`: semi-supervised: backbone and head trained together on 1% or 10% of the labels
   (`--train-percent`, or a published list `--train-subset`), with VICReg's, Barlow Twins' or
@@ -33,17 +33,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import check_batch, default_workers, format_args, make_run_dir, save_args
+from common.args import (check_batch, default_run_dir, default_workers, format_args, make_run_dir,
+                         save_args)
 from common.checkpoint import (StopSignal, export_backbone, head_layer, open_run, read_head,
                                restore, save_checkpoint, save_head, seed_everything)
 from common.data import (build_dataset, count_bad_images, default_img_size, eval_transform,
                          labelled_subset, linear_train_transform, make_loader)
 from common.dist import (all_gather_tensor, broadcast_object, cleanup_distributed,
                          setup_distributed)
-from common.knn import extract_features, knn_predict
+from common.knn import accuracy, extract_features, knn_predict
 from common.log import Logger, Progress, UserError, exit_on_user_error
 from common.loop import DivergenceGuard, epoch_sums, save_or_stop, stop_agreed, stop_and_requeue
-from common.model import autocast, distribute, grad_scaler, is_vit, resolve_precision, unwrap
+from common.model import (autocast, distribute, grad_scaler, is_vit, read_dino_linear_features,
+                          resolve_precision, unwrap)
 from common.optim import warmup_cosine
 from common.track import add_tracking_args
 from common.weights import load_backbone
@@ -108,12 +110,12 @@ def get_args(argv=None):
     mode.add_argument("--eval-only", metavar="HEAD", help="evaluate the backbone with this saved "
                       "linear_head.pt on the val split; no training")
     g.add_argument("--recipe", choices=sorted(FINETUNE), default="vicreg", help="--finetune "
-                   "recipe, for the nearest of 1%% and 10%% of the labels. vicreg (VICReg README, "
-                   "evaluate.py): 20 epochs, batch 256, SGD momentum 0.9, cosine, no decay, lr "
-                   "head/backbone 0.08/0.03 (1%%), 0.1/0.01 (10%%); barlow (Barlow Twins README, "
-                   "1%%): the same with 0.5/0.005; simclr (SimCLR paper, appendix B.5): "
-                   "Nesterov, batch 4096, lr 0.05 x batch/256 for all, 60 (1%%) or 30 (10%%) "
-                   "epochs (vicreg)")
+                   "recipe, for the nearest of 1%% and 10%% of the labels (vicreg): VICReg's or "
+                   "Barlow Twins' evaluate.py command, or SimCLR's appendix B.5 (their values: "
+                   "docs/evaluation.md)")
+    g.add_argument("--vit-features", choices=["cls", "dino"], default="cls", help="a ViT's "
+                   "features: cls, the final class token (MoCo v3's probe, lr 3); dino, DINO's "
+                   "probe's: class tokens of 4 blocks (ViT-B: 1 + mean patch), lr 0.001 (cls)")
     g.add_argument("--knn-k", type=int, default=200, help="neighbours of --knn (200)")
     g.add_argument("--knn-temperature", type=float, default=0.07, help="vote temperature (0.07)")
     g = p.add_argument_group("optimisation (defaults: linear ImageNet / images <= 64 px / the "
@@ -145,9 +147,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.train_percent is not None and not 0 < args.train_percent <= 100:
         raise UserError(f"--train-percent {args.train_percent}: must be in (0, 100]")
-    if args.run_dir is None:
-        tag = os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
-        args.run_dir = os.path.join("runs", "linear_eval", tag)
+    args.run_dir = args.run_dir or default_run_dir("linear_eval")
     return args
 
 
@@ -160,10 +160,13 @@ def resolve_protocol(args, labelled_percent):
         recipe, name = table[fraction], f"{args.recipe}'s {fraction}% recipe"
     else:
         recipe = LINEAR_SMALL if args.img_size <= 64 else LINEAR
-        # a ViT's head: MoCo v3's main_lincls.py command for ViTs (CONFIG.md: --lr=3)
-        recipe = dict(recipe, lr=3.0) if is_vit(args.arch) else recipe
+        # a ViT's head: MoCo v3's main_lincls.py command for ViTs (CONFIG.md: --lr=3), or with
+        # DINO's features DINO's eval_linear.py defaults (lr 0.001, 100 epochs; :265-269)
+        vit, vit_name = ((dict(lr=0.001, epochs=100), ", DINO's ViT features: lr 0.001")
+                         if args.vit_features == "dino" else (dict(lr=3.0), ", ViT: lr 3"))
+        recipe = dict(recipe, **vit) if is_vit(args.arch) else recipe
         name = (f"linear protocol ({'images <= 64 px' if args.img_size <= 64 else 'ImageNet'}"
-                f"{', ViT: lr 3' if is_vit(args.arch) else ''})")
+                f"{vit_name if is_vit(args.arch) else ''})")
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -199,12 +202,6 @@ class Classifier(nn.Module):
         return self.head(features)
 
 
-def accuracy(logits, y, k):
-    """Top-k accuracy (%) of scores [N, C] against labels [N]."""
-    k = min(k, logits.shape[1])
-    return 100.0 * (logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean().item()
-
-
 # ------------------------------------------------------------------------------- evaluation
 
 @exit_on_user_error
@@ -215,6 +212,7 @@ def main(argv=None):
     backbone, source = load_backbone(args.ckpt)
     args.ckpt, args.arch, args.small_images = (os.path.abspath(args.ckpt), source["arch"],
                                                source["small_images"])
+    backbone = read_dino_linear_features(backbone) if args.vit_features == "dino" else backbone
     head_file = read_head(args.eval_only) if args.eval_only else {}
     # a backbone with the small-image stem was trained on images <= 64 px: 32 unless told
     args.img_size = (args.img_size or source["train_args"].get("img_size") or head_file.get(

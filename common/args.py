@@ -149,6 +149,12 @@ def add_common_args(parser, method, imagenet, small, sync_bn="global"):
     return parser
 
 
+def default_run_dir(method):
+    """runs/<method>/<Slurm job id, or the time>: a requeued Slurm job finds its own folder."""
+    return os.path.join("runs", method, os.environ.get("SLURM_JOB_ID")
+                        or time.strftime("%Y%m%d-%H%M%S"))
+
+
 def resolve_recipe(args, imagenet, small, method, vit=None):
     """Fill every None flag from `small` (img_size <= 64) or `imagenet` or, when --arch names a
     ViT, from `vit` = (ViT recipe at 224 px, at <= 64 px), whose `recipe` entry names it; derive
@@ -164,9 +170,7 @@ def resolve_recipe(args, imagenet, small, method, vit=None):
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.run_dir is None:
-        tag = os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
-        args.run_dir = os.path.join("runs", method, tag)
+    args.run_dir = args.run_dir or default_run_dir(method)
     if args.batch_size <= 0 or args.epochs <= 0:
         raise UserError("--batch-size and --epochs must be positive")
     if args.arch not in ARCHS:  # before any data is scanned

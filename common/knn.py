@@ -1,6 +1,7 @@
 """Weighted k-nearest-neighbour classification of frozen features (Wu et al. 2018, "Unsupervised
 Feature Learning via Non-Parametric Instance Discrimination", arXiv 1805.01978): cosine
-similarity, the k = 200 nearest training features vote with weight exp(sim / T), T = 0.07."""
+similarity, the k = 200 nearest training features vote with weight exp(sim / T), T = 0.07.
+Also the top-k accuracy of any scores (linear_eval.py's heads)."""
 import torch
 import torch.nn.functional as F
 
@@ -91,3 +92,9 @@ def knn_monitor(args, rank, world_size, device, max_train=100_000, max_val=10_00
     batch = max(1, args.batch_size // world_size)
     return lambda backbone: knn_accuracy(backbone, train, val, num_classes, batch, args.workers,
                                          device, args.precision, rank, world_size)
+
+
+def accuracy(logits, y, k):
+    """Top-k accuracy (%) of scores [N, C] against labels [N]."""
+    k = min(k, logits.shape[1])
+    return 100.0 * (logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean().item()

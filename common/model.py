@@ -100,9 +100,8 @@ class VisionTransformerBackbone(VisionTransformer):
     That token is the representation MoCo v3 and DINO evaluate: MoCo v3's linear probe puts its
     classifier in place of timm's `head` (main_lincls.py:156-189), which reads the class token
     after the final norm (timm 0.4.9 vision_transformer.py:291-302), and DINO's kNN uses its
-    forward, the same token (dino vision_transformer.py:209-214). DINO's linear probe reads more:
-    the class tokens of the last 4 blocks for ViT-S, the last one plus the mean patch token for
-    ViT-B (eval_linear.py:165-170, 256-260).
+    forward, the same token (dino vision_transformer.py:209-214). DINO's linear probe reads more
+    (`read_dino_linear_features` below).
 
     Position embeddings are laid out for `image_size`; another size (multi-crop: 96 px crops of a
     224 px model) interpolates them bicubically as DINO does (vision_transformer.py:174-194)."""
@@ -112,6 +111,8 @@ class VisionTransformerBackbone(VisionTransformer):
                          mlp_dim or VIT_MLP_RATIO * hidden_dim)
         self.heads = nn.Identity()
         self.feature_dim = hidden_dim
+        self.last_blocks, self.mean_patch = 1, False  # the final class token; see below
+
 
     def position_embedding(self, rows, cols):
         """[1, 1 + rows*cols, D]: the class token's embedding and the patch grid's, resized."""
@@ -135,8 +136,31 @@ class VisionTransformerBackbone(VisionTransformer):
         tokens = self.conv_proj(images).flatten(2).transpose(1, 2)  # [N, h/p * w/p, D]
         tokens = torch.cat([self.class_token.expand(n, -1, -1), tokens], dim=1)
         tokens = tokens + self.position_embedding(h // p, w // p)
-        tokens = self.encoder.ln(self.encoder.layers(self.encoder.dropout(tokens)))
-        return tokens[:, 0]  # [N, D]
+        if (self.last_blocks, self.mean_patch) == (1, False):
+            tokens = self.encoder.ln(self.encoder.layers(self.encoder.dropout(tokens)))
+            return tokens[:, 0]  # [N, D]
+        tokens, outputs, blocks = self.encoder.dropout(tokens), [], self.encoder.layers
+        for i, block in enumerate(blocks):
+            tokens = block(tokens)
+            if len(blocks) - i <= self.last_blocks:
+                outputs.append(self.encoder.ln(tokens))
+        features = torch.cat([t[:, 0] for t in outputs], dim=1)  # [N, D x last_blocks]
+        if self.mean_patch:  # [N, D, 2] -> [N, 2D]
+            features = torch.stack([features, outputs[-1][:, 1:].mean(1)], dim=2).flatten(1)
+        return features
+
+
+def read_dino_linear_features(vit):
+    """Make a ViT's forward return what DINO's linear evaluation reads (eval_linear.py:160-170;
+    its --n_last_blocks and --avgpool_patchtokens, :256-260): below ViT-B's width, the class
+    tokens of the last 4 blocks, concatenated; from ViT-B on, the last block's class token and
+    the mean of its patch tokens, interleaved as DINO's reshape leaves them (c_0, m_0, c_1, m_1,
+    ...). Each block's tokens pass through the final LayerNorm (get_intermediate_layers)."""
+    if not isinstance(vit, VisionTransformerBackbone):
+        raise UserError("--vit-features dino reads a ViT's tokens: this backbone is not a ViT")
+    vit.last_blocks, vit.mean_patch = (4, False) if vit.hidden_dim < 768 else (1, True)
+    vit.feature_dim = vit.hidden_dim * (vit.last_blocks + vit.mean_patch)
+    return vit
 
 
 def sincos_position_embedding(grid_size, width, temperature=10000.0):

@@ -15,7 +15,8 @@ from torchvision.models.vision_transformer import VisionTransformer
 from common.checkpoint import FORMAT, export_backbone
 from common.log import UserError
 from common.model import (ARCHS, RESNETS, VITS, VisionTransformerBackbone, build_backbone,
-                          infer_arch, is_vit, mocov3_vit_init, sincos_position_embedding)
+                          infer_arch, is_vit, mocov3_vit_init, read_dino_linear_features,
+                          sincos_position_embedding)
 from common.weights import load_backbone
 
 
@@ -248,9 +249,11 @@ def timm_keys(vit):
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def timm_forward(sd, x, heads):
+def timm_forward(sd, x, heads, n_last_blocks=None, avgpool=False):
     """A timm / DINO ViT forward written from their code, on a timm-keyed state dict: the class
-    token after the final norm (dino vision_transformer.py:68-131, 196-214)."""
+    token after the final norm (dino vision_transformer.py:68-131, 196-214); given
+    `n_last_blocks`, the features DINO's linear evaluation reads instead (its
+    get_intermediate_layers, vision_transformer.py:225-233, and eval_linear.py:160-170)."""
     def norm(t, name):
         return F.layer_norm(t, t.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-6)
 
@@ -261,14 +264,25 @@ def timm_forward(sd, x, heads):
                  stride=sd["patch_embed.proj.weight"].shape[-1]).flatten(2).transpose(1, 2)
     t = torch.cat([sd["cls_token"].expand(len(x), -1, -1), t], dim=1) + sd["pos_embed"]
     b, n, c = t.shape
-    for i in range(1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))):
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    intermediate_output = []
+    for i in range(depth):
         qkv = linear(norm(t, f"blocks.{i}.norm1"), f"blocks.{i}.attn.qkv")
         q, k, v = qkv.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         attention = (q @ k.transpose(-2, -1) * (c // heads) ** -0.5).softmax(dim=-1)
         t = t + linear((attention @ v).transpose(1, 2).reshape(b, n, c), f"blocks.{i}.attn.proj")
         hidden = F.gelu(linear(norm(t, f"blocks.{i}.norm2"), f"blocks.{i}.mlp.fc1"))
         t = t + linear(hidden, f"blocks.{i}.mlp.fc2")
-    return norm(t, "norm")[:, 0]
+        if n_last_blocks and depth - i <= n_last_blocks:
+            intermediate_output.append(norm(t, "norm"))
+    if not n_last_blocks:
+        return norm(t, "norm")[:, 0]
+    output = torch.cat([x[:, 0] for x in intermediate_output], dim=-1)
+    if avgpool:
+        output = torch.cat((output.unsqueeze(-1),
+                            torch.mean(intermediate_output[-1][:, 1:], dim=1).unsqueeze(-1)), dim=-1)
+        output = output.reshape(output.shape[0], -1)
+    return output
 
 
 def prefixed(prefix, sd):
@@ -339,6 +353,25 @@ def test_mocov3_vit_checkpoint_is_its_base_encoder_with_12_heads(tmp_path, image
         k: v for k, v in plain.state_dict().items() if k.startswith("heads.")}})
     with torch.no_grad():
         assert torch.equal(again.eval()(images), features)
+
+
+@pytest.mark.parametrize("width, heads, n_last_blocks, avgpool", [(384, 6, 4, False),
+                                                                  (768, 12, 1, True)])
+def test_dino_linear_features_are_what_its_eval_linear_reads(width, heads, n_last_blocks, avgpool):
+    # DINO's choice by size: ViT-S the class tokens of 4 blocks, ViT-B 1 and the mean patch token
+    vit = randomised(VisionTransformerBackbone(32, 8, 5, heads, width), seed=5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        final_token = vit(x)
+        features = read_dino_linear_features(vit)(x)
+        expected = timm_forward(timm_keys(vit), x, heads, n_last_blocks, avgpool)
+    assert features.shape == (2, vit.feature_dim) == (2, width * (n_last_blocks + avgpool))
+    assert torch.allclose(features, expected, atol=1e-5)
+    # the final class token is among them: last (concatenated) or every other (interleaved)
+    assert torch.allclose(features[:, 0::2] if avgpool else features[:, -width:], final_token,
+                          atol=1e-6)
+    with pytest.raises(UserError, match="not a ViT"):
+        read_dino_linear_features(build_backbone("resnet18", small_images=True))
 
 
 def test_dino_patch_8_and_foreign_timm_keys(tmp_path):

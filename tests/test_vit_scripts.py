@@ -91,6 +91,13 @@ def test_moco_v2_with_a_vit_has_no_batchnorm_to_shuffle():
         moco.get_args(["--data", "synthetic", "--arch", "vit_tiny", "--bn-splits", "4"])
 
 
+def resnet_backbone_pt(tmp_path):
+    from common.checkpoint import export_backbone
+    from common.model import resnet_backbone
+    export_backbone(resnet_backbone("resnet18", cifar_stem=True), tmp_path / "resnet18.pt")
+    return tmp_path / "resnet18.pt"
+
+
 def test_linear_eval_on_a_vit_backbone(tmp_path, capsys):
     import simclr
     simclr.main([*TINY_VIT, "--epochs", "1", "--run-dir", str(tmp_path / "run")])
@@ -101,6 +108,16 @@ def test_linear_eval_on_a_vit_backbone(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vit_tiny (patch 4 at 32 px" in out and "ViT: lr 3" in out
     assert 0 <= result["top1"] <= 100
+    # DINO's linear features: a ViT-Ti reads the class tokens of its last 4 blocks
+    dino = linear_eval.main([*flags, "--cached-features", "--vit-features", "dino", "--run-dir",
+                             str(tmp_path / "dino")])
+    assert "DINO's ViT features: lr 0.001" in capsys.readouterr().out
+    assert torch.load(tmp_path / "dino" / "linear_head.pt")["weight"].shape == (10, 4 * 192)
+    assert 0 <= dino["top1"] <= 100
+    with pytest.raises(SystemExit) as stop:  # a ResNet has no tokens
+        linear_eval.main(["--ckpt", str(resnet_backbone_pt(tmp_path)), *flags[2:],
+                          "--vit-features", "dino", "--run-dir", str(tmp_path / "r")])
+    assert stop.value.code == 2 and "not a ViT" in capsys.readouterr().err
     args = linear_eval.get_args(flags)  # the ViT's head rate: MoCo v3's
     args.img_size, args.arch, args.finetune = 16, "vit_tiny", False
     linear_eval.resolve_protocol(args, 100.0)
