@@ -113,9 +113,10 @@ def get_args(argv=None):
                    "recipe, for the nearest of 1%% and 10%% of the labels (vicreg): VICReg's or "
                    "Barlow Twins' evaluate.py command, or SimCLR's appendix B.5 (their values: "
                    "docs/evaluation.md)")
-    g.add_argument("--vit-features", choices=["cls", "dino"], default="cls", help="a ViT's "
+    g.add_argument("--vit-features", choices=["cls", "dino"], help="a ViT's "
                    "features: cls, the final class token (MoCo v3's probe, lr 3); dino, DINO's "
-                   "probe's: class tokens of 4 blocks (ViT-B: 1 + mean patch), lr 0.001 (cls)")
+                   "probe's: class tokens of 4 blocks (ViT-B: 1 + mean patch), lr 0.001 (cls; "
+                   "--eval-only: the head's)")
     g.add_argument("--knn-k", type=int, default=200, help="neighbours of --knn (200)")
     g.add_argument("--knn-temperature", type=float, default=0.07, help="vote temperature (0.07)")
     g = p.add_argument_group("optimisation (defaults: linear ImageNet / images <= 64 px / the "
@@ -212,8 +213,9 @@ def main(argv=None):
     backbone, source = load_backbone(args.ckpt)
     args.ckpt, args.arch, args.small_images = (os.path.abspath(args.ckpt), source["arch"],
                                                source["small_images"])
-    backbone = read_dino_linear_features(backbone) if args.vit_features == "dino" else backbone
     head_file = read_head(args.eval_only) if args.eval_only else {}
+    args.vit_features = args.vit_features or head_file.get("vit_features") or "cls"  # the head's
+    backbone = read_dino_linear_features(backbone) if args.vit_features == "dino" else backbone
     # a backbone with the small-image stem was trained on images <= 64 px: 32 unless told
     args.img_size = (args.img_size or source["train_args"].get("img_size") or head_file.get(
         "img_size") or (32 if args.small_images else default_img_size(args.data)))
@@ -264,8 +266,7 @@ def main(argv=None):
     if args.eval_only:
         head = head_layer(head_file, args.eval_only, backbone.feature_dim, classes).to(device)
         val_f, val_y = features(val_set, "val features")
-        with torch.no_grad():
-            logits = head(val_f)
+        logits = head(val_f).detach()
         return finish(args, log, rank, {"protocol": f"eval-only ({head_file.get('protocol')})",
                                         "head": os.path.abspath(args.eval_only),
                                         "top1": accuracy(logits, val_y, 1),
@@ -342,8 +343,7 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
 
     def evaluate():  # top-1, top-5 on the val split
         f, y = val or features(val_set, "val features")
-        with torch.no_grad():
-            logits = unwrap(model).head(f)
+        logits = unwrap(model).head(f).detach()
         return accuracy(logits, y, 1), accuracy(logits, y, 5)
 
     def save(epoch, batch_in_epoch):
@@ -407,7 +407,7 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
     if rank == 0:
         save_head(unwrap(model).head, os.path.join(args.run_dir, "linear_head.pt"), classes,
                   arch=args.arch, small_images=args.small_images, img_size=args.img_size,
-                  ckpt=args.ckpt, protocol=name)
+                  ckpt=args.ckpt, protocol=name, vit_features=args.vit_features)
         if args.finetune:
             export_backbone(unwrap(model).backbone, os.path.join(args.run_dir, "backbone.pt"))
     result = {"protocol": name, "recipe": protocol, "train_images": len(train_set),

@@ -114,6 +114,9 @@ def test_linear_eval_on_a_vit_backbone(tmp_path, capsys):
     assert "DINO's ViT features: lr 0.001" in capsys.readouterr().out
     assert torch.load(tmp_path / "dino" / "linear_head.pt")["weight"].shape == (10, 4 * 192)
     assert 0 <= dino["top1"] <= 100
+    again = linear_eval.main([*flags, "--eval-only", str(tmp_path / "dino" / "linear_head.pt"),
+                              "--run-dir", str(tmp_path / "again")])  # reads the head's features
+    assert (again["top1"], again["top5"]) == (dino["top1"], dino["top5"])
     with pytest.raises(SystemExit) as stop:  # a ResNet has no tokens
         linear_eval.main(["--ckpt", str(resnet_backbone_pt(tmp_path)), *flags[2:],
                           "--vit-features", "dino", "--run-dir", str(tmp_path / "r")])
