@@ -138,6 +138,11 @@ def add_common_args(parser, method, imagenet, small, sync_bn="global"):
                         "longer, `--allow-changes lr` to resume a diverged run with a lower "
                         "rate); they take effect from the resumed step and are recorded in "
                         "args.json. Without it, a changed setting is refused")
+    g.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="write checkpoint.pt and backbone.pt after every Nth epoch (and after the "
+                        "last, and on a stop signal); a crash loses at most N epochs. Raise it when "
+                        "an epoch takes seconds and writing the checkpoint a good part of that "
+                        "(default: 1)")
     g.add_argument("--save-every", type=int, default=0,
                    help="also keep the checkpoint and backbone.pt of every Nth epoch, as "
                         "checkpoint_epochN.pt and backbone_epochN.pt (default: 0, only the rolling "
@@ -187,6 +192,8 @@ def resolve_recipe(args, imagenet, small, method, vit=None):
         raise UserError(f"--sync-bn {args.sync_bn}: global, node, off or a group size")
     if args.save_every < 0:
         raise UserError("--save-every must be 0 (off) or a number of epochs")
+    if args.checkpoint_every < 1:
+        raise UserError("--checkpoint-every must be a number of epochs, 1 or more")
     return args
 
 

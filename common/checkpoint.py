@@ -92,7 +92,8 @@ def save_checkpoint(path, method, args, model, optimizer, scaler, epoch, batch_i
 # ------------------------------------------------------------------------------- resuming
 
 # Settings that do not change what a run learns: a resume may give them other values.
-FREE_ON_RESUME = {"workers", "log_every", "knn_every", "save_every", "run_dir", "data_dir",
+FREE_ON_RESUME = {"workers", "log_every", "knn_every", "save_every", "checkpoint_every", "run_dir",
+                  "data_dir",
                   "compile", "channels_last", "probe", "probe_lr", "allow_changes", "eval_every",
                   "out", "tensorboard", "wandb", "wandb_entity", "wandb_name", "wandb_group",
                   "wandb_tags", "wandb_mode"}

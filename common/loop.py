@@ -47,13 +47,15 @@ def stop_and_requeue(save, ckpt_path, epoch, batch_in_epoch, rank, log):
     cleanup_distributed()
 
 
-def save_or_stop(save, ckpt_path, epoch, epochs, stop, rank, log, device):
-    """After `epoch` epochs: checkpoint; if a stop signal reached any rank and epochs remain,
-    also requeue and leave the group, and return True (the caller returns)."""
+def save_or_stop(save, ckpt_path, epoch, epochs, stop, rank, log, device, due=True):
+    """After `epoch` epochs: checkpoint if `due` (always after the last); if a stop signal
+    reached any rank and epochs remain, checkpoint, requeue and leave the group, and return True
+    (the caller returns)."""
     if epoch < epochs and broadcast_flag(stop.requested, device):
         stop_and_requeue(save, ckpt_path, epoch, 0, rank, log)
         return True
-    save(epoch, 0)
+    if due or epoch == epochs:
+        save(epoch, 0)
     return False
 
 
@@ -62,8 +64,8 @@ def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank, stop, 
     """After epoch `record["epoch"]`: add the unreadable-image count, the peak GPU memory and,
     when due, the kNN monitor (and every epoch the --probe's val top-1) to the summary `record`,
     log it, checkpoint (`save_or_stop`; `save` refuses a diverged run) and export the backbone
-    and, every --save-every epochs, keep a copy of both. Returns True when a stop signal ends the
-    run here."""
+    every --checkpoint-every epochs and, every --save-every epochs, keep a copy of both. Returns
+    True when a stop signal ends the run here."""
     epoch = record["epoch"]
     bad_images = count_bad_images(bad_log)
     if bad_images:
@@ -82,8 +84,10 @@ def end_epoch(record, args, log, save, backbone, knn_top1, bad_log, rank, stop, 
             export_backbone(backbone, os.path.join(args.run_dir, "backbone.pt"))
             if args.save_every and epoch % args.save_every == 0:
                 keep_epoch_copy(args.run_dir, epoch)
+    due = epoch % args.checkpoint_every == 0 or bool(args.save_every and
+                                                      epoch % args.save_every == 0)
     return save_or_stop(save_and_export, os.path.join(args.run_dir, "checkpoint.pt"), epoch,
-                        args.epochs, stop, rank, log, device)
+                        args.epochs, stop, rank, log, device, due)
 
 
 class Diverged(UserError):

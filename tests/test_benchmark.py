@@ -338,7 +338,7 @@ def test_a_gpu_session_on_the_cpu_leaves_small_files_and_the_next_one_resumes(tm
            "COMPILE_SIDE_BY_SIDE": "", "TESTS": "", "BUDGET": "300", "REVISION": "abc1234",
            "SETTINGS": "--arch resnet18 --img-size 16 --synthetic-size 64 --batch-size 32 "
                        "--workers 0 --linear cached --linear-epochs 2 --linear-batch-size 16",
-           "SCRIPT_FLAGS": "--log-every 1"}
+           "SCRIPT_FLAGS": "--log-every 1 --checkpoint-every 50"}  # as its default: rare saves
 
     def session(name):
         out, scratch = tmp_path / name, tmp_path / f"{name}-scratch"

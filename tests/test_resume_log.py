@@ -71,3 +71,43 @@ def test_a_run_resumed_mid_epoch_logs_what_an_uninterrupted_one_does(method, tmp
     final = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"]
              for run in ("straight", "split")]
     assert_same_tensors(*final)
+
+
+class Crash(Exception):
+    """A process killed between two checkpoints (no stop signal, nothing saved)."""
+
+
+def test_checkpoint_every_n_epochs_and_a_crash_between_checkpoints(tmp_path, monkeypatch):
+    import simclr
+    flags = [*TINY, *METHOD, "--epochs", "5", "--checkpoint-every", "2"]
+    saved, real_save = [], simclr.save_checkpoint
+    monkeypatch.setattr(simclr, "save_checkpoint",
+                        lambda *a, **kw: saved.append(a[6:8]) or real_save(*a, **kw))
+    simclr.main([*flags, "--run-dir", str(tmp_path / "straight")])
+    assert saved == [(2, 0), (4, 0), (5, 0)]  # every 2nd epoch and the last
+    saved.clear()
+    simclr.main([*flags, "--save-every", "3", "--run-dir", str(tmp_path / "kept")])
+    assert saved == [(2, 0), (3, 0), (4, 0), (5, 0)]  # and --save-every's epochs
+    kept = torch.load(tmp_path / "kept" / "checkpoint_epoch3.pt", weights_only=False)
+    assert kept["epoch"] == 3
+
+    # killed after epoch 3's summary was logged: the resume starts from epoch 2's checkpoint,
+    # drops the records logged since and trains epoch 3 again, as if nothing had happened
+    real_end_epoch = simclr.end_epoch
+
+    def end_epoch_then_crash(record, *a, **kw):
+        stopped = real_end_epoch(record, *a, **kw)
+        if record["epoch"] == 3:
+            raise Crash
+        return stopped
+    monkeypatch.setattr(simclr, "end_epoch", end_epoch_then_crash)
+    with pytest.raises(Crash):
+        simclr.main([*flags, "--run-dir", str(tmp_path / "crashed")])
+    assert [r["epoch"] for r in read_log(tmp_path / "crashed") if "step" not in r][-1] == 3
+    assert torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    monkeypatch.undo()
+    simclr.main([*flags, "--run-dir", str(tmp_path / "crashed")])
+    assert records(tmp_path / "crashed") == records(tmp_path / "straight")
+    final = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"]
+             for run in ("straight", "crashed")]
+    assert_same_tensors(*final)
