@@ -113,7 +113,6 @@ class VisionTransformerBackbone(VisionTransformer):
         self.feature_dim = hidden_dim
         self.last_blocks, self.mean_patch = 1, False  # the final class token; see below
 
-
     def position_embedding(self, rows, cols):
         """[1, 1 + rows*cols, D]: the class token's embedding and the patch grid's, resized."""
         native = self.image_size // self.patch_size
