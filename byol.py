@@ -25,26 +25,17 @@ docs/training.md; clusters and preemption: docs/clusters.md.
 import argparse
 import copy
 import math
-import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import (add_common_args, check_batch, describe_lr, format_args, make_run_dir,
-                         recipe_values, resolve_recipe, save_args)
-from common.log import Logger, Progress, UserError, exit_on_user_error
-from common.data import build_dataset, make_loader
+from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.errors import exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
-from common.model import (autocast, build_backbone, distribute, grad_scaler, is_vit,
-                          mocov3_vit_init, resolve_precision, unwrap)
+from common.model import autocast, build_backbone, unwrap
 from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
-from common.dist import broadcast_object, cleanup_distributed, setup_distributed
-from common.probe import online_probe
-from common.knn import knn_monitor
-from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
+from common.run import Run
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -176,9 +167,8 @@ class BYOL(nn.Module):
         super().__init__()
         # The official ResNet zero-initialises the last BN scale of each residual block, but its
         # README says the paper's results were obtained without it: we follow the paper.
-        self.backbone = build_backbone(arch, small_images, zero_init_residual=False)
-        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
-            mocov3_vit_init(self.backbone)
+        # a ViT: MoCo v3's init (frozen random patch projection, sin-cos positions)
+        self.backbone = build_backbone(arch, small_images, zero_init_residual=False, vit_init="mocov3")
         self.projector = mlp(self.backbone.feature_dim, hidden_dim, out_dim)
         self.predictor = mlp(out_dim, hidden_dim, out_dim)
         # Deviation: the target starts as a copy of the online network; the official code draws
@@ -221,111 +211,49 @@ def byol_loss(p1, p2, z1, z2):
 @exit_on_user_error
 def main(argv=None):
     args = get_args(argv)
-    rank, world, _, device = setup_distributed()
-    per_rank_batch = check_batch(args, world)
-    args.precision = resolve_precision(args.precision, device)
-    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
-    make_run_dir(args.run_dir)
-    log = Logger(args.run_dir, is_main=rank == 0)
-    ckpt = open_run(args, "byol", world, log)  # None: a new run; refuses another run's folder
-    seed_everything(args.seed + rank)
+    run = Run(args, "byol")  # processes, device, run directory (one run per folder), log, seed
 
-    # data: two views per image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline(byol_views(args), args.aug, args.seed, rank, args.channels_last)
-    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
-                              args.img_size, rank)
-    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
-    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
-                         seeded=True)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
-    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+    # data: two views per image
+    views = ViewPipeline(byol_views(args), args.aug, args.seed, args.channels_last)
+    loader = run.train_loader(views)
 
     # model, optimizer, schedules (the target's parameters do not require grad: not optimised)
-    model = BYOL(args.arch, args.small_images, args.hidden_dim, args.proj_dim)
-    model = distribute(model, device, world, args.compile, args.sync_bn, args.channels_last)
+    model = run.distribute(BYOL(args.arch, args.small_images, args.hidden_dim, args.proj_dim))
     optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
-    scaler = grad_scaler(args.precision, device)
-    peak_lr = args.peak_lr  # --lr x batch/256, or --peak-lr as given
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    total_steps = args.epochs * run.steps_per_epoch
+    warmup_steps = args.warmup_epochs * run.steps_per_epoch
 
-    # resume from the run directory if it holds a checkpoint (the target is part of the model)
-    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    start_epoch, start_batch = restore(ckpt, model, optimizer, scaler)
-    log.start_tracking(args, steps_per_epoch, resume=ckpt and (start_epoch, start_batch))
-    probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
-    guard = DivergenceGuard(args, model, steps_per_epoch, device, ckpt)  # see common/loop.py
-    if not ckpt:
-        log.print(f"BYOL, {world} process(es) on {device}\n{format_args(args)}")
-        if rank == 0:
-            save_args(args, os.path.join(args.run_dir, "args.json"), world)
-        if args.knn_every:  # epoch-0 reference: the randomly initialised network
-            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
+    # resume from the run directory's checkpoint (the target is part of the model), or start
+    start_epoch, start_batch = run.restore(model, optimizer, unwrap(model).backbone)
     if args.preset:  # ImageNet: the official preset for the epoch budget
-        log.print(args.preset)
-    log.print(f"{describe_lr(args)} "
-              f"({describe_optimizer(args)}; {args.warmup_epochs} warmup epochs, cosine to 0); "
-              f"tau = {args.tau_base} "
+        run.print(args.preset)
+    run.print(f"{describe_lr(args)} ({describe_optimizer(args)}; {args.warmup_epochs} warmup "
+              f"epochs, cosine to 0); tau = {args.tau_base} "
               f"{'-> 1 (cosine)' if args.tau_schedule == 'cosine' else 'constant'}; "
-              f"{steps_per_epoch} steps per epoch")
+              f"{run.steps_per_epoch} steps per epoch")
 
-    def save(epoch, batch_in_epoch):
-        guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
-        if rank == 0:
-            save_checkpoint(ckpt_path, "byol", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, probe=probe and probe.state_dict(), epoch_sums=loss_sum)
-
-    stop = StopSignal()
     model.train()
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, loss_sum = time.time(), epoch_sums(ckpt, start_batch, (), device)
-        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
-            step = epoch * steps_per_epoch + i
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+        for i, ((x1, x2), labels) in run.epoch(epoch, loader):
+            step = epoch * run.steps_per_epoch + i
+            lr = warmup_cosine(step, total_steps, warmup_steps, args.peak_lr)
             tau = target_momentum(step, total_steps, args.tau_base, args.tau_schedule)
             set_lr(optimizer, lr)
-            x = torch.cat(views.to_device([x1, x2], device, step))
-            with autocast(args.precision, device):
+            x = torch.cat(views.to_device([x1, x2], run.device, step))
+            with autocast(args.precision, run.device):
                 p1, p2, z1, z2 = model(*x.chunk(2))                    # views apart (BN per view)
             loss = byol_loss(p1.float(), p2.float(), z1.float(), z2.float())  # loss math in fp32
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            guard.watch(loss, step)  # a few device operations, no host sync
-            if probe:  # --probe: a linear classifier on this step's detached features
-                probe.step(labels)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
             unwrap(model).update_target(tau)  # the EMA step comes AFTER the online update
-            loss_sum += loss.detach()
-
-            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
-                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
-                          "tau": tau, "img_per_s": (i + 1 - start_batch) * args.batch_size
-                          / (time.time() - epoch_start)}
-                progress.update(record)
-                log.log(record)
-                guard.check()  # stops every rank if a loss since the last check was non-finite
-            if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
-                stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
-                return
-
-        # end of epoch: monitor, log, checkpoint, export the (online) backbone
-        record = {"epoch": epoch + 1, "loss": (loss_sum / steps_per_epoch).item(),
-                  "lr": optimizer.param_groups[0]["lr"],  # and tau, both at the epoch's last step
-                  "tau": target_momentum((epoch + 1) * steps_per_epoch - 1, total_steps,
-                                         args.tau_base, args.tau_schedule),
-                  "epoch_time": time.time() - epoch_start,
-                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
-        if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
-                     train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued
+            run.step_done(step, labels, loss=loss, lr=lr, tau=tau)  # see common/run.py
+            if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
+                return run.stop(epoch, i + 1)
+        if run.end_epoch():  # log, kNN, checkpoint and the online backbone; True: stopped
             return
-        start_batch = 0
-    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
-    log.close()
-    cleanup_distributed()
+    run.finish()
 
 
 if __name__ == "__main__":

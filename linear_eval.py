@@ -27,27 +27,23 @@ import argparse
 import json
 import math
 import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
-from common.args import (check_batch, default_run_dir, default_workers, format_args, make_run_dir,
-                         save_args)
-from common.checkpoint import (StopSignal, export_backbone, head_layer, open_run, read_head,
-                               restore, save_checkpoint, save_head, seed_everything)
-from common.data import (build_dataset, count_bad_images, default_img_size, eval_transform,
-                         labelled_subset, linear_train_transform, make_loader)
-from common.dist import (all_gather_tensor, broadcast_object, cleanup_distributed,
-                         setup_distributed)
-from common.knn import accuracy, extract_features, knn_predict
-from common.log import Logger, Progress, UserError, exit_on_user_error
-from common.loop import DivergenceGuard, epoch_sums, save_or_stop, stop_agreed, stop_and_requeue
-from common.model import (autocast, distribute, grad_scaler, is_vit, read_dino_linear_features,
-                          resolve_precision, unwrap)
+from common.args import add_tracking_args, default_run_dir, default_workers, save_args
+from common.checkpoint import export_backbone
+from common.data import build_dataset, default_img_size, eval_transform, make_loader
+from common.dist import all_gather_tensor, get_rank, get_world_size, setup_distributed
+from common.errors import UserError, exit_on_user_error
+from common.evaluation import (DinoLinearFeatures, accuracy, head_layer, labelled_subset,
+                               linear_train_transform, read_head, save_head)
+from common.knn import extract_features, knn_predict
+from common.model import autocast, distribute, is_vit, unwrap
 from common.optim import warmup_cosine
-from common.track import add_tracking_args
+from common.run import Run
 from common.weights import load_backbone
 
 # ------------------------------------------------------------------------------- arguments
@@ -141,6 +137,8 @@ def get_args(argv=None):
     g.add_argument("--run-dir", help="output folder (default: runs/linear_eval/<Slurm job id or "
                    "timestamp>); the same command with the same folder resumes its checkpoint.pt")
     g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (50)")
+    g.add_argument("--stop-at-step", type=int, metavar="N", help="save and exit as a stop signal "
+                   "would once N steps are done (to end a job at a known point)")
     g.add_argument("--allow-changes", nargs="+", default=[], metavar="FLAG", help="resuming: "
                    "accept these flags differing from the run directory's evaluation")
     g.add_argument("--out", help="also write the result JSON to this file")
@@ -208,27 +206,21 @@ class Classifier(nn.Module):
 @exit_on_user_error
 def main(argv=None):
     args = get_args(argv)
-    rank, world, _, device = setup_distributed()
-    args.precision = resolve_precision(args.precision, device)
+    device = setup_distributed()  # before the data: one rank downloads, the others wait
     backbone, source = load_backbone(args.ckpt)
     args.ckpt, args.arch, args.small_images = (os.path.abspath(args.ckpt), source["arch"],
                                                source["small_images"])
     head_file = read_head(args.eval_only) if args.eval_only else {}
     args.vit_features = args.vit_features or head_file.get("vit_features") or "cls"  # the head's
-    backbone = read_dino_linear_features(backbone) if args.vit_features == "dino" else backbone
+    backbone = DinoLinearFeatures(backbone) if args.vit_features == "dino" else backbone
     # a backbone with the small-image stem was trained on images <= 64 px: 32 unless told
     args.img_size = (args.img_size or source["train_args"].get("img_size") or head_file.get(
         "img_size") or (32 if args.small_images else default_img_size(args.data)))
     if args.img_size % getattr(backbone, "patch_size", 1):  # a ViT's: before any data is read
         raise UserError(f"--img-size {args.img_size}: not a multiple of {backbone.patch_size} px")
-    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (rank 0's timestamp)
-    make_run_dir(args.run_dir)
-    log = Logger(args.run_dir, is_main=rank == 0)
-    seed_everything(args.seed)  # the same head on every rank
 
     # data: the val split; the labelled train images (a subset for semi-supervised evaluation)
-    kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size, img_size=args.img_size,
-              rank=rank)
+    kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size, img_size=args.img_size)
     val_set = build_dataset(args.data, "val", eval_transform(args.img_size), **kw)
     classes = list(val_set.classes)
     train_set, labelled = [], 100.0
@@ -236,67 +228,65 @@ def main(argv=None):
         augment = not (args.cached_features or args.knn)
         train_all = build_dataset(args.data, "train", (linear_train_transform if augment
                                                        else eval_transform)(args.img_size), **kw)
-        train_all.bad_log = os.path.join(args.run_dir, "bad_images.txt")
         train_set = labelled_subset(train_all, args.train_percent, args.train_subset,
                                     args.subset_seed)
         labelled = 100.0 * len(train_set) / len(train_all)
     protocol = (f"{resolve_protocol(args, labelled)} on {len(train_set)} train images "
                 f"({labelled:.3g}% of the labels)")
-    per_rank_batch = check_batch(args, world)
+    # the run directory: one evaluation per folder (another's settings are refused), its log
+    run = Run(args, "linear_eval")
+    if not args.eval_only:
+        train_all.bad_log = run.bad_log
     backbone = backbone.to(device)
-    log.print(f"{source['description']}, from {args.ckpt}")
-    log.print(f"{args.data} at {args.img_size} px, {len(classes)} classes, {len(val_set)} val "
-              f"images; {world} process(es) on {device}")
+    run.print(f"{source['description']}, from {args.ckpt}")
+    run.print(f"{args.data} at {args.img_size} px, {len(classes)} classes, {len(val_set)} val "
+              f"images; {get_world_size()} process(es) on {device}")
 
     def features(dataset, what, normalize=False):  # [N, D] and labels, sharded over the ranks
         unwrap(backbone).eval()
-        return extract_features(backbone, dataset, per_rank_batch, args.workers, device,
-                                args.precision, rank, world, normalize, what)
+        return extract_features(backbone, dataset, run.batch_per_rank, args.workers, device,
+                                args.precision, normalize, what)
 
     if args.knn:  # each rank votes for its share of the val images; every image counts once
         train_f, train_y = features(train_set, "train features", normalize=True)
         val_f, val_y = features(val_set, "val features", normalize=True)
-        mine = slice(rank, None, world)
+        mine = slice(get_rank(), None, get_world_size())
         votes = knn_predict(train_f, train_y, val_f[mine], len(classes), args.knn_k,
                             args.knn_temperature)
         correct = all_gather_tensor((votes.argmax(1) == val_y[mine]).sum()[None]).sum().item()
         top1 = 100.0 * correct / len(val_set)
-        return finish(args, log, rank, {"protocol": "weighted kNN", "knn_top1": top1,
-                                        "k": args.knn_k, "temperature": args.knn_temperature})
+        return finish(args, run, {"protocol": "weighted kNN", "knn_top1": top1,
+                                  "k": args.knn_k, "temperature": args.knn_temperature})
     if args.eval_only:
         head = head_layer(head_file, args.eval_only, backbone.feature_dim, classes).to(device)
         val_f, val_y = features(val_set, "val features")
         logits = head(val_f).detach()
-        return finish(args, log, rank, {"protocol": f"eval-only ({head_file.get('protocol')})",
-                                        "head": os.path.abspath(args.eval_only),
-                                        "top1": accuracy(logits, val_y, 1),
-                                        "top5": accuracy(logits, val_y, 5)})
-    return train(args, backbone, train_set, val_set, classes, protocol, features, log, rank,
-                 world, device, per_rank_batch)
+        return finish(args, run, {"protocol": f"eval-only ({head_file.get('protocol')})",
+                                  "head": os.path.abspath(args.eval_only),
+                                  "top1": accuracy(logits, val_y, 1),
+                                  "top5": accuracy(logits, val_y, 5)})
+    return train(args, run, backbone, train_set, val_set, classes, protocol, features)
 
 
-def train(args, backbone, train_set, val_set, classes, protocol, features, log, rank, world,
-          device, per_rank_batch):
+def train(args, run, backbone, train_set, val_set, classes, protocol, features):
     """Train the head (and with --finetune the backbone), evaluate, save head and result."""
-    cached = args.cached_features
+    cached, device = args.cached_features, run.device
     name = "fine-tuned" if args.finetune else "cached centre-crop features" if cached else "linear"
     if cached:  # features never change: extracted once, centre crops, not normalised
-        train_f, train_y = features(train_set, "train features")
-        steps_per_epoch = len(train_set) // args.batch_size
-    else:
-        loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
-                             seeded=True)  # each image's crop seeded by (seed, epoch, index)
-        steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+        train_set = TensorDataset(*(t.cpu() for t in features(train_set, "train features")))
+    loader = make_loader(train_set, run.batch_per_rank, 0 if cached else args.workers,
+                         seed=args.seed, seeded=not cached)  # crops seeded by (seed, epoch, image)
+    if len(loader) == 0:
         raise UserError(f"{len(train_set)} train images < one batch of {args.batch_size}: lower it")
+    run.steps_per_epoch = len(loader)
     val = None if args.finetune else features(val_set, "val features")  # frozen: computed once
 
     model = Classifier(backbone, len(classes), args.finetune)
     # Fine-tuning normalises over the global batch (SyncBN on GPUs), as SimCLR's fine-tuning
     # command (--global_bn=True); the official evaluate.py of Barlow Twins and VICReg keeps
     # per-GPU BN: with a global batch of 256 over 8 GPUs, 32 images per BN.
-    model = distribute(model, device, world, sync_bn="global" if args.finetune else "off",
-                       channels_last=args.channels_last)
+    model = distribute(model, device, get_world_size(), sync_bn="global" if args.finetune
+                       else "off", channels_last=args.channels_last)
     scale = args.batch_size / 256
     groups = [{"params": unwrap(model).head.parameters(), "peak_lr": args.lr * scale}]
     if args.finetune:
@@ -304,107 +294,55 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
                        "peak_lr": args.lr_backbone * scale})
     optimizer = torch.optim.SGD(groups, lr=0.0, momentum=args.momentum, nesterov=args.nesterov,
                                 weight_decay=args.weight_decay)
-    scaler = grad_scaler(args.precision, device)
-    total_steps = args.epochs * steps_per_epoch
+    total_steps = args.epochs * run.steps_per_epoch
 
-    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    ckpt = open_run(args, "linear_eval", world, log)  # None: a new run; refuses another's folder
-    start_epoch, start_batch = restore(ckpt, model, optimizer, scaler)
-    log.start_tracking(args, steps_per_epoch, resume=ckpt and (start_epoch, start_batch))
-    best = ckpt["best"] if ckpt else None
-    guard = DivergenceGuard(args, model, steps_per_epoch, device, ckpt)  # see common/loop.py
-    if not ckpt:
-        log.print(format_args(args))
-        if rank == 0:
-            save_args(args, os.path.join(args.run_dir, "args.json"), world)
+    best = run.ckpt["best"] if run.ckpt else None  # the best epoch evaluated (--eval-every)
+    start_epoch, _ = run.restore(model, optimizer, extra_state=lambda: {"best": best})
     lrs = " / ".join(f"{g['peak_lr'] / scale:g} x {args.batch_size}/256 = {g['peak_lr']:g}"
                      for g in groups)
-    log.print(f"{protocol}: {name}, SGD{' Nesterov' if args.nesterov else ''} lr "
+    run.print(f"{protocol}: {name}, SGD{' Nesterov' if args.nesterov else ''} lr "
               f"({'head / backbone' if args.finetune else 'head'}) {lrs}, momentum "
               f"{args.momentum}, wd {args.weight_decay}, cosine, {args.epochs} epochs x "
-              f"{steps_per_epoch} steps")
-
-    def batches(epoch, skip):
-        if not cached:
-            loader.sampler.set_epoch(epoch, skip_batches=skip)
-            for x, y in loader:
-                x = x.to(device, non_blocking=True)
-                if device.type == "cuda" and args.channels_last:
-                    x = x.to(memory_format=torch.channels_last)
-                yield x, y.to(device, non_blocking=True)
-            return
-        # the global batch i is perm[i*B:(i+1)*B], of which each rank takes its slice
-        perm = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(
-            args.seed * 1_000_003 + epoch))
-        for i in range(skip, steps_per_epoch):
-            batch = perm[i * args.batch_size:(i + 1) * args.batch_size].to(device)
-            mine = batch[rank * per_rank_batch:(rank + 1) * per_rank_batch]
-            yield train_f[mine], train_y[mine]
+              f"{run.steps_per_epoch} steps")
 
     def evaluate():  # top-1, top-5 on the val split
         f, y = val or features(val_set, "val features")
         logits = unwrap(model).head(f).detach()
         return accuracy(logits, y, 1), accuracy(logits, y, 5)
 
-    def save(epoch, batch_in_epoch):
-        guard.check(epoch, batch_in_epoch)  # never save a diverged head over its last good state
-        summed = all_gather_tensor(loss_sum[None]).mean()  # the ranks' mean loss sum, for a resume
-        if rank == 0:
-            save_checkpoint(ckpt_path, "linear_eval", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, best=best, epoch_sums=summed)
-
-    stop, final = StopSignal(), None
+    final = None
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        epoch_start, loss_sum = time.time(), epoch_sums(ckpt, start_batch, (), device)
-        progress = Progress(batches(epoch, start_batch), steps_per_epoch - start_batch,
-                            f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, (x, y) in enumerate(progress, start=start_batch):
-            step = epoch * steps_per_epoch + i
+        for i, (x, y) in run.epoch(epoch, loader):
+            step = epoch * run.steps_per_epoch + i
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda" and args.channels_last and not cached:
+                x = x.to(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, total_steps, 0, group["peak_lr"])
             with autocast(args.precision, device):
                 logits = model(x, features_given=cached)
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            guard.watch(loss, step)  # a few device operations, no host sync
-            loss_sum += loss.detach()
-
-            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
-                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(),
-                          "lr": optimizer.param_groups[0]["lr"], "img_per_s": (i + 1 - start_batch)
-                          * args.batch_size / (time.time() - epoch_start)}
-                progress.update(record)
-                log.log(record)
-                guard.check()  # stops every rank if a loss since the last check was non-finite
-            if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
-                stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
-                return None
-
-        # end of epoch: the global mean loss, the val split when due, checkpoint
-        steps_done = steps_per_epoch - start_batch
-        record = {"epoch": epoch + 1,
-                  "loss": all_gather_tensor(loss_sum[None]).mean().item() / steps_per_epoch,
-                  "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
-                  "img_per_s": steps_done * args.batch_size / (time.time() - epoch_start)}
-        if bad_images := count_bad_images(os.path.join(args.run_dir, "bad_images.txt")):
-            record["bad_images"] = bad_images
+            run.scaler.scale(loss).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            run.step_done(step, loss=loss, lr=optimizer.param_groups[0]["lr"])  # common/run.py
+            if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
+                return run.stop(epoch, i + 1)
+        # end of epoch: the val split when due, the summary, checkpoint
+        evaluated = {}
         if epoch + 1 == args.epochs or (args.eval_every and (epoch + 1) % args.eval_every == 0):
             final = evaluate()
-            record["val_top1"], record["val_top5"] = final
+            evaluated = {"val_top1": final[0], "val_top5": final[1]}
             if best is None or final[0] > best["top1"]:
                 best = {"epoch": epoch + 1, "top1": final[0], "top5": final[1]}
-        log.summary(record)
-        if save_or_stop(save, ckpt_path, epoch + 1, args.epochs, stop, rank, log, device):
+        if run.end_epoch(**evaluated):  # True: a stop signal, saved
             return None
-        start_batch = 0
 
     # outputs: the head with its class names, the fine-tuned backbone, the result
     top1, top5 = final or evaluate()  # evaluated again only if resumed after the last epoch
-    if rank == 0:
+    if get_rank() == 0:
         save_head(unwrap(model).head, os.path.join(args.run_dir, "linear_head.pt"), classes,
                   arch=args.arch, small_images=args.small_images, img_size=args.img_size,
                   ckpt=args.ckpt, protocol=name, vit_features=args.vit_features)
@@ -417,20 +355,21 @@ def train(args, backbone, train_set, val_set, classes, protocol, features, log, 
         result.update(best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"],
                       reported=result["reported"] + f"; best_*: the best of the epochs "
                       f"evaluated (every {args.eval_every})")
-    return finish(args, log, rank, result)
+    return finish(args, run, result)
 
 
-def finish(args, log, rank, result):
-    """Write the result JSON (rank 0), print it, leave the process group; return the result."""
+def finish(args, run, result):
+    """Write the result JSON and, without training, args.json (rank 0); print the result, leave
+    the process group; return the result."""
     result = {"ckpt": args.ckpt, "data": args.data, **result}
-    if rank == 0:
+    if get_rank() == 0:
+        if not os.path.exists(os.path.join(args.run_dir, "args.json")):  # --knn, --eval-only
+            save_args(args, os.path.join(args.run_dir, "args.json"), "linear_eval")
         for path in filter(None, [os.path.join(args.run_dir, "result.json"), args.out]):
             with open(path, "w") as f:
                 json.dump(result, f, indent=2)
-    log.print(" ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float))
-              + f" -> {args.run_dir}/result.json")
-    log.close()
-    cleanup_distributed()
+    run.finish(" ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float))
+               + f" -> {args.run_dir}/result.json")
     return result
 
 

@@ -22,28 +22,19 @@ docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
 import copy
-import os
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import (add_common_args, check_batch, describe_lr, format_args, make_run_dir,
-                         recipe_values, resolve_recipe, save_args)
-from common.log import Logger, Progress, UserError, exit_on_user_error
-from common.data import build_dataset, make_loader
+from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
-from common.model import (autocast, build_backbone, distribute, grad_scaler, is_vit,
-                          mocov3_vit_init, resolve_precision, unwrap)
+from common.model import autocast, build_backbone, is_vit, unwrap
 from common.optim import build_optimizer, describe_optimizer, set_lr, warmup_cosine
-from common.dist import (all_gather_tensor, broadcast_object, cleanup_distributed, get_rank,
-                         get_world_size, setup_distributed)
-from common.probe import online_probe
-from common.knn import knn_monitor
-from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
+from common.dist import all_gather_tensor, get_rank, get_world_size, launch_env
+from common.run import Run
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -109,7 +100,19 @@ def get_args(argv=None):
         raise UserError(f"--bn-splits {args.bn_splits} with --arch {args.arch}: a ViT with MoCo "
                         f"v2's head has no BatchNorm to split (nor to shuffle: keys are encoded "
                         f"unshuffled)")
-    return resolve_recipe(args, IMAGENET, SMALL_IMAGES, "moco", (VIT, VIT_SMALL_IMAGES))
+    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "moco", (VIT, VIT_SMALL_IMAGES))
+    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
+    if args.queue_size % keys_per_step:
+        why = "global batch x 2, --symmetric" if args.symmetric else "the global batch"
+        raise UserError(f"--queue-size {args.queue_size} is not a multiple of the {keys_per_step} "
+                        f"keys enqueued per step ({why})")
+    world = launch_env()[1]  # the processes the launcher starts
+    if args.bn_splits is None:
+        args.bn_splits = 8 if world == 1 and not is_vit(args.arch) else 1
+    if (args.batch_size // world) % args.bn_splits:
+        raise UserError(f"the batch per process {args.batch_size // world} is not divisible by "
+                        f"--bn-splits {args.bn_splits}")
+    return args
 
 
 # ------------------------------------------------------------------------------- augmentations
@@ -169,9 +172,8 @@ class MoCo(nn.Module):
                  bn_splits=1):
         super().__init__()
         # The official code uses torchvision's ResNet with its default init (no zero-init).
-        self.backbone = build_backbone(arch, small_images)
-        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
-            mocov3_vit_init(self.backbone)
+        # a ViT: MoCo v3's init (frozen random patch projection, sin-cos positions)
+        self.backbone = build_backbone(arch, small_images, vit_init="mocov3")
         # Shuffle BN hides a key's BN statistics from its query; a ViT with this BN-free head has
         # no BatchNorm at all (LayerNorm works per image): nothing to shuffle
         self.shuffle = not is_vit(arch)
@@ -260,96 +262,47 @@ def moco_loss(q, k, queue, temperature):
 @exit_on_user_error
 def main(argv=None):
     args = get_args(argv)
-    rank, world, _, device = setup_distributed()
-    per_rank_batch = check_batch(args, world)
-    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
-    if args.queue_size % keys_per_step:
-        why = "global batch x 2, --symmetric" if args.symmetric else "the global batch"
-        raise UserError(f"--queue-size {args.queue_size} is not a multiple of the {keys_per_step} "
-                        f"keys enqueued per step ({why})")
-    if args.bn_splits is None:
-        args.bn_splits = 8 if world == 1 and not is_vit(args.arch) else 1
-    if per_rank_batch % args.bn_splits:
-        raise UserError(f"the batch per process {per_rank_batch} is not divisible by "
-                        f"--bn-splits {args.bn_splits}")
-    args.precision = resolve_precision(args.precision, device)
-    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
-    make_run_dir(args.run_dir)
-    log = Logger(args.run_dir, is_main=rank == 0)
-    ckpt = open_run(args, "moco", world, log)  # None: a new run; refuses another run's folder
-    seed_everything(args.seed + rank)
+    run = Run(args, "moco")  # processes, device, run directory (one run per folder), log, seed
 
-    # data: two views per image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline([moco_view(args)] * 2, args.aug, args.seed, rank, args.channels_last)
-    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
-                              args.img_size, rank)
-    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
-    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
-                         seeded=True)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
-    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+    # data: two views per image
+    views = ViewPipeline([moco_view(args)] * 2, args.aug, args.seed, args.channels_last)
+    loader = run.train_loader(views)
 
     # model, optimizer, schedule. MoCo v2 uses no SyncBN (shuffle BN instead). DDP all-reduces
     # the query encoder's gradients; the key encoder has no trainable parameters and runs outside
     # the DDP forward. As in the official code, DDP also broadcasts rank 0's buffers (BN
     # statistics, queue) at each forward: the queue is the same on every rank anyway.
-    model = MoCo(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim,
-                 args.queue_size, args.bn_splits)
-    model = distribute(model, device, world, args.compile, sync_bn=args.sync_bn,
-                       channels_last=args.channels_last)
+    model = run.distribute(MoCo(args.arch, args.small_images, args.proj_hidden_dim,
+                                args.proj_dim, args.queue_size, args.bn_splits))
+    moco = unwrap(model)
     # SGD with weight decay on every parameter, biases and BN included, as the official code
     # (build_optimizer keeps 1-D parameters out of it for LARS and the ViT recipe's AdamW).
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer([{"params": params, "weight_decay": args.weight_decay}], args)
-    scaler = grad_scaler(args.precision, device)
-    peak_lr = args.peak_lr  # --lr x batch/256, or --peak-lr as given
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    total_steps = args.epochs * run.steps_per_epoch
+    warmup_steps = args.warmup_epochs * run.steps_per_epoch
 
-    # resume from the run directory if it holds a checkpoint (key encoder and queue included)
-    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    start_epoch, start_batch = restore(ckpt, model, optimizer, scaler)
-    log.start_tracking(args, steps_per_epoch, resume=ckpt and (start_epoch, start_batch))
-    probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
-    guard = DivergenceGuard(args, model, steps_per_epoch, device, ckpt)  # see common/loop.py
-    if not ckpt:
-        log.print(f"MoCo v2, {world} process(es) on {device}\n{format_args(args)}")
-        if rank == 0:
-            save_args(args, os.path.join(args.run_dir, "args.json"), world)
-        if args.knn_every:  # epoch-0 reference: the randomly initialised network
-            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
+    # resume from the run directory's checkpoint (key encoder and queue included), or start
+    start_epoch, start_batch = run.restore(model, optimizer, moco.backbone)
     bn = ("no BatchNorm: keys not shuffled" if is_vit(args.arch)
-          else f"BN groups {args.bn_splits} x {world}, keys shuffled")
-    log.print(f"{describe_lr(args)} ({describe_optimizer(args)}; {args.warmup_epochs} warmup "
+          else f"BN groups {args.bn_splits} x {get_world_size()}, keys shuffled")
+    run.print(f"{describe_lr(args)} ({describe_optimizer(args)}; {args.warmup_epochs} warmup "
               f"epochs, cosine to 0); queue {args.queue_size}, key momentum "
-              f"{args.moco_momentum}, T {args.temperature}; {bn}; {steps_per_epoch} steps per "
-              f"epoch")
+              f"{args.moco_momentum}, T {args.temperature}; {bn}; {run.steps_per_epoch} steps "
+              f"per epoch")
 
-    def save(epoch, batch_in_epoch):
-        guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
-        if rank == 0:
-            save_checkpoint(ckpt_path, "moco", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, probe=probe and probe.state_dict(), epoch_sums=sums)
-
-    stop = StopSignal()
     model.train()
-    moco = unwrap(model)
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        # the sums of the loss and of the mean cosine of query and positive key
-        epoch_start, sums = time.time(), epoch_sums(ckpt, start_batch, 2, device)
-        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
-            step = epoch * steps_per_epoch + i
+        for i, ((x1, x2), labels) in run.epoch(epoch, loader):
+            step = epoch * run.steps_per_epoch + i
             # Cosine per iteration, with no warmup but the ViT recipe's (the official code steps
             # the cosine per epoch).
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+            lr = warmup_cosine(step, total_steps, warmup_steps, args.peak_lr)
             set_lr(optimizer, lr)
-            x1, x2 = views.to_device([x1, x2], device, step)
+            x1, x2 = views.to_device([x1, x2], run.device, step)
             moco.momentum_update(args.moco_momentum)  # m constant; BEFORE the keys, as official
             shuffle_seed = (args.seed * 1_000_003 + step) * 2
-            with autocast(args.precision, device):
+            with autocast(args.precision, run.device):
                 q = model(x1, x2) if args.symmetric else model(x1)     # queries, with gradient
                 k2 = moco.keys(x2, shuffle_seed)                       # [n, D] no gradient
                 k1 = moco.keys(x1, shuffle_seed + 1) if args.symmetric else None
@@ -359,43 +312,20 @@ def main(argv=None):
                 # the gradient scale of the one-direction loss
                 loss = loss + moco_loss(q[1], k1, moco.queue, args.temperature)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            guard.watch(loss, step)  # a few device operations, no host sync
-            if probe:  # --probe: a linear classifier on this step's detached features
-                probe.step(labels)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
             # Enqueue after the loss (here after the step, which leaves the keys unchanged): the
             # newest keys replace the oldest and become negatives from the next step on.
             moco.enqueue(torch.cat([k1, k2]) if args.symmetric else k2)
             pos_sim = (F.normalize(q[0].detach(), dim=1) * k2).sum(1).mean()  # mean cos(q, k+)
-            sums += torch.stack([loss.detach(), pos_sim])
-
-            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
-                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
-                          "momentum": args.moco_momentum, "pos_sim": pos_sim.item(),
-                          "img_per_s": (i + 1 - start_batch) * args.batch_size
-                          / (time.time() - epoch_start)}
-                progress.update(record)
-                log.log(record)
-                guard.check()  # stops every rank if a loss since the last check was non-finite
-            if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
-                stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
-                return
-
-        # end of epoch: monitor, log, checkpoint, export the backbone
-        loss_mean, pos_mean = (sums / steps_per_epoch).tolist()
-        record = {"epoch": epoch + 1, "loss": loss_mean, "pos_sim": pos_mean,
-                  "momentum": args.moco_momentum, "lr": optimizer.param_groups[0]["lr"],
-                  "epoch_time": time.time() - epoch_start,
-                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
-        if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
-                     train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued
+            run.step_done(step, labels, loss=loss, lr=lr, momentum=args.moco_momentum,
+                          pos_sim=pos_sim)  # see common/run.py
+            if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
+                return run.stop(epoch, i + 1)
+        if run.end_epoch():  # log, kNN, checkpoint and backbone.pt; True: stopped
             return
-        start_batch = 0
-    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
-    log.close()
-    cleanup_distributed()
+    run.finish()
 
 
 if __name__ == "__main__":

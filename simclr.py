@@ -23,27 +23,19 @@ official code included), both recipes and measured results: docs/simclr.md. Shar
 docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
-import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import (add_common_args, check_batch, describe_lr, format_args, make_run_dir,
-                         recipe_values, resolve_recipe, save_args)
-from common.log import Logger, Progress, UserError, exit_on_user_error
-from common.data import build_dataset, make_loader
+from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, multi_crop
-from common.model import (autocast, build_backbone, distribute, features_by_resolution,
-                          grad_scaler, is_vit, mocov3_vit_init, resolve_precision, unwrap)
+from common.model import (autocast, build_backbone, features_by_resolution,
+                          unwrap)
 from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
-from common.dist import (broadcast_object, cleanup_distributed, gather_with_grad, get_rank,
-                         setup_distributed)
-from common.probe import online_probe
-from common.knn import knn_monitor
-from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
+from common.dist import gather_with_grad, get_rank
+from common.run import Run
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -142,9 +134,8 @@ class SimCLR(nn.Module):
     def __init__(self, arch, small_images, hidden_dim=None, out_dim=128, proj_layers=2):
         super().__init__()
         # The official ResNet zero-initialises the last BN scale of each residual block.
-        self.backbone = build_backbone(arch, small_images, zero_init_residual=True)
-        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
-            mocov3_vit_init(self.backbone)
+        # a ViT: MoCo v3's init (frozen random patch projection, sin-cos positions)
+        self.backbone = build_backbone(arch, small_images, zero_init_residual=True, vit_init="mocov3")
         hidden_dim = hidden_dim or self.backbone.feature_dim
         layers, width = [], self.backbone.feature_dim
         for _ in range(proj_layers - 1):  # hidden layers: Linear-BN-ReLU
@@ -225,71 +216,34 @@ def multi_crop_nt_xent_loss(z, num_crops, temperature):
 @exit_on_user_error
 def main(argv=None):
     args = get_args(argv)
-    rank, world, _, device = setup_distributed()
-    per_rank_batch = check_batch(args, world)
-    args.precision = resolve_precision(args.precision, device)
-    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
-    make_run_dir(args.run_dir)
-    log = Logger(args.run_dir, is_main=rank == 0)
-    ckpt = open_run(args, "simclr", world, log)  # None: a new run; refuses another run's folder
-    seed_everything(args.seed + rank)
+    run = Run(args, "simclr")  # processes, device, run directory (one run per folder), log, seed
 
-    # data: two views (or multi-crop) per image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline(simclr_crops(args), args.aug, args.seed, rank, args.channels_last)
-    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
-                              args.img_size, rank)
-    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
-    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
-                         seeded=True)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
-    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+    # data: two views (or multi-crop) per image
+    views = ViewPipeline(simclr_crops(args), args.aug, args.seed, args.channels_last)
+    loader = run.train_loader(views)
 
     # model, optimizer, schedule
-    model = SimCLR(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim,
-                   args.proj_layers)
-    model = distribute(model, device, world, args.compile, args.sync_bn, args.channels_last)
+    model = run.distribute(SimCLR(args.arch, args.small_images, args.proj_hidden_dim,
+                                  args.proj_dim, args.proj_layers))
     optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
-    scaler = grad_scaler(args.precision, device)
-    peak_lr = args.peak_lr  # --lr x batch/256, or --peak-lr as given
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    total_steps = args.epochs * run.steps_per_epoch
+    warmup_steps = args.warmup_epochs * run.steps_per_epoch
 
-    # resume from the run directory if it holds a checkpoint
-    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    start_epoch, start_batch = restore(ckpt, model, optimizer, scaler)
-    log.start_tracking(args, steps_per_epoch, resume=ckpt and (start_epoch, start_batch))
-    probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
-    guard = DivergenceGuard(args, model, steps_per_epoch, device, ckpt)  # see common/loop.py
-    if not ckpt:
-        log.print(f"SimCLR, {world} process(es) on {device}\n{format_args(args)}")
-        if rank == 0:
-            save_args(args, os.path.join(args.run_dir, "args.json"), world)
-        if args.knn_every:  # epoch-0 reference: the randomly initialised network
-            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"{describe_lr(args)} "
-              f"({describe_optimizer(args)}; {args.warmup_epochs} warmup epochs, cosine to 0); crops "
+    # resume from the run directory's checkpoint, or start
+    start_epoch, start_batch = run.restore(model, optimizer, unwrap(model).backbone)
+    run.print(f"{describe_lr(args)} ({describe_optimizer(args)}; {args.warmup_epochs} warmup "
+              f"epochs, cosine to 0); crops "
               f"{' + '.join(f'{c} x {s}' for c, s in zip(args.num_crops, args.crop_sizes))} px; "
-              f"{args.proj_layers}-layer projector; {steps_per_epoch} steps per epoch")
+              f"{args.proj_layers}-layer projector; {run.steps_per_epoch} steps per epoch")
 
-    def save(epoch, batch_in_epoch):
-        guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
-        if rank == 0:
-            save_checkpoint(ckpt_path, "simclr", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, probe=probe and probe.state_dict(), epoch_sums=loss_sum)
-
-    stop = StopSignal()
     model.train()
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, loss_sum = time.time(), epoch_sums(ckpt, start_batch, (), device)
-        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, (crops, labels) in enumerate(progress, start=start_batch):
-            step = epoch * steps_per_epoch + i
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+        for i, (crops, labels) in run.epoch(epoch, loader):
+            step = epoch * run.steps_per_epoch + i
+            lr = warmup_cosine(step, total_steps, warmup_steps, args.peak_lr)
             set_lr(optimizer, lr)
-            crops = views.to_device(crops, device, step)               # C x [n, 3, h, w]
-            with autocast(args.precision, device):
+            crops = views.to_device(crops, run.device, step)           # C x [n, 3, h, w]
+            with autocast(args.precision, run.device):
                 z = model(crops)                                       # [C*n, D], crop-major
             z = z.float()                                              # loss math in fp32
             if len(crops) == 2:                                        # the paper's two views
@@ -297,36 +251,15 @@ def main(argv=None):
             else:
                 loss = multi_crop_nt_xent_loss(z, len(crops), args.temperature)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            guard.watch(loss, step)  # a few device operations, no host sync
-            if probe:  # --probe: a linear classifier on this step's detached features
-                probe.step(labels)
-            loss_sum += loss.detach()
-
-            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
-                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
-                          "img_per_s": (i + 1 - start_batch) * args.batch_size
-                          / (time.time() - epoch_start)}
-                progress.update(record)
-                log.log(record)
-                guard.check()  # stops every rank if a loss since the last check was non-finite
-            if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
-                stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
-                return
-
-        # end of epoch: monitor, log, checkpoint, export the backbone
-        record = {"epoch": epoch + 1, "loss": (loss_sum / steps_per_epoch).item(),
-                  "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
-                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
-        if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
-                     train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued
+            run.scaler.scale(loss).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            run.step_done(step, labels, loss=loss, lr=lr)  # see common/run.py
+            if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
+                return run.stop(epoch, i + 1)
+        if run.end_epoch():  # log, kNN, checkpoint and backbone.pt; True: stopped
             return
-        start_batch = 0
-    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
-    log.close()
-    cleanup_distributed()
+    run.finish()
 
 
 if __name__ == "__main__":

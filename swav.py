@@ -24,27 +24,20 @@ official code included), both recipes and measured results: docs/swav.md. Shared
 docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
-import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import (add_common_args, check_batch, describe_lr, format_args, make_run_dir,
-                         recipe_values, resolve_recipe, save_args)
-from common.log import Logger, Progress, UserError, exit_on_user_error
-from common.data import build_dataset, make_loader
+from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, multi_crop
-from common.model import (autocast, build_backbone, distribute, features_by_resolution,
-                          grad_scaler, is_vit, mocov3_vit_init, resolve_precision, unwrap)
+from common.model import (autocast, build_backbone, features_by_resolution, is_vit,
+                          unwrap)
 from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
-from common.dist import (all_gather_tensor, all_reduce_with_grad, broadcast_object,
-                         cleanup_distributed, get_world_size, setup_distributed)
-from common.probe import online_probe
-from common.knn import knn_monitor
-from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
+from common.dist import (all_gather_tensor, all_reduce_with_grad, get_rank, get_world_size,
+                         launch_env)
+from common.run import Run
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -122,6 +115,12 @@ def get_args(argv=None):
                            [args.img_size, round(args.img_size * 96 / 224)][:len(args.num_crops)])
     if args.queue_length is None:
         args.queue_length = 3840 if args.batch_size <= 256 else 0
+    if args.queue_length % args.batch_size:  # as the official code: whole batches only
+        rounded = args.queue_length - args.queue_length % args.batch_size
+        if launch_env()[0] == 0:  # rank 0 says so
+            print(f"--queue-length {args.queue_length} rounded down to {rounded}, a multiple of "
+                  f"the global batch {args.batch_size}", flush=True)
+        args.queue_length = rounded
     groups = len(args.num_crops)
     if len(args.crop_sizes) != groups or len(args.crop_scales) != 2 * groups:
         raise UserError(f"--num-crops has {groups} group(s): give as many --crop-sizes "
@@ -157,9 +156,8 @@ class SwAV(nn.Module):
     def __init__(self, arch, small_images, hidden_dim=2048, out_dim=128, num_prototypes=3000):
         super().__init__()
         # The official ResNet-50 has a zero_init_residual option that main_swav.py leaves off.
-        self.backbone = build_backbone(arch, small_images, zero_init_residual=False)
-        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
-            mocov3_vit_init(self.backbone)
+        # a ViT: MoCo v3's init (frozen random patch projection, sin-cos positions)
+        self.backbone = build_backbone(arch, small_images, zero_init_residual=False, vit_init="mocov3")
         # With a ViT, SwAV's heads do best without BN (MoCo v3 paper, appendix A)
         bn = nn.Identity() if is_vit(arch) else nn.BatchNorm1d(hidden_dim)
         self.projector = nn.Sequential(nn.Linear(self.backbone.feature_dim, hidden_dim), bn,
@@ -242,106 +240,63 @@ def swav_loss(scores, batch_size, temperature, epsilon, sinkhorn_iters, queue_sc
 @exit_on_user_error
 def main(argv=None):
     args = get_args(argv)
-    rank, world, _, device = setup_distributed()
-    per_rank_batch = check_batch(args, world)
-    args.precision = resolve_precision(args.precision, device)
-    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
-    make_run_dir(args.run_dir)
-    log = Logger(args.run_dir, is_main=rank == 0)
-    seed_everything(args.seed + rank)
-    if args.queue_length % args.batch_size:  # as the official code: whole batches only
-        rounded = args.queue_length - args.queue_length % args.batch_size
-        log.print(f"--queue-length {args.queue_length} rounded down to {rounded}, a multiple of "
-                  f"the global batch {args.batch_size}")
-        args.queue_length = rounded
-    ckpt = open_run(args, "swav", world, log)  # None: a new run; refuses another run's folder
+    run = Run(args, "swav")  # processes, device, run directory (one run per folder), log, seed
 
-    # data: multi-crop views of each image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline(swav_crops(args), args.aug, args.seed, rank, args.channels_last)
-    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
-                              args.img_size, rank)
-    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
-    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
-                         seeded=True)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
-    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+    # data: multi-crop views of each image
+    views = ViewPipeline(swav_crops(args), args.aug, args.seed, args.channels_last)
+    loader = run.train_loader(views)
 
     # model, optimizer, schedule. The official code wraps plain SGD in LARC, whose weight decay
     # and trust ratio apply to every parameter; like the other scripts here, our LARS excludes
     # biases and BN parameters (every 1-D parameter) from both. The prototypes are a weight.
-    model = SwAV(args.arch, args.small_images, args.proj_hidden_dim, args.proj_dim,
-                 args.num_prototypes)
-    model = distribute(model, device, world, args.compile, args.sync_bn, args.channels_last)
+    model = run.distribute(SwAV(args.arch, args.small_images, args.proj_hidden_dim,
+                                args.proj_dim, args.num_prototypes))
     swav = unwrap(model)
     optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
-    scaler = grad_scaler(args.precision, device)
-    peak_lr = args.peak_lr  # --lr x batch/256, or --peak-lr as given
-    final_lr = peak_lr * args.final_lr_ratio
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    freeze_steps = round(args.freeze_prototypes_epochs * steps_per_epoch)
+    final_lr = args.peak_lr * args.final_lr_ratio
+    total_steps = args.epochs * run.steps_per_epoch
+    warmup_steps = args.warmup_epochs * run.steps_per_epoch
+    freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
     # Each rank queues its own embeddings (queue_length / world rows per assigned crop): a plain
     # tensor, not a buffer of the model, which DDP would overwrite with rank 0's at every forward.
-    queue = (torch.zeros(2, args.queue_length // world, args.proj_dim, device=device)
-             if args.queue_length else None)
+    queue = (torch.zeros(2, args.queue_length // get_world_size(), args.proj_dim,
+                         device=run.device) if args.queue_length else None)
 
-    # resume from the run directory if it holds a checkpoint (the queue included)
-    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    start_epoch, start_batch = restore(ckpt, model, optimizer, scaler)
-    log.start_tracking(args, steps_per_epoch, resume=ckpt and (start_epoch, start_batch))
-    probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
-    guard = DivergenceGuard(args, model, steps_per_epoch, device, ckpt)  # see common/loop.py
-    if ckpt:
-        saved_length = 0 if ckpt.get("queue") is None else ckpt["queue"].shape[1]
+    # resume from the run directory's checkpoint (the queue saved with it, gathered from all
+    # ranks at each save), or start
+    start_epoch, start_batch = run.restore(model, optimizer, swav.backbone, lambda: {
+        "queue": None if queue is None else gather_queue(queue).cpu()})  # [2, length, D]
+    if run.ckpt:
+        saved_length = 0 if run.ckpt.get("queue") is None else run.ckpt["queue"].shape[1]
         if saved_length != args.queue_length:
-            raise UserError(f"{ckpt_path} holds a queue of {saved_length} rows, --queue-length "
-                            f"is {args.queue_length}")
+            raise UserError(f"{run.ckpt_path} holds a queue of {saved_length} rows, "
+                            f"--queue-length is {args.queue_length}")
         if queue is not None:  # this rank's rows (with another world size the rows are re-split)
             rows = queue.shape[1]
-            queue.copy_(ckpt["queue"][:, rank * rows:(rank + 1) * rows])
-    else:
-        log.print(f"SwAV, {world} process(es) on {device}\n{format_args(args)}")
-        if rank == 0:
-            save_args(args, os.path.join(args.run_dir, "args.json"), world)
-        if args.knn_every:  # epoch-0 reference: the randomly initialised network
-            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"{describe_lr(args)} "
-              f"({describe_optimizer(args)}; {args.warmup_epochs} "
-              f"warmup epochs from {args.warmup_start_lr:g}, cosine to {final_lr:g}); crops "
+            queue.copy_(run.ckpt["queue"][:, get_rank() * rows:(get_rank() + 1) * rows])
+    run.print(f"{describe_lr(args)} ({describe_optimizer(args)}; {args.warmup_epochs} warmup "
+              f"epochs from {args.warmup_start_lr:g}, cosine to {final_lr:g}); crops "
               f"{' + '.join(f'{c} x {s}' for c, s in zip(args.num_crops, args.crop_sizes))} px; "
               f"queue {args.queue_length} from epoch {args.queue_start_epoch}; prototypes frozen "
-              f"for {freeze_steps} steps; {steps_per_epoch} steps per epoch")
+              f"for {freeze_steps} steps; {run.steps_per_epoch} steps per epoch")
 
     def queue_in_use(step):
         """The queue fills from --queue-start-epoch on and joins Sinkhorn once full (the official
         test "last row non-zero", here from the step count: no host sync)."""
-        queued = step - args.queue_start_epoch * steps_per_epoch  # steps that pushed before
-        return queue is not None and queued >= 0 and queued * per_rank_batch >= queue.shape[1]
+        queued = step - args.queue_start_epoch * run.steps_per_epoch  # steps that pushed before
+        return queue is not None and queued >= 0 and queued * run.batch_per_rank >= queue.shape[1]
 
-    def save(epoch, batch_in_epoch):  # called on every rank: the queues are gathered
-        guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
-        full_queue = None if queue is None else gather_queue(queue).cpu()  # [2, length, D]
-        if rank == 0:
-            save_checkpoint(ckpt_path, "swav", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, queue=full_queue,
-                            probe=probe and probe.state_dict(), epoch_sums=loss_sum)
-
-    stop = StopSignal()
     model.train()
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, loss_sum = time.time(), epoch_sums(ckpt, start_batch, (), device)
-        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, (crops, labels) in enumerate(progress, start=start_batch):
-            step = epoch * steps_per_epoch + i
+        for i, (crops, labels) in run.epoch(epoch, loader):
+            step = epoch * run.steps_per_epoch + i
             # warmup from --warmup-start-lr (official: 0.3), not from 0
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=final_lr,
+            lr = warmup_cosine(step, total_steps, warmup_steps, args.peak_lr, final=final_lr,
                                start=args.warmup_start_lr)
             set_lr(optimizer, lr)
             swav.normalize_prototypes()                                # unit prototypes first
-            crops = views.to_device(crops, device, step)               # C x [n, 3, h, w]
-            with autocast(args.precision, device):
+            crops = views.to_device(crops, run.device, step)           # C x [n, 3, h, w]
+            with autocast(args.precision, run.device):
                 z, scores = model(crops)
             z, scores = z.float(), scores.float()                      # loss math in fp32
             queue_scores = None
@@ -349,45 +304,22 @@ def main(argv=None):
                 with torch.no_grad():
                     if queue_in_use(step):  # scored with the current prototypes, before the push
                         queue_scores = queue @ swav.prototypes.weight.T        # [2, L, K]
-                    push_queue(queue, z.detach(), per_rank_batch)
-            loss = swav_loss(scores, per_rank_batch, args.temperature, args.epsilon,
+                    push_queue(queue, z.detach(), run.batch_per_rank)
+            loss = swav_loss(scores, run.batch_per_rank, args.temperature, args.epsilon,
                              args.sinkhorn_iters, queue_scores)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            run.scaler.scale(loss).backward()
             if step < freeze_steps:  # frozen prototypes: no gradient, so LARS skips them
                 swav.prototypes.weight.grad = None  # (no update, no decay, no momentum)
-            scaler.step(optimizer)
-            scaler.update()
-            guard.watch(loss, step)  # a few device operations, no host sync
-            if probe:  # --probe: a linear classifier on this step's detached features
-                probe.step(labels)
-            loss_sum += loss.detach()
-
-            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
-                record = {"epoch": epoch, "step": step + 1, "loss": loss.item(), "lr": lr,
-                          "queue": queue_in_use(step), "prototypes_frozen": step < freeze_steps,
-                          "img_per_s": (i + 1 - start_batch) * args.batch_size
-                          / (time.time() - epoch_start)}
-                progress.update(record)
-                log.log(record)
-                guard.check()  # stops every rank if a loss since the last check was non-finite
-            if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
-                stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
-                return
-
-        # end of epoch: monitor, log, checkpoint, export the backbone
-        record = {"epoch": epoch + 1, "loss": (loss_sum / steps_per_epoch).item(),
-                  "lr": optimizer.param_groups[0]["lr"],  # and the queue, at the last step
-                  "queue": queue_in_use((epoch + 1) * steps_per_epoch - 1),
-                  "epoch_time": time.time() - epoch_start,
-                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
-        if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
-                     train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            run.step_done(step, labels, loss=loss, lr=lr, queue=queue_in_use(step),
+                          prototypes_frozen=step < freeze_steps)  # see common/run.py
+            if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
+                return run.stop(epoch, i + 1)
+        if run.end_epoch():  # log, kNN, checkpoint and backbone.pt; True: stopped
             return
-        start_batch = 0
-    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
-    log.close()
-    cleanup_distributed()
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -22,26 +22,18 @@ official code included), both recipes and measured results: docs/vicreg.md. Shar
 docs/training.md; clusters and preemption: docs/clusters.md.
 """
 import argparse
-import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import (add_common_args, check_batch, describe_lr, format_args, make_run_dir,
-                         recipe_values, resolve_recipe, save_args)
-from common.log import Logger, Progress, UserError, exit_on_user_error
-from common.data import build_dataset, make_loader
+from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
-from common.model import (autocast, build_backbone, distribute, grad_scaler, is_vit,
-                          mocov3_vit_init, resolve_precision, unwrap)
+from common.model import autocast, build_backbone, unwrap
 from common.optim import build_optimizer, describe_optimizer, param_groups, set_lr, warmup_cosine
-from common.dist import broadcast_object, cleanup_distributed, gather_with_grad, setup_distributed
-from common.probe import online_probe
-from common.knn import knn_monitor
-from common.checkpoint import StopSignal, open_run, restore, save_checkpoint, seed_everything
-from common.loop import DivergenceGuard, end_epoch, epoch_sums, stop_agreed, stop_and_requeue
+from common.dist import gather_with_grad
+from common.run import Run
 
 # ------------------------------------------------------------------------------- arguments
 
@@ -131,9 +123,8 @@ class VICReg(nn.Module):
     def __init__(self, arch, small_images, expander="8192-8192-8192"):
         super().__init__()
         # The official ResNet zero-initialises the last BN scale of each residual block.
-        self.backbone = build_backbone(arch, small_images, zero_init_residual=True)
-        if is_vit(arch):  # MoCo v3's ViT init: frozen random patch projection, sin-cos positions
-            mocov3_vit_init(self.backbone)
+        # a ViT: MoCo v3's init (frozen random patch projection, sin-cos positions)
+        self.backbone = build_backbone(arch, small_images, zero_init_residual=True, vit_init="mocov3")
         self.expander = expander_mlp(self.backbone.feature_dim, expander)
 
     def forward(self, x1, x2):
@@ -181,110 +172,52 @@ def vicreg_loss(z1, z2, sim_coeff, std_coeff, cov_coeff, eps=1e-4):
 @exit_on_user_error
 def main(argv=None):
     args = get_args(argv)
-    rank, world, _, device = setup_distributed()
-    per_rank_batch = check_batch(args, world)
-    args.precision = resolve_precision(args.precision, device)
-    args.run_dir = broadcast_object(args.run_dir)  # one folder for all ranks (timestamp of rank 0)
-    make_run_dir(args.run_dir)
-    log = Logger(args.run_dir, is_main=rank == 0)
-    ckpt = open_run(args, "vicreg", world, log)  # None: a new run; refuses another run's folder
-    seed_everything(args.seed + rank)
+    run = Run(args, "vicreg")  # processes, device, run directory (one run per folder), log, seed
 
-    # data: two views per image; kNN monitor on the labelled train and val splits
-    views = ViewPipeline(vicreg_views(args), args.aug, args.seed, rank, args.channels_last)
-    train_set = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
-                              args.img_size, rank)
-    train_set.bad_log = os.path.join(args.run_dir, "bad_images.txt")
-    loader = make_loader(train_set, per_rank_batch, args.workers, rank, world, seed=args.seed,
-                         seeded=True)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training images < one batch of {args.batch_size}")
-    knn_top1 = knn_monitor(args, rank, world, device) if args.knn_every else None
+    # data: two views per image
+    views = ViewPipeline(vicreg_views(args), args.aug, args.seed, args.channels_last)
+    loader = run.train_loader(views)
 
     # model, optimizer, schedule: one lr for both parameter groups, as the official code
-    model = VICReg(args.arch, args.small_images, args.expander)
-    model = distribute(model, device, world, args.compile, args.sync_bn, args.channels_last)
+    model = run.distribute(VICReg(args.arch, args.small_images, args.expander))
     optimizer = build_optimizer(param_groups(model, args.weight_decay), args)
-    scaler = grad_scaler(args.precision, device)
-    peak_lr = args.peak_lr  # --lr x batch/256, or --peak-lr as given
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    total_steps = args.epochs * run.steps_per_epoch
+    warmup_steps = args.warmup_epochs * run.steps_per_epoch
 
-    # resume from the run directory if it holds a checkpoint
-    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    start_epoch, start_batch = restore(ckpt, model, optimizer, scaler)
-    log.start_tracking(args, steps_per_epoch, resume=ckpt and (start_epoch, start_batch))
-    probe = online_probe(args, unwrap(model).backbone, rank, world, device, ckpt)
-    guard = DivergenceGuard(args, model, steps_per_epoch, device, ckpt)  # see common/loop.py
-    if not ckpt:
-        log.print(f"VICReg, {world} process(es) on {device}\n{format_args(args)}")
-        if rank == 0:
-            save_args(args, os.path.join(args.run_dir, "args.json"), world)
-        if args.knn_every:  # epoch-0 reference: the randomly initialised network
-            log.summary({"epoch": 0, "knn_top1": knn_top1(unwrap(model).backbone)})
-    log.print(f"{describe_lr(args)} "
-              f"({describe_optimizer(args)}; {args.warmup_epochs} "
-              f"warmup epochs, cosine to {0.001 * peak_lr:g}); loss = {args.sim_coeff} x "
+    # resume from the run directory's checkpoint, or start
+    start_epoch, start_batch = run.restore(model, optimizer, unwrap(model).backbone)
+    run.print(f"{describe_lr(args)} ({describe_optimizer(args)}; {args.warmup_epochs} warmup "
+              f"epochs, cosine to {0.001 * args.peak_lr:g}); loss = {args.sim_coeff} x "
               f"invariance + {args.std_coeff} x variance + {args.cov_coeff} x covariance; "
-              f"{steps_per_epoch} steps per epoch")
+              f"{run.steps_per_epoch} steps per epoch")
 
-    def save(epoch, batch_in_epoch):
-        guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last good state
-        if rank == 0:
-            save_checkpoint(ckpt_path, "vicreg", args, model, optimizer, scaler, epoch,
-                            batch_in_epoch, probe=probe and probe.state_dict(), epoch_sums=sums)
-
-    stop = StopSignal()
     model.train()
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch, skip_batches=start_batch)
-        epoch_start, sums = time.time(), epoch_sums(ckpt, start_batch, len(TERMS), device)
-        progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}", rank == 0)
-        for i, ((x1, x2), labels) in enumerate(progress, start=start_batch):
-            step = epoch * steps_per_epoch + i
+        for i, ((x1, x2), labels) in run.epoch(epoch, loader):
+            step = epoch * run.steps_per_epoch + i
             # warmup from 0, then cosine down to 0.001 x peak, as the official code
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=0.001 * peak_lr)
+            lr = warmup_cosine(step, total_steps, warmup_steps, args.peak_lr,
+                               final=0.001 * args.peak_lr)
             set_lr(optimizer, lr)
-            x = torch.cat(views.to_device([x1, x2], device, step))
-            with autocast(args.precision, device):
+            x = torch.cat(views.to_device([x1, x2], run.device, step))
+            with autocast(args.precision, run.device):
                 z1, z2 = model(*x.chunk(2))                            # views apart (BN per view)
             # The official code computes the loss under fp16 autocast; NaN losses are reported
             # with it (vicreg#27): the variance and covariance math runs in fp32 here.
             loss, *terms = vicreg_loss(z1.float(), z2.float(), args.sim_coeff, args.std_coeff,
                                        args.cov_coeff)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            guard.watch(loss, step)  # a few device operations, no host sync
-            if probe:  # --probe: a linear classifier on this step's detached features
-                probe.step(labels)
-            values = torch.stack([loss, *terms]).detach()               # [4] loss and its terms
-            sums += values
-
-            if (i + 1) % args.log_every == 0:  # the only host syncs of the loop
-                record = {"epoch": epoch, "step": step + 1, **dict(zip(TERMS, values.tolist())),
-                          "lr": lr, "img_per_s": (i + 1 - start_batch) * args.batch_size
-                          / (time.time() - epoch_start)}
-                progress.update(record)
-                log.log(record)
-                guard.check()  # stops every rank if a loss since the last check was non-finite
-            if stop_agreed(stop, i, steps_per_epoch, world, device):  # see common/loop.py
-                stop_and_requeue(save, ckpt_path, epoch, i + 1, rank, log)
-                return
-
-        # end of epoch: monitor, log, checkpoint, export the backbone. The invariance (and so the
-        # loss) is rank 0's local value; variance and covariance are those of the global batch.
-        record = {"epoch": epoch + 1, **dict(zip(TERMS, (sums / steps_per_epoch).tolist())),
-                  "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.time() - epoch_start,
-                  "img_per_s": len(loader) * args.batch_size / (time.time() - epoch_start)}
-        if end_epoch(record, args, log, save, unwrap(model).backbone, knn_top1,
-                     train_set.bad_log, rank, stop, device, probe):  # a stop signal: saved, requeued
+            run.scaler.scale(loss).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            # logged: the loss, its three terms unweighted (the invariance is this rank's; the
+            # variance and covariance the global batch's), the lr; see common/run.py
+            run.step_done(step, labels, **dict(zip(TERMS, [loss, *terms])), lr=lr)
+            if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
+                return run.stop(epoch, i + 1)
+        if run.end_epoch():  # log, kNN, checkpoint and backbone.pt; True: stopped
             return
-        start_batch = 0
-    log.print(f"done: {args.run_dir}/checkpoint.pt and backbone.pt")
-    log.close()
-    cleanup_distributed()
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import torch
 import torchvision
 
 from common.data import default_img_size
-from common.log import UserError
-from common.track import add_tracking_args
+from common.dist import get_world_size
+from common.errors import UserError, installed
 from common.model import ARCHS, is_vit
 
 
@@ -147,11 +147,58 @@ def add_common_args(parser, method, imagenet, small, sync_bn="global"):
                    help="also keep the checkpoint and backbone.pt of every Nth epoch, as "
                         "checkpoint_epochN.pt and backbone_epochN.pt (default: 0, only the rolling "
                         "checkpoint.pt and backbone.pt, which a resume reads)")
+    g.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                   help="save and exit as a stop signal would (without a Slurm requeue outside "
+                        "Slurm) once N steps of the whole run are done: to end a job at a known "
+                        "point, or to check that a resumed run continues exactly")
     g.add_argument("--knn-every", type=int, default=1,
                    help="weighted kNN top-1 on the val split every N epochs, 0: never (default: 1)")
     g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (default: 50)")
     add_tracking_args(parser)  # TensorBoard, W&B
     return parser
+
+
+def add_tracking_args(parser):
+    """TensorBoard and Weights & Biases flags, in their own group.
+
+    TensorBoard is on whenever the `tensorboard` package is installed (--no-tensorboard turns it
+    off; --tensorboard makes a missing package an error): a researcher who has it expects
+    `tensorboard --logdir runs/` to show every run, including the three-day one started without
+    thinking of a flag; an event costs tens of microseconds and ~110 bytes per log record.
+    Without the package nothing changes. W&B sends data to a server, so it is on only when asked
+    (--wandb PROJECT)."""
+    g = parser.add_argument_group(
+        "tracking", "optional extras (pip install -r requirements-extras.txt), rank 0 only, with "
+        "the same records, names and steps as log.jsonl; a resume continues them")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorBoard event files in the run directory: train/<key> at every log "
+                        "step, epoch/<key> at each epoch's last step, the arguments as text; "
+                        "view with `tensorboard --logdir runs`. Default: on when the tensorboard "
+                        "package is installed")
+    g.add_argument("--wandb", metavar="PROJECT", type=wandb_project,
+                   help="also log to this Weights & Biases project. The run id is kept in the "
+                        "run directory (wandb_run_id), so a resumed or requeued run continues "
+                        "the same W&B run. Nodes without internet: --wandb-mode offline (or "
+                        "WANDB_MODE=offline), then `wandb sync RUN_DIR/wandb/offline-run-*`")
+    g.add_argument("--wandb-entity", metavar="ENTITY",
+                   help="W&B team or user (default: WANDB_ENTITY, or your default entity)")
+    g.add_argument("--wandb-name", metavar="NAME",
+                   help="W&B run name (default: the run directory's last two parts, e.g. "
+                        "simclr/20250101-120000)")
+    g.add_argument("--wandb-group", metavar="GROUP",
+                   help="W&B group, e.g. a sweep or the pre-training and linear evaluation of "
+                        "one backbone")
+    g.add_argument("--wandb-tags", nargs="+", metavar="TAG", help="W&B tags")
+    g.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
+                   help="online sends as it trains; offline writes RUN_DIR/wandb/ for a later "
+                        "`wandb sync` (default: WANDB_MODE, else online)")
+    return parser
+
+
+def wandb_project(name):
+    """--wandb's value, checked at parsing: a missing package fails before any work starts."""
+    installed("wandb", "--wandb")
+    return name
 
 
 def default_run_dir(method):
@@ -220,24 +267,39 @@ def make_run_dir(path):
         raise UserError(f"--run-dir {path}: cannot write there ({e.strerror or e})") from None
 
 
-def check_batch(args, world_size):
+def check_batch(args):
+    """The batch of each process: --batch-size is the global batch, split evenly."""
+    world_size = get_world_size()
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the "
                         f"{world_size} processes")
     return args.batch_size // world_size
 
 
-def save_args(args, path, world_size):
-    """args.json: the resolved arguments plus what is needed to reproduce the run."""
+def git_revision(short=False):
+    """The commit of the code being run (`+uncommitted` when tracked files differ from it), or
+    None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(sys.argv[0])), timeout=10)
-        git = rev.stdout.strip() or None
+        rev = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
+                             cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        git = None
-    record = {**vars(args), "argv": sys.argv, "world_size": world_size, "git": git,
-              "torch": torch.__version__, "torchvision": torchvision.__version__,
-              "python": platform.python_version(), "cuda": torch.version.cuda}
+        return None
+    return rev + ("+uncommitted" if dirty.strip() else "") if rev else None
+
+
+def versions():
+    """The versions a result depends on: torch, torchvision, Python, CUDA."""
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda}
+
+
+def save_args(args, path, method):
+    """args.json: the resolved arguments, the method, and what is needed to reproduce the run."""
+    record = {**vars(args), "method": method, "argv": sys.argv,
+              "world_size": get_world_size(), "git": git_revision(), **versions()}
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
 

@@ -32,9 +32,9 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from common.gpu_aug import blur_kernel_size, gpu_augment, resident_views
+from common.data import IMAGENET_MEAN, IMAGENET_STD, image_pixels
+from common.dist import get_rank
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
@@ -85,16 +85,12 @@ def reference_view(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD):
            T.RandomApply([T.ColorJitter(*recipe.jitter)], p=recipe.jitter_p),
            T.RandomGrayscale(p=recipe.gray_p)]
     if recipe.blur_p > 0:
+        from common.gpu_aug import blur_kernel_size  # the GPU blur's kernel width
         ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(recipe.size), recipe.blur_sigma)],
                                  p=recipe.blur_p))
     if recipe.solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=recipe.solarize_p))
     return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
-
-
-def image_pixels(img):
-    """PIL image -> its uint8 pixels [H, W, 3] (one conversion per image, for all its views)."""
-    return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB")))
 
 
 def crop_and_flip(pixels, recipe):
@@ -166,20 +162,26 @@ class ViewPipeline:
     device (in the training step; with --gpu-aug, augmented there, with random parameters
     seeded from (seed, step, rank) so that a resumed run draws the same ones)."""
 
-    def __init__(self, recipes, mode="fast", seed=0, rank=0, channels_last=True):
+    def __init__(self, recipes, mode="fast", seed=0, channels_last=True):
         if mode not in ("fast", "gpu", "torchvision", "device"):
             raise ValueError(f"unknown augmentation mode {mode!r}")
-        self.recipes, self.mode, self.seed, self.rank = list(recipes), mode, seed, rank
+        self.recipes, self.mode, self.seed, self.rank = list(recipes), mode, seed, get_rank()
         self.channels_last = channels_last  # on CUDA, the batches in the model's memory layout
         make = {"fast": FastView, "gpu": CropOnlyView, "torchvision": reference_view,
                 "device": None}[mode]  # "device": no per-image work in loader workers
         self.views = [make(r) for r in self.recipes] if make else []
-        self.images = None  # "device": every train image, uint8 [N, 3, H, W], set by the loader
+        self.images = None  # "device": every train image, uint8 [N, 3, H, W] (`hold_images`)
 
     def __call__(self, img):
         if self.mode != "torchvision":
             img = image_pixels(img)  # decoded and converted once for all views
         return [view(img) for view in self.views]
+
+    def hold_images(self, dataset, workers=0):
+        """--data-on-device: every image of `dataset`, read once, to be held on the device and
+        cropped there; returns what the DataLoader reads instead, batches of indices."""
+        from common.gpu_aug import ResidentImages
+        return ResidentImages(dataset, self, workers)
 
     def to_device(self, views, device, step=0):
         if self.mode == "torchvision":  # already normalised floats
@@ -187,6 +189,7 @@ class ViewPipeline:
         if self.mode == "device":  # views: batches of indices into the images on the device
             if self.images.device != device:
                 self.images = self.images.to(device)  # once: the whole train set, uint8
+            from common.gpu_aug import resident_views
             views = resident_views(self.images, views, self.recipes, self._generator(step))
         elif self.mode == "gpu":
             views = self._augment([x.to(device, non_blocking=True) for x in views], step)
@@ -203,6 +206,7 @@ class ViewPipeline:
 
     def _augment(self, views, step):
         """Views with the same recipe (SwAV's crops of one size) are augmented as one batch."""
+        from common.gpu_aug import gpu_augment
         generator = self._generator(step)
         out = [None] * len(views)
         for recipe in dict.fromkeys(self.recipes):

@@ -1,5 +1,4 @@
-"""Atomic checkpoints, resume (and what a resume may change), backbone export, RNG state and
-stop signals."""
+"""Atomic checkpoints, resume (and what a resume may change), backbone export and RNG state."""
 import argparse
 import copy
 import errno
@@ -10,15 +9,13 @@ import pickle
 import random
 import re
 import shutil
-import signal
-import subprocess
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from common.dist import get_rank, get_world_size
-from common.log import UserError
+from common.errors import UserError
 from common.model import unwrap
 
 FORMAT = "cleanssl-checkpoint-v1"
@@ -77,15 +74,15 @@ def write_failure(path, error, needed=None):
 
 
 def save_checkpoint(path, method, args, model, optimizer, scaler, epoch, batch_in_epoch,
-                    **method_state):
+                    rng_states, **method_state):
     """Everything needed to continue exactly: the unwrapped model, optimizer, GradScaler, the
     position (`epoch` epochs done plus `batch_in_epoch` batches of the next), the arguments and
-    the number of processes, the RNG states, and the method's own state (target network,
-    queue, ...) as keywords."""
+    the number of processes, every process's RNG states (`rng_states`, in rank order: a
+    resumed process continues its own), and the method's own state (queue, ...) as keywords."""
     atomic_save({"format": FORMAT, "method": method, "args": vars(args),
                  "world_size": get_world_size(), "model": unwrap(model).state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_state(),
+                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_states,
                  **method_state}, path)
 
 
@@ -93,10 +90,9 @@ def save_checkpoint(path, method, args, model, optimizer, scaler, epoch, batch_i
 
 # Settings that do not change what a run learns: a resume may give them other values.
 FREE_ON_RESUME = {"workers", "log_every", "knn_every", "save_every", "checkpoint_every", "run_dir",
-                  "data_dir",
-                  "compile", "channels_last", "probe", "probe_lr", "allow_changes", "eval_every",
-                  "out", "tensorboard", "wandb", "wandb_entity", "wandb_name", "wandb_group",
-                  "wandb_tags", "wandb_mode"}
+                  "data_dir", "stop_at_step", "compile", "channels_last", "probe", "probe_lr",
+                  "allow_changes", "eval_every", "out", "tensorboard", "wandb", "wandb_entity",
+                  "wandb_name", "wandb_group", "wandb_tags", "wandb_mode"}
 # Values that follow from settings compared themselves (peak_lr: --lr and --batch-size).
 DERIVED = {"small_images", "preset", "peak_lr", "peak_lr_given", "recipe"}
 DIVERGED = "diverged.json"  # written by a run whose loss turned non-finite (common/loop.py)
@@ -119,28 +115,26 @@ def changed_settings(saved, args, free=FREE_ON_RESUME):
             if key in saved and key not in free | DERIVED and not same(key, saved[key], value)]
 
 
-def open_run(args, method, world_size, log, free=FREE_ON_RESUME):
+def open_run(args, method, log, free=FREE_ON_RESUME):
     """The checkpoint.pt of args.run_dir (loaded on the CPU), or None for a new run.
 
-    A run directory holds one run. Refused in one line: a checkpoint of another method; settings
-    that change the training (every flag but `free`) unless --allow-changes names each changed
-    flag; the same command again after the run diverged (it would diverge again). Accepted
-    changes are printed and recorded in args.json, and take effect from the resumed step.
+    A run directory holds one run. Refused in one line: a checkpoint (or, before the first one,
+    an args.json) of another method; settings that change the training (every flag but `free`)
+    unless --allow-changes names each changed flag; the same command again after the run
+    diverged (it would diverge again). Accepted changes are printed and recorded in args.json,
+    and take effect from the resumed step. The same settings without a checkpoint start again.
     """
     path = os.path.join(args.run_dir, "checkpoint.pt")
     diverged_path = os.path.join(args.run_dir, DIVERGED)
     diverged = read_json(diverged_path)
-    if not os.path.exists(path):
-        if diverged:
-            raise UserError(f"{args.run_dir} holds a run that diverged before its first "
-                            f"checkpoint ({diverged['reason']}): start again in a new --run-dir")
-        return None
-    ckpt = load_checkpoint(path)
-    where = f"epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']}"
-    if ckpt["method"] != method:
-        raise UserError(f"{args.run_dir} holds a {ckpt['method']} run, which {method} cannot "
+    ckpt = load_checkpoint(path) if os.path.exists(path) else None
+    saved = ({**ckpt["args"], "method": ckpt["method"]} if ckpt
+             else read_json(os.path.join(args.run_dir, "args.json")))
+    if saved and saved.get("method", method) != method:
+        raise UserError(f"{args.run_dir} holds a {saved['method']} run, which {method} cannot "
                         f"resume: give another --run-dir")
-    changes = changed_settings(ckpt["args"], args, free)
+    where = f"epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']}" if ckpt else "its start"
+    changes = changed_settings(saved, args, free) if saved else []
     allowed = {name.lstrip("-").replace("-", "_") for name in args.allow_changes}
     if refused := [(k, old, new) for k, old, new in changes if k not in allowed]:
         raise UserError(
@@ -148,6 +142,11 @@ def open_run(args, method, world_size, log, free=FREE_ON_RESUME):
             + "; ".join(f"{flag(k)} {old} there, {new} now" for k, old, new in refused)
             + "): train them in a new --run-dir, or continue this run with them from "
             f"{where} by adding --allow-changes {' '.join(flag(k)[2:] for k, _, _ in refused)}")
+    if not ckpt:
+        if diverged:
+            raise UserError(f"{args.run_dir} holds a run that diverged before its first "
+                            f"checkpoint ({diverged['reason']}): start again in a new --run-dir")
+        return None
     if diverged and not changed_settings(diverged["args"], args, free):
         raise UserError(
             f"{args.run_dir}: the run diverged with these settings ({diverged['reason']}); "
@@ -160,6 +159,7 @@ def open_run(args, method, world_size, log, free=FREE_ON_RESUME):
         raise UserError(f"--epochs {args.epochs}: {args.run_dir} has already trained {done} "
                         f"epochs")
     log.print(f"resumed from {path} at {where}")
+    world_size = get_world_size()
     if ckpt.get("world_size", world_size) != world_size:
         log.print(f"note: {world_size} processes now, {ckpt['world_size']} before: the global "
                   f"batch and the recipe are unchanged, each process takes "
@@ -238,7 +238,12 @@ def restore(ckpt, model, optimizer, scaler):
         for group, own in zip(optimizer.param_groups, settings):
             group.update(own)
     scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank
+    if len(states) == get_world_size():
+        set_rng_state(states[get_rank()])
+    else:  # another number of processes: a state of its own for each, fixed by the position
+        step = ckpt["epoch"] * 1_000_003 + ckpt["batch_in_epoch"]
+        seed_everything((ckpt["args"]["seed"] * 1_000_003 + step) * 10_007 + get_rank())
     return ckpt["epoch"], ckpt["batch_in_epoch"]
 
 
@@ -311,38 +316,6 @@ def keep_epoch_copy(run_dir, epoch):
         os.replace(tmp, dst)
 
 
-HEAD_FORMAT = "cleanssl-linear-head-v1"
-
-
-def save_head(head, path, classes, **info):
-    """linear_head.pt: a trained linear classifier's weights, its class names, and `info` (the
-    architecture, image size and protocol it was trained with)."""
-    atomic_save({"format": HEAD_FORMAT, "weight": head.weight.detach().cpu(),
-                 "bias": head.bias.detach().cpu(), "classes": list(classes), **info}, path)
-
-
-def read_head(path):
-    """The contents of a linear_head.pt (see `save_head`)."""
-    saved = safe_load(path)
-    if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT:
-        raise UserError(f"{path}: not a linear_head.pt written by linear_eval.py")
-    return saved
-
-
-def head_layer(saved, path, feature_dim, classes):
-    """The nn.Linear of a read linear_head.pt, checked against the features and class names."""
-    if saved["classes"] != list(classes):
-        raise UserError(f"{path}: trained on {len(saved['classes'])} classes "
-                        f"({', '.join(saved['classes'][:3])}, ...), not those of --data "
-                        f"({len(classes)}: {', '.join(classes[:3])}, ...)")
-    if saved["weight"].shape[1] != feature_dim:
-        raise UserError(f"{path}: a head for {saved['weight'].shape[1]}-d features, the "
-                        f"backbone gives {feature_dim}-d")
-    head = torch.nn.Linear(feature_dim, len(classes))
-    head.load_state_dict({"weight": saved["weight"], "bias": saved["bias"]})
-    return head
-
-
 def rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
             "python": random.getstate(),
@@ -361,35 +334,3 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class StopSignal:
-    """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption, Ctrl-C from a
-    launcher) set `requested`; the training loop checks it between steps, saves and exits."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-
-def requeue_slurm_job():
-    """Put this Slurm job back in the queue: the requeued job keeps its id, hence its run
-    directory, and resumes from the checkpoint. Slurm then ends the job's processes (the output
-    shows "CANCELLED ... DUE TO JOB REQUEUE"). Returns a line for the log, None outside Slurm."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return None
-    try:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
-                              timeout=120)
-        error = done.stderr.strip() if done.returncode else None
-    except (OSError, subprocess.SubprocessError) as e:
-        error = str(e)
-    if error:  # e.g. a job submitted with --no-requeue
-        return (f"could not requeue Slurm job {job} ({error}): submit it again with the same "
-                f"--run-dir to resume")
-    return f"requeued Slurm job {job}"

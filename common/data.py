@@ -8,19 +8,23 @@ import os
 import signal
 import sys
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from common.augment import IMAGENET_MEAN, IMAGENET_STD, image_pixels
-from common.log import UserError
+from common.dist import get_rank, get_world_size
+from common.errors import UserError
 
 TORCHVISION_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}
 DOWNLOAD_FILES = {"cifar10": "cifar-10-python.tar.gz (or its folder cifar-10-batches-py/)",
                   "cifar100": "cifar-100-python.tar.gz (or its folder cifar-100-python/)",
                   "stl10": "stl10_binary.tar.gz (or its folder stl10_binary/)"}
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def default_img_size(data):
@@ -36,10 +40,9 @@ def eval_transform(size):
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def linear_train_transform(size):
-    """Random resized crop + flip: the standard linear-evaluation training augmentation."""
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def image_pixels(img):
+    """PIL image -> its uint8 pixels [H, W, 3] (one conversion per image, for all its views)."""
+    return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB")))
 
 
 # ---------------------------------------------------------------- datasets
@@ -104,7 +107,13 @@ def count_bad_images(log_path):
         return sum(1 for _ in f)
 
 
-def _torchvision_dataset(name, split, transform, data_dir, rank):
+def labels_of(dataset):
+    """The class index of every item: `targets` (ImageFolder, CIFAR) or `labels` (STL-10)."""
+    labels = getattr(dataset, "targets", None)
+    return getattr(dataset, "labels", None) if labels is None else labels
+
+
+def _torchvision_dataset(name, split, transform, data_dir):
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
            "stl10": torchvision.datasets.STL10}[name]
     if name == "stl10":
@@ -120,7 +129,7 @@ def _torchvision_dataset(name, split, transform, data_dir, rank):
     except RuntimeError:  # not there yet: rank 0 downloads, the others wait for it
         pass
     try:
-        if rank == 0:
+        if get_rank() == 0:
             os.makedirs(data_dir, exist_ok=True)
             make(download=True)
         if torch.distributed.is_initialized():
@@ -149,77 +158,15 @@ def _image_folder(root, split, transform):
         raise UserError(f"--data {root}: {e}") from None
 
 
-def build_dataset(data, split, transform, data_dir="data", synthetic_size=512, img_size=32,
-                  rank=0):
+def build_dataset(data, split, transform, data_dir="data", synthetic_size=512, img_size=32):
     """`split`: 'ssl' (images for self-supervised training; STL-10 adds its unlabeled set),
     'train' (labelled train split, for kNN and linear evaluation) or 'val'."""
     if data == "synthetic":
         n = synthetic_size if split != "val" else max(synthetic_size // 4, 10)
         return SyntheticImages(n, img_size, transform, seed=0 if split != "val" else 1)
     if data in TORCHVISION_DATASETS:
-        return _torchvision_dataset(data, split, transform, data_dir, rank)
+        return _torchvision_dataset(data, split, transform, data_dir)
     return _image_folder(data, split, transform)
-
-
-# ---------------------------------------------------------------- labelled subsets
-
-def class_balanced_indices(targets, percent, seed=0):
-    """Sorted indices of a seeded, class-balanced floor(N * percent / 100) of the items, built as
-    the published 1% and 10% ImageNet lists are (12 or 13 images of each class for 1%, 128 or
-    129 for 10%): every class gets the same count L (all its images if it has fewer), and a
-    seeded choice of the classes one more, to reach the total exactly; within a class, the
-    images are drawn at random."""
-    targets = torch.as_tensor(targets)
-    labels, counts = targets.unique(return_counts=True)
-    total = int(len(targets) * percent / 100)
-    level = 0  # the largest L whose quotas fit in the total
-    while level < counts.max() and counts.clamp(max=level + 1).sum() <= total:
-        level += 1
-    quota = counts.clamp(max=level)
-    g = torch.Generator().manual_seed(seed)
-    room = (counts > level).nonzero().flatten()
-    quota[room[torch.randperm(len(room), generator=g)[:total - quota.sum()]]] += 1
-    members = torch.argsort(targets, stable=True).split(counts.tolist())  # by class, in order
-    chosen = [m[torch.randperm(len(m), generator=g)[:q]] for m, q in zip(members, quota.tolist())]
-    return torch.cat(chosen).sort().values.tolist()
-
-
-def listed_indices(dataset, path):
-    """Sorted indices of the images of an ImageFolder named in the text file `path`, one per
-    line, by file name (the published lists: `n01440764_10026.JPEG`) or class/file name."""
-    if not hasattr(dataset, "samples"):
-        raise UserError("--train-subset lists file names: it needs an ImageFolder --data")
-    try:
-        with open(path) as f:
-            names = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise UserError(f"--train-subset {path}: {e.strerror}") from None
-    index, ambiguous = {}, set()
-    for i, (file, _) in enumerate(dataset.samples):
-        name = os.path.basename(file)
-        if name in index:
-            ambiguous.add(name)
-        index[name] = index[os.path.relpath(file, dataset.root)] = i
-    unknown = [n for n in names if n not in index or n in ambiguous]
-    if unknown:
-        raise UserError(f"--train-subset {path}: {len(unknown)} of its {len(names)} names are not "
-                        f"(or not uniquely) in {dataset.root}, e.g. {unknown[0]}")
-    return sorted({index[n] for n in names})
-
-
-def labelled_subset(dataset, percent=None, list_file=None, seed=0):
-    """The labelled training images of semi-supervised evaluation: those listed in `list_file`,
-    else a class-balanced `percent` (`class_balanced_indices`), else all. The same on every rank
-    and in every run with the same arguments."""
-    if list_file is None and percent is None:
-        return dataset
-    targets = getattr(dataset, "targets", None)
-    targets = getattr(dataset, "labels", None) if targets is None else targets
-    idx = (listed_indices(dataset, list_file) if list_file
-           else class_balanced_indices(targets, percent, seed))
-    subset = torch.utils.data.Subset(dataset, idx)
-    subset.classes, subset.targets = dataset.classes, [int(targets[i]) for i in idx]
-    return subset
 
 
 # ---------------------------------------------------------------- loaders
@@ -277,67 +224,28 @@ def ignore_stop_signals(worker_id=None):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size, workers, rank=0, world_size=1, shuffle=True, seed=0,
-                drop_last=True, seeded=False):
-    """DataLoader over this rank's shard; `batch_size` is per rank. `seeded`: each sample's
+def make_loader(dataset, batch_size, workers, shuffle=True, seed=0, drop_last=True, seeded=False):
+    """A DataLoader over this process's shard (its rank's share of a DistributedSampler's order,
+    resumable part-way through an epoch); `batch_size` is per process. `seeded`: each sample's
     augmentation is seeded from (seed, epoch, index), see SeededSamples. A dataset whose
-    transform is a ViewPipeline in "device" mode (`--data-on-device`) gets `DeviceBatches`."""
-    if getattr(getattr(dataset, "transform", None), "mode", None) == "device":
-        sampler = ResumableSampler(dataset, batch_size, rank, world_size, shuffle, seed, drop_last)
-        return DeviceBatches(dataset, sampler, batch_size, workers, rank)
-    sampler = ResumableSampler(dataset, batch_size, rank, world_size, shuffle, seed, drop_last,
-                               seeded)
+    transform holds the train set on the device (`--data-on-device`, common/gpu_aug.py) is read
+    as batches of indices, with no workers."""
+    sampler = ResumableSampler(dataset, batch_size, get_rank(), get_world_size(), shuffle, seed,
+                               drop_last, seeded and not on_device(dataset))
+    if on_device(dataset):  # the views' ViewPipeline holds the images (common/gpu_aug.py)
+        return DataLoader(dataset.transform.hold_images(dataset, workers), batch_size=batch_size,
+                          sampler=sampler, drop_last=drop_last, collate_fn=whole_batch)
     return DataLoader(SeededSamples(dataset) if seeded else dataset, batch_size=batch_size,
                       sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       drop_last=drop_last, persistent_workers=workers > 0,
                       worker_init_fn=ignore_stop_signals)
 
 
-# ---------------------------------------------------------------- the train set on the device
-
-def load_pixels(dataset, workers=0):
-    """Every image of `dataset` (its transform bypassed) as one uint8 tensor [N, 3, H, W] and
-    its labels [N], on the CPU. torchvision's CIFAR and STL-10 hold theirs as arrays already;
-    other datasets are decoded once, by `workers` processes. All images must have one size."""
-    data = getattr(dataset, "data", None)
-    if hasattr(data, "ndim") and data.ndim == 4:  # CIFAR: [N, H, W, 3]; STL-10: [N, 3, H, W]
-        pixels = torch.as_tensor(data)
-        pixels = pixels.permute(0, 3, 1, 2) if pixels.shape[-1] == 3 else pixels
-        labels = getattr(dataset, "targets", None)
-        return pixels.contiguous(), torch.as_tensor(getattr(dataset, "labels", None)
-                                                    if labels is None else labels)
-    transform, dataset.transform = dataset.transform, image_pixels
-    try:
-        loader = DataLoader(dataset, batch_size=256, num_workers=workers)
-        batches = list(loader)
-    except RuntimeError as e:  # the default collate stacks: images of several sizes
-        raise UserError(f"--data-on-device needs images of one size ({str(e).splitlines()[0]}); "
-                        f"resize them, or leave the flag out") from None
-    finally:
-        dataset.transform = transform
-    return (torch.cat([x for x, _ in batches]).permute(0, 3, 1, 2).contiguous(),
-            torch.cat([y for _, y in batches]))
+def whole_batch(batch):
+    """The collate function of a dataset that fetches a whole batch at once (`__getitems__`)."""
+    return batch
 
 
-class DeviceBatches:
-    """The loader of `--data-on-device`: the batches of indices of the same seeded, sharded,
-    resumable sampler as the DataLoader's, each as ([indices] * views, labels). The images
-    themselves are handed to the dataset's ViewPipeline, which holds them on the device and
-    makes each step's views there. No loader workers, no per-image Python work in the epoch."""
-
-    def __init__(self, dataset, sampler, batch_size, workers=0, rank=0):
-        self.sampler, self.batch_size, self.pipeline = sampler, batch_size, dataset.transform
-        self.pipeline.images, self.labels = load_pixels(dataset, workers)
-        if rank == 0:
-            n, c, h, w = self.pipeline.images.shape
-            print(f"--data-on-device: {n} images of {w}x{h} px, {n * c * h * w / 2**20:.0f} MiB "
-                  f"as uint8 on the device", flush=True)
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size  # the last incomplete batch is dropped
-
-    def __iter__(self):
-        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield [idx] * len(self.pipeline.recipes), self.labels[idx]
+def on_device(dataset):
+    """Whether `dataset`'s views are made on the device from images held there."""
+    return getattr(getattr(dataset, "transform", None), "mode", None) == "device"

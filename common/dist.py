@@ -5,56 +5,33 @@ reduces to the identity, so losses and tests run unchanged without `torch.distri
 """
 import datetime
 import os
-import re
 import socket
-import subprocess
 
 import torch
 import torch.distributed as dist
 
-from common.log import UserError
+from common.errors import UserError
 
 
-def _slurm_master_addr():
-    """First host of SLURM_JOB_NODELIST (e.g. 'gpu[03-05]' -> 'gpu03')."""
-    nodelist = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist],
-                             capture_output=True, text=True, check=True, timeout=30)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return first_host(nodelist)
-
-
-def first_host(nodelist):
-    """The first host of a Slurm node list, without scontrol: 'gpu[03-05,07],cpu1' -> 'gpu03',
-    'a,b' -> 'a', 'n[1-2]-ib' -> 'n1-ib'."""
-    head = re.match(r"[^,\[]*(?:\[[^\]]*\][^,\[]*)?", nodelist).group(0)
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    ranges, suffix = rest.split("]", 1)
-    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+def launch_env():
+    """(rank, world size, local rank) as the launcher gave them: torchrun's RANK, WORLD_SIZE and
+    LOCAL_RANK, or srun's SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; (0, 1, 0) for a plain
+    `python script.py`. Known before the process group exists, so that arguments can be checked
+    against the number of processes before any work starts."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
+    return 0, 1, 0
 
 
 def setup_distributed(timeout_minutes=30):
-    """Return (rank, world_size, local_rank, device), joining a process group if launched.
-
-    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; `srun` sets SLURM_PROCID,
-    SLURM_NTASKS and SLURM_LOCALID, and the master is the first host of the job's node list.
-    NCCL on CUDA, gloo on CPU. The timeout turns a dead peer into an error instead of a hang.
-    """
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        rank, world, local_rank = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
-        env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
-        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local_rank)
-    else:
-        rank, world, local_rank = 0, 1, 0
-
+    """Join the process group of the launch (none for one process) and return this process's
+    device; a second call only returns the device. Under srun, the master is the first host of
+    the job's node list. NCCL on CUDA, gloo on CPU. The timeout turns a dead peer into an error
+    instead of a hang. Afterwards `get_rank()` and `get_world_size()` tell where a process is."""
+    rank, world, local_rank = launch_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -63,11 +40,17 @@ def setup_distributed(timeout_minutes=30):
         torch.backends.cudnn.benchmark = True
     else:
         device = torch.device("cpu")
-    if world > 1:
+    if world > 1 and not dist.is_initialized():
+        env = os.environ
+        if "RANK" not in env:  # srun: torch.distributed reads torchrun's variables
+            from common.slurm import master_addr  # only under srun
+            env.setdefault("MASTER_ADDR", master_addr())
+            env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+            env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = map(str, (rank, world, local_rank))
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 **({"device_id": device} if device.type == "cuda" else {}))
-    return rank, world, local_rank, device
+    return device
 
 
 def cleanup_distributed():
@@ -182,6 +165,15 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj):
+    """[every rank's value of a picklable object], in rank order, on every rank."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_flag(flag, device):

@@ -1,5 +1,6 @@
 """Batched augmentation on the device: colour jitter, grayscale, blur and solarize (`--gpu-aug`),
-and, for a train set held on the device (`--data-on-device`), the random resized crop and flip.
+and, for a train set held on the device (`--data-on-device`), the images, the random resized
+crop and the flip. Imported only by those two flags (and the torchvision pipeline's blur).
 
 Each op takes per-sample factors and matches, image by image, torchvision's functional op on
 float images (torchvision.transforms.v2.functional). The random parameters are drawn on the
@@ -10,6 +11,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from common.data import image_pixels, labels_of
+from common.dist import get_rank
+from common.errors import UserError
 
 # torchvision's rgb_to_grayscale weights (0.2989, not 0.299), so that contrast, saturation and
 # grayscale agree with it to float precision
@@ -265,3 +271,49 @@ def resident_views(images, index_batches, recipes, generator):
         for i, view in zip(which, x.chunk(len(which))):
             out[i] = view
     return out
+
+
+# ---------------------------------------------------------------- the train set on the device
+
+def load_pixels(dataset, workers=0):
+    """Every image of `dataset` (its transform bypassed) as one uint8 tensor [N, 3, H, W] and
+    its labels [N], on the CPU. torchvision's CIFAR and STL-10 hold theirs as arrays already;
+    other datasets are decoded once, by `workers` processes. All images must have one size."""
+    data = getattr(dataset, "data", None)
+    if hasattr(data, "ndim") and data.ndim == 4:  # CIFAR: [N, H, W, 3]; STL-10: [N, 3, H, W]
+        pixels = torch.as_tensor(data)
+        pixels = pixels.permute(0, 3, 1, 2) if pixels.shape[-1] == 3 else pixels
+        return pixels.contiguous(), torch.as_tensor(labels_of(dataset))
+    transform, dataset.transform = dataset.transform, image_pixels
+    try:
+        batches = list(DataLoader(dataset, batch_size=256, num_workers=workers))
+    except RuntimeError as e:  # the default collate stacks: images of several sizes
+        raise UserError(f"--data-on-device needs images of one size ({str(e).splitlines()[0]}); "
+                        f"resize them, or leave the flag out") from None
+    finally:
+        dataset.transform = transform
+    return (torch.cat([x for x, _ in batches]).permute(0, 3, 1, 2).contiguous(),
+            torch.cat([y for _, y in batches]))
+
+
+class ResidentImages(Dataset):
+    """What the DataLoader of `--data-on-device` reads: each batch of indices of the same seeded,
+    sharded, resumable sampler as the usual DataLoader's, fetched at once (`__getitems__`) as
+    ([indices] * views, labels). The images themselves go to the ViewPipeline `pipeline`, which
+    holds them on the device and makes each step's views there. No loader workers, no per-image
+    Python work in the epoch."""
+
+    def __init__(self, dataset, pipeline, workers=0):
+        self.views = len(pipeline.recipes)
+        pipeline.images, self.labels = load_pixels(dataset, workers)
+        if get_rank() == 0:
+            n, c, h, w = pipeline.images.shape
+            print(f"--data-on-device: {n} images of {w}x{h} px, {n * c * h * w / 2**20:.0f} MiB "
+                  f"as uint8 on the device", flush=True)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return [idx] * self.views, self.labels[idx]

@@ -1,29 +1,27 @@
 """Weighted k-nearest-neighbour classification of frozen features (Wu et al. 2018, "Unsupervised
 Feature Learning via Non-Parametric Instance Discrimination", arXiv 1805.01978): cosine
-similarity, the k = 200 nearest training features vote with weight exp(sim / T), T = 0.07.
-Also the top-k accuracy of any scores (linear_eval.py's heads)."""
+similarity, the k = 200 nearest training features vote with weight exp(sim / T), T = 0.07."""
 import torch
 import torch.nn.functional as F
 
-from common.data import build_dataset, eval_transform, make_loader
-from common.dist import all_gather_tensor
+from common.data import build_dataset, eval_transform, labels_of, make_loader
+from common.dist import all_gather_tensor, get_world_size
 from common.log import Progress
 from common.model import autocast
 
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, workers, device, precision="fp32",
-                     rank=0, world_size=1, normalize=True, progress=None):
+                     normalize=True, progress=None):
     """Features [N, D] (L2-normalised unless `normalize` is False) and labels [N] of `dataset`
     in its own order, on every rank, each rank computing a shard; every item counts once. The
     model must already be in eval mode. `progress`: a description, to show a progress bar or
     lines (rank 0)."""
-    loader = make_loader(dataset, batch_size, workers, rank, world_size, shuffle=False,
-                         drop_last=False)
+    loader = make_loader(dataset, batch_size, workers, shuffle=False, drop_last=False)
     loader.sampler.set_epoch(0)
     order = torch.tensor(list(iter(loader.sampler)), device=device)  # padded to equal shards
     feats, labels = [], []
-    bar = Progress(loader, len(loader), progress, rank == 0) if progress else None
+    bar = Progress(loader, len(loader), progress) if progress else None
     for i, (x, y) in enumerate(bar or loader):
         if bar and (i + 1) % max(1, len(loader) // 10) == 0:
             bar.update({})  # a plain line every tenth of the way in a log file
@@ -58,11 +56,11 @@ def knn_predict(train_f, train_y, test_f, num_classes, k=200, temperature=0.07, 
 
 
 def knn_accuracy(backbone, train_set, val_set, num_classes, batch_size, workers, device,
-                 precision="fp32", rank=0, world_size=1, k=200, temperature=0.07):
+                 precision="fp32", k=200, temperature=0.07):
     """Weighted-kNN top-1 accuracy (%) of `backbone` (switched to eval mode and back)."""
     was_training = backbone.training
     backbone.eval()
-    args = (batch_size, workers, device, precision, rank, world_size)
+    args = (batch_size, workers, device, precision)
     train_f, train_y = extract_features(backbone, train_set, *args)
     val_f, val_y = extract_features(backbone, val_set, *args)
     backbone.train(was_training)
@@ -76,25 +74,19 @@ def capped(dataset, cap, seed=0):
         return dataset
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:cap]
     subset = torch.utils.data.Subset(dataset, idx.sort().values.tolist())
-    subset.targets = [dataset.targets[i] for i in subset.indices]
+    labels = labels_of(dataset)  # STL-10's are `labels`, not `targets`
+    subset.targets = [int(labels[i]) for i in subset.indices]
     return subset
 
 
-def knn_monitor(args, rank, world_size, device, max_train=100_000, max_val=10_000):
+def knn_monitor(args, device, max_train=100_000, max_val=10_000):
     """The training scripts' kNN monitor: a function backbone -> top-1 (%) on the val split,
     with the labelled train split (centre crops, at most `max_train` images) as memory."""
-    kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size, img_size=args.img_size,
-              rank=rank)
+    kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size, img_size=args.img_size)
     train = build_dataset(args.data, "train", eval_transform(args.img_size), **kw)
     val = build_dataset(args.data, "val", eval_transform(args.img_size), **kw)
     num_classes = len(train.classes)
     train, val = capped(train, max_train), capped(val, max_val)
-    batch = max(1, args.batch_size // world_size)
+    batch = max(1, args.batch_size // get_world_size())
     return lambda backbone: knn_accuracy(backbone, train, val, num_classes, batch, args.workers,
-                                         device, args.precision, rank, world_size)
-
-
-def accuracy(logits, y, k):
-    """Top-k accuracy (%) of scores [N, C] against labels [N]."""
-    k = min(k, logits.shape[1])
-    return 100.0 * (logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean().item()
+                                         device, args.precision)

@@ -15,18 +15,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.data import build_dataset, eval_transform
+from common.dist import get_world_size
 from common.knn import capped, extract_features
 
 
 class OnlineProbe:
-    def __init__(self, backbone, args, rank, world_size, device, max_val=10_000):
-        kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size,
-                  img_size=args.img_size, rank=rank)
-        val = build_dataset(args.data, "val", eval_transform(args.img_size), **kw)
+    def __init__(self, backbone, args, device, max_val=10_000):
+        val = build_dataset(args.data, "val", eval_transform(args.img_size), args.data_dir,
+                            args.synthetic_size, args.img_size)
         self.val, self.num_classes = capped(val, max_val), len(val.classes)
-        self.eval_args = (max(1, args.batch_size // world_size), args.workers, device,
-                          args.precision, rank, world_size)
-        self.world_size = world_size
+        self.eval_args = (max(1, args.batch_size // get_world_size()), args.workers, device,
+                          args.precision)
         generator = torch.Generator().manual_seed(args.seed)  # same on every rank; the global
         self.head = nn.Linear(backbone.feature_dim, self.num_classes)  # RNG is left untouched
         with torch.no_grad():
@@ -50,10 +49,10 @@ class OnlineProbe:
         loss = F.cross_entropy(self.head(features), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.world_size > 1:
+        if get_world_size() > 1:
             for p in self.head.parameters():
                 dist.all_reduce(p.grad)
-                p.grad /= self.world_size
+                p.grad /= get_world_size()
         self.optimizer.step()
         return loss.detach()
 
@@ -74,11 +73,11 @@ class OnlineProbe:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def online_probe(args, backbone, rank, world_size, device, ckpt=None):
+def online_probe(args, backbone, device, ckpt=None):
     """The OnlineProbe of --probe (restored from a resumed checkpoint `ckpt`), None without it."""
     if not args.probe:
         return None
-    probe = OnlineProbe(backbone, args, rank, world_size, device)
+    probe = OnlineProbe(backbone, args, device)
     if ckpt and ckpt.get("probe"):
         probe.load_state_dict(ckpt["probe"])
     return probe

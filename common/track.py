@@ -1,67 +1,67 @@
 """The optional monitoring sinks beside log.jsonl: TensorBoard event files and a Weights & Biases
-run, their flags, and what imports them (only when asked, so that neither package is needed)."""
-import argparse
-import importlib.util
+run. Imported by common/log.py only when one is on (their flags: common/args.py), and each
+imports its package only then, so that neither package is needed."""
 import json
 import os
 import re
 import secrets
 import time
 
-from common.log import UserError
-
-def installed(package, flag):
-    """Whether `package` can be imported, without importing it. Asked for by a flag and missing:
-    a UserError with the install command."""
-    if importlib.util.find_spec(package) is not None:
-        return True
-    if flag:
-        raise UserError(f"{flag} needs the {package} package: pip install {package} "
-                        f"(or pip install -r requirements-extras.txt)")
-    return False
+from common.errors import UserError, installed
 
 
-def add_tracking_args(parser):
-    """TensorBoard and Weights & Biases flags, in their own group.
+class Sinks:
+    """TensorBoard events and a W&B run that receive log.jsonl's records (Logger.log), rank 0
+    only. A resumed run logs again the steps after its checkpoint's position; both sinks then
+    hold each step once:
+    - TensorBoard: a new event file whose purge_step (the first step after the position) makes
+      TensorBoard drop the older files' later events (the step-based preemption of
+      TensorBoard's fast loader drops them too, as the new values arrive);
+    - W&B keeps a step's first values, so steps it already holds are not sent again: those
+      before the server's step when it resumed the run online, otherwise those that log.jsonl
+      held before the resume (`held`, sent by the earlier processes).
+    A sink turned on later in a run (first --wandb, or TensorBoard newly installed) first gets
+    the records log.jsonl keeps (`track(..., again=True)`).
 
-    TensorBoard is on whenever the `tensorboard` package is installed (--no-tensorboard turns it
-    off; --tensorboard makes a missing package an error): a researcher who has it expects
-    `tensorboard --logdir runs/` to show every run, including the three-day one started without
-    thinking of a flag; an event costs tens of microseconds and ~110 bytes per log record.
-    Without the package nothing changes. W&B sends data to a server, so it is on only when asked
-    (--wandb PROJECT)."""
-    g = parser.add_argument_group(
-        "tracking", "optional extras (pip install -r requirements-extras.txt), rank 0 only, with "
-        "the same records, names and steps as log.jsonl; a resume continues them")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-                   help="TensorBoard event files in the run directory: train/<key> at every log "
-                        "step, epoch/<key> at each epoch's last step, the arguments as text; "
-                        "view with `tensorboard --logdir runs`. Default: on when the tensorboard "
-                        "package is installed")
-    g.add_argument("--wandb", metavar="PROJECT", type=wandb_project,
-                   help="also log to this Weights & Biases project. The run id is kept in the "
-                        "run directory (wandb_run_id), so a resumed or requeued run continues "
-                        "the same W&B run. Nodes without internet: --wandb-mode offline (or "
-                        "WANDB_MODE=offline), then `wandb sync RUN_DIR/wandb/offline-run-*`")
-    g.add_argument("--wandb-entity", metavar="ENTITY",
-                   help="W&B team or user (default: WANDB_ENTITY, or your default entity)")
-    g.add_argument("--wandb-name", metavar="NAME",
-                   help="W&B run name (default: the run directory's last two parts, e.g. "
-                        "simclr/20250101-120000)")
-    g.add_argument("--wandb-group", metavar="GROUP",
-                   help="W&B group, e.g. a sweep or the pre-training and linear evaluation of "
-                        "one backbone")
-    g.add_argument("--wandb-tags", nargs="+", metavar="TAG", help="W&B tags")
-    g.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
-                   help="online sends as it trains; offline writes RUN_DIR/wandb/ for a later "
-                        "`wandb sync` (default: WANDB_MODE, else online)")
-    return parser
+    A record with a "step" is placed at that global step under train/<key>; an epoch summary
+    at the step that ends the epoch under epoch/<key> (Logger.place). Every number but the step
+    itself is a scalar, the "epoch" included (an x axis in W&B)."""
 
+    def __init__(self, args, run_dir, position, held, log, tensorboard):
+        self.events = self.wandb = None
+        self.had_events = any(f.startswith("events.out.tfevents.") for f in os.listdir(run_dir))
+        if tensorboard:
+            try:
+                self.events = event_writer(run_dir, position + 1, config_values(args))
+                log.print(f"TensorBoard: events in {run_dir}")
+            except ImportError as e:  # installed but broken: an error only if asked for
+                if getattr(args, "tensorboard", None):
+                    raise UserError(f"--tensorboard: {e}") from None
+                log.print(f"TensorBoard off: {e}")
+        if getattr(args, "wandb", None):
+            self.wandb, self.wandb_from = start_wandb(args, run_dir, held)
 
-def wandb_project(name):
-    """--wandb's value, checked at parsing: a missing package fails before any work starts."""
-    installed("wandb", "--wandb")
-    return name
+    def track(self, kind, step, record, again=False):
+        values = {f"{kind}/{k}": v for k, v in record.items() if k != "step"
+                  and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.events and not (again and self.had_events):
+            for tag, value in values.items():
+                self.events.add_scalar(tag, value, step)
+        if self.wandb and step >= self.wandb_from[kind]:
+            # A summary shares its step with the epoch's last train record: logged after it, it
+            # joins that row and commits it (train records commit when a later step arrives).
+            self.wandb.log(values, step=step, commit=kind == "epoch")
+
+    def flush(self):
+        if self.events:
+            self.events.flush()
+
+    def close(self):
+        if self.events:
+            self.events.close()
+        if self.wandb:
+            self.wandb.finish()
+        self.events = self.wandb = None
 
 
 def config_values(args):
@@ -69,46 +69,28 @@ def config_values(args):
     return json.loads(json.dumps(vars(args), default=str))
 
 
-class EventFile:
-    """A TensorBoard event file in `run_dir`, written with tensorboard's own writer: one event
-    per record (all its scalars), the arguments as a text table at `purge_step`."""
-
-    def __init__(self, run_dir, purge_step, config):
-        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from tensorboard.plugins.text.summary_v2 import text_pb
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        self.Event, self.Summary = Event, Summary
-        # Readers take a run's files in name order, and a name starts with its creation second:
-        # a resumed run's file must come after the earlier ones for its purge to apply to them.
-        stamps = [int(m[1]) for f in os.listdir(run_dir)
-                  if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", f))]
-        wait = max(stamps) + 1 - time.time() if stamps else 0
-        if 0 < wait <= 2:  # more: another node's clock is ahead; nothing to wait for
-            time.sleep(wait)
-        self.writer = EventFileWriter(run_dir, max_queue_size=100, flush_secs=30)
-        self.writer.add_event(Event(wall_time=time.time(), step=purge_step,
-                                    session_log=SessionLog(status=SessionLog.START)))
-        table = "\n".join(f"| {k} | {json.dumps(v).replace('|', '&#124;')} |"
-                          for k, v in config.items())
-        self.writer.add_event(Event(wall_time=time.time(), step=purge_step, summary=text_pb(
-            "args", f"| argument | value |\n|---|---|\n{table}")))
-
-    def scalars(self, step, values):
-        summary = self.Summary(value=[self.Summary.Value(tag=tag, simple_value=v)
-                                      for tag, v in values.items()])
-        self.writer.add_event(self.Event(wall_time=time.time(), step=step, summary=summary))
-
-    def flush(self):
-        self.writer.flush()
-
-    def close(self):
-        self.writer.close()
+def event_writer(run_dir, purge_step, config):
+    """A TensorBoard SummaryWriter in `run_dir` whose first event, at `purge_step`, makes
+    TensorBoard drop the events of older files at that step and after (a resumed run logs them
+    again), with the arguments as a text table at that step."""
+    from torch.utils.tensorboard import SummaryWriter
+    # Readers take a run's files in name order, and a name starts with its creation second:
+    # a resumed run's file must come after the earlier ones for its purge to apply to them.
+    stamps = [int(m[1]) for f in os.listdir(run_dir)
+              if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", f))]
+    wait = max(stamps) + 1 - time.time() if stamps else 0
+    if 0 < wait <= 2:  # more: another node's clock is ahead; nothing to wait for
+        time.sleep(wait)
+    writer = SummaryWriter(run_dir, purge_step=purge_step, max_queue=100, flush_secs=30)
+    table = "\n".join(f"| {k} | {json.dumps(v).replace('|', '&#124;')} |"
+                      for k, v in config.items())
+    writer.add_text("args", f"| argument | value |\n|---|---|\n{table}", global_step=purge_step)
+    return writer
 
 
 def start_wandb(args, run_dir, held):
     """wandb.init for the run in `run_dir`, resuming the W&B run whose id the folder keeps.
-    Returns the run and, per kind, the first step to send (see Logger.start_tracking)."""
+    Returns the run and, per kind, the first step to send (see Sinks)."""
     installed("wandb", "--wandb")
     import wandb
     id_path = os.path.join(run_dir, "wandb_run_id")

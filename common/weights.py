@@ -5,36 +5,8 @@ finds the backbone's weights in it (a ResNet, or a ViT with torchvision's or tim
 strips their prefix, drops what is not the backbone (projection heads, predictors, prototypes,
 the momentum encoder, a queue) and returns a torchvision backbone (`fc` / `heads` = identity),
 its architecture and stem or patch size inferred from the weights.
-The layouts, as written by each official training script:
-
-- cleanssl `checkpoint.pt`: {"format": ..., "model": {"backbone.*", ...}, "args": {...}}
-- cleanssl `backbone.pt`, and the Barlow Twins and VICReg releases (`resnet50.pth`, written by
-  their main.py / main_vicreg.py as `model.module.backbone.state_dict()`): torchvision keys
-- MoCo v1/v2 (`moco_v2_800ep_pretrain.pth.tar`, main_moco.py): {"state_dict":
-  {"module.encoder_q.*", "module.encoder_k.*", "module.queue", ...}, "arch", "epoch", ...};
-  the query encoder is the one evaluated (as in MoCo's main_lincls.py), its `fc` is the head
-- MoCo v3 (`r-50-300ep.pth.tar`, `vit-s-300ep.pth.tar`; moco-v3 main_moco.py:310-316 saves
-  {"epoch", "arch", "state_dict", "optimizer", "scaler"}): "module.base_encoder.*",
-  "module.momentum_encoder.*", "module.predictor.*" (moco/builder.py:27-28, 99-122). The base
-  encoder is the one evaluated, without its `fc` (ResNet) or `head` (ViT), both the projector
-  (main_lincls.py:177-189). Its ViTs are timm 0.4.9 VisionTransformers (vits.py:13, 25) with 12
-  heads at every width, ViT-S included (vits.py:115-127).
-- SimSiam (main_simsiam.py): {"state_dict": {"module.encoder.*", "module.predictor.*"}, ...};
-  `encoder.fc` is the projector
-- SwAV (`swav_800ep_pretrain.pth.tar`, main_swav.py): {"module.conv1.weight", ...,
-  "module.projection_head.*", "module.prototypes.weight"}
-- Barlow Twins / VICReg full checkpoints (`checkpoint.pth`, `model.pth`): {"model":
-  {"module.backbone.*", "module.projector.*", ...}, "optimizer", "epoch"}
-- DINO (`dino_deitsmall16_pretrain.pth`, `dino_vitbase8_pretrain.pth`, ...): the teacher's
-  ViT as a plain timm-keyed state dict (dino utils.py:85-107 loads it strictly into
-  vision_transformer.py's VisionTransformer, :134-159; ViT-Ti/S/B have 3/6/12 heads, :236-254).
-  Its full checkpoints (`checkpoint.pth`, main_dino.py:278-288) hold {"student":
-  {"module.backbone.*", "module.head.*"}, "teacher": {"backbone.*", "head.*"}, "optimizer",
-  "epoch", "args", "dino_loss"}; the teacher is the one evaluated, as DINO's own
-  `--checkpoint_key teacher` default (eval_linear.py:264; utils.py:74-80 strips the prefixes)
-- a supervised torchvision ViT (`vit_b_16`'s weights): torchvision keys, `heads.*` dropped
-- any other state dict holding exactly one torchvision ResNet, or one ViT with torchvision's or
-  timm's keys, under one common prefix.
+Each official layout, what is evaluated in it and where its training script writes it (file:line):
+docs/evaluation.md, "Checkpoints it reads"; `KNOWN_PREFIXES` below lists them in code.
 
 timm-style keys, as DINO's and MoCo v3's ViTs write them, map one to one onto torchvision's
 VisionTransformer (`TIMM_TO_TORCHVISION`): `qkv` is the [3D, D] stack of the q, k and v
@@ -44,12 +16,14 @@ vision_transformer.py:82), as `nn.MultiheadAttention.in_proj_weight` is; both sc
 vits.py:118-125; torchvision's default, vision_transformer.py:175) and the exact (erf) GELU,
 nn.GELU (dino Block, :96-105; timm 0.4.9 vision_transformer.py:222; torchvision MLPBlock, :46).
 """
+import math
+
 import torch
 
 from common.checkpoint import FORMAT, safe_load
-from common.log import UserError
-from common.model import (VIT_DEPTH, VIT_MLP_RATIO, VITS, VisionTransformerBackbone,
-                          infer_arch, resnet_backbone, vit_layout)
+from common.errors import UserError
+from common.model import VIT_DEPTH, VIT_MLP_RATIO, VIT_PATCH, VITS, WIDENED_RESNET50, resnet_backbone
+from common.vit import VisionTransformerBackbone
 
 # Per kind of backbone, a key that marks it and a second one that must sit under the same
 # prefix. "vit": torchvision's keys (ours); "timm_vit": DINO's, MoCo v3's, DeiT's.
@@ -92,6 +66,69 @@ BLOCK_KEYS = {"norm1": "ln_1", "attn.qkv.weight": "self_attention.in_proj_weight
               "attn.qkv.bias": "self_attention.in_proj_bias",
               "attn.proj": "self_attention.out_proj", "norm2": "ln_2", "mlp.fc1": "mlp.0",
               "mlp.fc2": "mlp.3"}
+
+
+def infer_arch(state_dict):
+    """(arch, small_images) of a bare backbone state dict with torchvision's keys (ResNet,
+    ResNeXt or ViT), from its shapes alone, so that a `backbone.pt` is enough for linear
+    evaluation. small_images: the 3x3 stem of a ResNet, patch 4 at 32 px of a ViT."""
+    if "class_token" in state_dict:
+        return _infer_vit(state_dict)
+    if "conv1.weight" not in state_dict:
+        raise UserError("neither a ResNet (no conv1.weight) nor a ViT (no class_token)")
+    blocks = tuple(1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith(f"layer{i}.")),
+                           default=-1) for i in range(1, 5))
+    bottleneck = "layer1.0.conv3.weight" in state_dict
+    width = state_dict["layer1.0.conv1.weight"].shape[0] if bottleneck else 64
+    stem = state_dict["conv1.weight"].shape[0]  # 64, or 64*w in a widened ResNet-50
+    conv2 = state_dict["layer1.0.conv2.weight"].shape  # [out, in / groups, 3, 3]
+    groups = conv2[0] // conv2[1]  # ResNeXt's cardinality, 1 elsewhere
+    # (blocks, bottleneck, first block's width, stem channels, groups)
+    table = {((2, 2, 2, 2), False, 64, 64, 1): "resnet18",
+             ((3, 4, 6, 3), False, 64, 64, 1): "resnet34",
+             ((3, 4, 6, 3), True, 64, 64, 1): "resnet50",
+             ((3, 4, 23, 3), True, 64, 64, 1): "resnet101",
+             ((3, 8, 36, 3), True, 64, 64, 1): "resnet152",
+             ((3, 4, 6, 3), True, 128, 64, 1): "wide_resnet50_2",
+             ((3, 4, 23, 3), True, 128, 64, 1): "wide_resnet101_2",
+             ((3, 4, 6, 3), True, 128, 64, 32): "resnext50_32x4d",  # 32 groups of 4 channels
+             ((3, 4, 23, 3), True, 256, 64, 32): "resnext101_32x8d",
+             ((3, 4, 23, 3), True, 256, 64, 64): "resnext101_64x4d"} | {
+        ((3, 4, 6, 3), True, 64 * w, 64 * w, 1): arch for arch, w in WIDENED_RESNET50.items()}
+    arch = table.get((blocks, bottleneck, width, stem, groups))
+    if arch is None:
+        raise UserError(f"unrecognised ResNet layout (blocks {blocks}, bottleneck {bottleneck}, "
+                        f"stem {stem} and first block {width} channels, {groups} groups)")
+    return arch, state_dict["conv1.weight"].shape[-1] == 3
+
+
+def vit_layout(state_dict):
+    """The sizes of a torchvision-keyed ViT state dict: hidden_dim, num_layers, mlp_dim,
+    patch_size and image_size (the square its position embeddings are laid out for)."""
+    try:
+        tokens = state_dict["encoder.pos_embedding"].shape[1] - 1
+        layout = dict(hidden_dim=state_dict["class_token"].shape[-1],
+                      num_layers=len({k.split(".")[2] for k in state_dict
+                                      if k.startswith("encoder.layers.")}),
+                      mlp_dim=state_dict["encoder.layers.encoder_layer_0.mlp.0.weight"].shape[0],
+                      patch_size=state_dict["conv_proj.weight"].shape[-1])
+    except KeyError as e:
+        raise UserError(f"incomplete ViT state dict (no {e.args[0]})") from None
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise UserError(f"ViT position embeddings for {tokens} patches: not a square grid")
+    return layout | {"image_size": grid * layout["patch_size"]}
+
+
+def _infer_vit(state_dict):
+    layout = vit_layout(state_dict)
+    for arch, (width, _) in VITS.items():
+        for small, (patch_size, image_size) in VIT_PATCH.items():
+            if layout == dict(hidden_dim=width, num_layers=VIT_DEPTH, mlp_dim=VIT_MLP_RATIO * width,
+                              patch_size=patch_size, image_size=image_size):
+                return arch, small
+    raise UserError("unrecognised ViT layout ({hidden_dim} wide, {num_layers} blocks, MLP "
+                    "{mlp_dim}, patch {patch_size} at {image_size} px)".format(**layout))
 
 
 def torchvision_vit_key(timm_key):

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 import barlow
 from common.model import distribute
-from common.dist import all_gather_tensor, cleanup_distributed, setup_distributed
+from common.dist import (all_gather_tensor, cleanup_distributed, get_rank, get_world_size,
+                         setup_distributed)
 
 GLOBAL_BATCH, IN_DIM, FEATURES, DIM, LAMBD = 16, 12, 24, 10, 0.05
 
@@ -66,7 +67,8 @@ def plain_all_reduce(x):
 
 
 def main(out):
-    rank, world, _, device = setup_distributed()
+    device = setup_distributed()
+    rank, world = get_rank(), get_world_size()
     x1, x2 = make_batch()
     n = GLOBAL_BATCH // world
     mine = slice(rank * n, (rank + 1) * n)

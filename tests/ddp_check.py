@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from common.model import distribute
-from common.dist import all_gather_tensor, cleanup_distributed, setup_distributed
+from common.dist import (all_gather_tensor, cleanup_distributed, get_rank, get_world_size,
+                         setup_distributed)
 import simclr
 
 
@@ -51,7 +52,8 @@ def multi_crop_grads_and_loss(model, *crops, temperature=0.5):
 
 
 def main(out, num_crops=2):
-    rank, world, _, device = setup_distributed()
+    device = setup_distributed()
+    rank, world = get_rank(), get_world_size()
     crops = make_batch() if num_crops == 2 else make_crops(num_crops)
     step = grads_and_loss if num_crops == 2 else multi_crop_grads_and_loss
     n = crops[0].shape[0] // world

@@ -62,15 +62,14 @@ def make_image_folder(root, classes=3, train_per_class=8, val_per_class=3, size=
     return Path(root)
 
 
-def run_until_signal(args, run_dir, after_step, timeout=240):
-    """Start `python <args>` (which must write to `run_dir`), send it SIGUSR1 as soon as its
-    log.jsonl holds a record of step >= `after_step`, and wait for its clean stop. Returns the
-    checkpoint it saved; fails if the run ended before the signal could be sent."""
-    code, output = signal_when_logged(
-        args, run_dir, lambda log: any(r.get("step", 0) >= after_step for r in log),
-        signal.SIGUSR1, timeout)
-    assert code == 0, output
-    assert "stop signal: saved" in output, "the run finished before the signal arrived"
+def run_until_stopped(args, run_dir, after_step, timeout=240):
+    """Run `python <args> --stop-at-step after_step` (which must write to `run_dir`): the run
+    saves and stops after that step as on a stop signal, at the same point however busy the
+    machine is (a signal sent from here once the step is logged could arrive steps later, or
+    after the run's end). Returns the checkpoint it saved."""
+    proc = run([*args, "--stop-at-step", after_step], timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stop signal: saved" in proc.stdout, proc.stdout
     return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=False)
 
 

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from common.model import distribute, unwrap
-from common.dist import all_gather_tensor, cleanup_distributed, setup_distributed
+from common.dist import (all_gather_tensor, cleanup_distributed, get_rank, get_world_size,
+                         setup_distributed)
 import moco
 
 GLOBAL_BATCH, QUEUE, STEPS, MOMENTUM, TEMPERATURE = 8, 16, 3, 0.9, 0.2
@@ -34,7 +35,8 @@ def shuffle_seed(step):
 
 
 def main(out):
-    rank, world, _, device = setup_distributed()
+    device = setup_distributed()
+    rank, world = get_rank(), get_world_size()
     model = distribute(make_model(), device, world, sync_bn="off")
     net = unwrap(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5,

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 import swav
 from common.model import distribute, unwrap
-from common.dist import all_gather_tensor, cleanup_distributed, setup_distributed
+from common.dist import (all_gather_tensor, cleanup_distributed, get_rank, get_world_size,
+                         setup_distributed)
 
 GLOBAL_BATCH, SIZES, PROTOTYPES, DIM, QUEUE, STEPS, LR = 8, (12, 12, 8, 8), 10, 6, 8, 2, 0.5
 TEMPERATURE, EPSILON, ITERS = 0.1, 0.05, 3
@@ -80,7 +81,8 @@ def train(steps, rank, world, device, arch):
 
 
 def main(out, arch="toy"):
-    rank, world, _, device = setup_distributed()
+    device = setup_distributed()
+    rank, world = get_rank(), get_world_size()
     records, queue = train(STEPS, rank, world, device, arch)
     queues = all_gather_tensor(queue[None])                       # [world, 2, QUEUE / world, D]
     full_queue = swav.gather_queue(queue)                         # [2, QUEUE, D], as checkpointed

@@ -9,10 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common.dist import setup_distributed, sync_bn_group
+from common.dist import get_rank, get_world_size, setup_distributed, sync_bn_group
 
 if __name__ == "__main__":
-    rank, world, _, _ = setup_distributed()
+    setup_distributed()
+    rank, world = get_rank(), get_world_size()
     socket.gethostname = lambda: f"host{rank % 2}"
     result = {}
     for mode in ("global", "node", "2", "1"):

@@ -17,8 +17,9 @@ from torchvision import transforms as T
 
 from common.augment import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, CropOnlyView, FastView,
                             ViewPipeline, crop_and_flip, image_pixels, reference_view, ssl_view)
-from common.data import build_dataset, load_pixels
-from common.log import UserError
+from common.data import build_dataset
+from common.gpu_aug import load_pixels
+from common.errors import UserError
 from tests.helpers import assert_same_tensors, make_image_folder, ok, read_log, run
 
 CPU = torch.device("cpu")
@@ -133,13 +134,14 @@ def test_to_device_normalises_like_totensor_and_normalize():
     assert x.dtype == torch.float32 and torch.allclose(x[1], expected, atol=1e-6)
 
 
-def test_gpu_augmentation_is_seeded_by_step_and_rank():
+def test_gpu_augmentation_is_seeded_by_step_and_rank(monkeypatch):
     """What makes --gpu-aug resumable: a step's augmentations depend on (seed, step, rank)."""
     recipes = [ssl_view(16, blur_p=0.5, solarize_p=0.2)] * 2 + [ssl_view(8, scale=(0.05, 0.3))]
     batch = [torch.stack([CropOnlyView(r)(photo(seed=i)) for i in range(8)]) for r in recipes]
 
     def augment(step, rank=0, seed=0):
-        return ViewPipeline(recipes, "gpu", seed, rank).to_device(batch, CPU, step)
+        monkeypatch.setattr("common.augment.get_rank", lambda: rank)  # a process of that rank
+        return ViewPipeline(recipes, "gpu", seed).to_device(batch, CPU, step)
     a = augment(step=5)
     assert [tuple(x.shape) for x in a] == [(8, 3, 16, 16)] * 2 + [(8, 3, 8, 8)]
     assert all(torch.equal(x, y) for x, y in zip(a, augment(step=5)))
@@ -252,11 +254,11 @@ def test_device_augmentation_run_resumes_exactly(tmp_path, monkeypatch, capsys, 
         simclr.main([*flags, "--run-dir", str(tmp_path / "straight")])
         loaded = "--data-on-device: 64 images of 16x16 px" in capsys.readouterr().out
         assert loaded == (mode == "--data-on-device")
-        monkeypatch.setattr(simclr, "Progress", SignalInEpochTwo)
+        monkeypatch.setattr("common.run.Progress", SignalInEpochTwo)
         simclr.main([*flags, "--run-dir", str(tmp_path / "resumed")])
         stopped = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
         assert (stopped["epoch"], stopped["batch_in_epoch"]) == (1, 2)
-        monkeypatch.setattr(simclr, "Progress", Progress)
+        monkeypatch.setattr("common.run.Progress", Progress)
         simclr.main([*flags, "--run-dir", str(tmp_path / "resumed")])
     finally:
         for s, h in handlers.items():

@@ -14,7 +14,7 @@ from barlow import (BarlowTwins, barlow_optimizer, barlow_twins_loss, barlow_vie
                     main)
 from common.optim import set_lr
 from tests import barlow_ddp_check as ddp
-from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_signal
+from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_stopped
 
 
 # ------------------------------------------------------------------------------- loss
@@ -248,12 +248,13 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
 
 @pytest.mark.full
 def test_interrupted_run_resumes_exactly_and_the_schedule(straight, tmp_path):
-    """2 epochs straight == the same run stopped by SIGUSR1 in epoch 2 and resumed: weights, BN
-    statistics and optimizer state bit-identical; both runs follow the schedule: 3 warmup steps,
-    then a cosine towards 0.001 x peak, biases and BN at lr x 0.0072 / 2."""
+    """2 epochs straight == the same run stopped in epoch 2 (--stop-at-step, as by a stop signal)
+    and resumed: weights, BN statistics and optimizer state bit-identical; both runs follow the
+    schedule: 3 warmup steps, then a cosine towards 0.001 x peak, biases and BN at lr x 0.0072 /
+    2."""
     resumed = tmp_path / "resumed"
-    stopped = run_until_signal([*FLAGS, "--workers", "2", "--run-dir", resumed], resumed,
-                               after_step=4)  # in epoch 2
+    stopped = run_until_stopped([*FLAGS, "--workers", "2", "--run-dir", resumed], resumed,
+                                after_step=4)  # in epoch 2
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
 
     proc = ok(run([*FLAGS, "--workers", "2", "--run-dir", resumed]))

@@ -1,33 +1,23 @@
-"""tools/benchmark.py on tiny synthetic runs: a method that fails is reported while the one beside
-it still runs; the table holds the runs' own numbers; a second call skips what is done and resumes
-what is not; other settings need another --out; the README's tables are rendered from the JSON.
-Methods side by side (--parallel) give what a sequential run gives, also when stopped by Ctrl-C
-and resumed; --time-budget starts only what fits and stops what still runs at its end; a GPU
-session of tools/gpu_window.sh, run on the CPU with tiny settings, leaves only small files and the
-next session resumes from them."""
+"""tools/benchmark.py on tiny synthetic runs: a method that fails is reported and the next one
+still runs; the table holds the runs' own numbers, with the hardware and the versions of
+common/args.py; a second call skips what is done and resumes what is not; other settings need
+another --out; the README's tables are rendered from the JSON; a class-balanced subset is linked;
+the commands of a multi-GPU benchmark. Methods side by side, time budgets, speed tests and the GPU
+sessions of tools/gpu_window.sh: tests/test_gpu_schedule.py."""
 import json
-import os
-import re
-import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
-import torch
 
+from common.args import git_revision, versions
 from tools import benchmark
-from tests.helpers import REPO, SUBPROCESS_ENV, assert_same_tensors, make_image_folder, read_log
-
-pytestmark = pytest.mark.full  # whole benchmark runs: the full suite
+from tests.helpers import make_image_folder, read_log
 
 TINY = ["--data", "synthetic", "--synthetic-size", "64", "--arch", "resnet18", "--img-size", "16",
         "--epochs", "1", "--batch-size", "32", "--workers", "0", "--linear", "cached",
         "--linear-epochs", "2", "--linear-batch-size", "16"]
-# moco is given a flag it does not know: it fails at once, while simclr trains beside it
-ARGV = [*TINY, "--methods", "moco,simclr", "--method-flags", "moco=--no-such-flag",
-        "--parallel", "2"]
+# moco is given a flag it does not know: it fails at once, and simclr, next, still runs
+ARGV = [*TINY, "--methods", "moco,simclr", "--method-flags", "moco=--no-such-flag"]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +28,11 @@ def bench(module_tmp):
 
 
 def commands(out, method, step):
+    """How many times the step's command ran: its log holds a `$ command` line for each."""
     return (out / "logs" / f"{method}.{step}.log").read_text().count("$ ")
 
 
+@pytest.mark.full  # whole benchmark runs: the full suite
 def test_a_failed_method_is_reported_and_the_others_run(bench):
     out, code = bench
     assert code == 1  # not every method finished
@@ -53,9 +45,14 @@ def test_a_failed_method_is_reported_and_the_others_run(bench):
     assert "| moco | failed at train (exit 2)" in table
     assert "| simclr | 1 | 32 |" in table
     assert results["settings"]["extra"] == ["--log-every", "1"]
-    assert results["git"] and results["machine"]["torch"] and "benchmark.py" in results["command"]
+    assert "benchmark.py" in results["command"]
+    # the revision and the versions are common/args.py's; the hardware is the benchmark's own
+    assert results["git"] == git_revision(short=True) and simclr["git"] == results["git"]
+    assert {k: results["machine"][k] for k in versions()} == versions()
+    assert results["machine"]["cpu"] and results["machine"]["memory_gib"] > 0
 
 
+@pytest.mark.full
 def test_the_table_holds_the_runs_own_numbers(bench):
     out, _ = bench
     simclr = json.loads((out / "results.json").read_text())["methods"]["simclr"]
@@ -66,14 +63,20 @@ def test_the_table_holds_the_runs_own_numbers(bench):
     assert simclr["knn_top1"] == knn["knn_top1"]
     assert (simclr["linear_top1"], simclr["linear_top5"]) == (linear["top1"], linear["top5"])
     assert simclr["img_per_s"] == pytest.approx(log[-1]["img_per_s"])  # one epoch
+    assert simclr["epoch_time"] == log[-1]["epoch_time"]  # one epoch: nothing to leave out
     assert simclr["peak_gpu_mem_gib"] is None and simclr["train_seconds"] > 0  # on the CPU
     assert linear["epochs"] == 2 and linear["protocol"] == "cached centre-crop features"
+    # kept with the results: the curves' data
+    assert read_log(out / simclr["records"]) == log
     # one epoch gives points, not curves: no figure (tools/plot.py is tested on its own), and
-    # no GPU: no peak-memory column
+    # no GPU: no peak-memory column; one step after another: no side-by-side column
     assert not (out / "curves.png").exists()
-    assert "Peak GPU memory" not in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "Peak GPU memory" not in table and "side by side" not in table
+    assert "| Method | Epoch time | kNN + linear evaluation |" in table
 
 
+@pytest.mark.full
 def test_a_second_call_skips_what_is_done_and_resumes_what_is_not(bench, capsys):
     out, _ = bench
     (out / "eval" / "simclr-linear" / "result.json").unlink()
@@ -91,6 +94,7 @@ def test_a_second_call_skips_what_is_done_and_resumes_what_is_not(bench, capsys)
     assert "other settings (epochs, extra)" in capsys.readouterr().err
 
 
+@pytest.mark.full
 def test_the_readme_tables_are_rendered_from_the_json(bench, tmp_path):
     out, _ = bench
     readme = out.parent / "README.md"
@@ -135,236 +139,6 @@ def test_the_commands_of_a_multi_gpu_benchmark(tmp_path):
     assert ["--epochs", "200"] == cmd[cmd.index("--epochs"):cmd.index("--epochs") + 2]
     assert "--knn" in knn_cmd and "--knn" not in linear_cmd
     assert linear_cmd[linear_cmd.index("--ckpt") + 1] == str(tmp_path / "runs/byol/backbone.pt")
-
-    # several methods side by side share one device: not with torchrun's one process per GPU
+    # the scheduling's flags are tools/gpu_schedule.py's (tests/test_gpu_schedule.py)
     with pytest.raises(SystemExit):
-        benchmark.get_args(["--data", "cifar10", "--out", str(tmp_path), "--nproc-per-node", "2",
-                            "--parallel", "2"])
-
-
-# ------------------------------------------------------------------------------- side by side
-
-# 6 steps of 16 images per epoch: a stop signal lands inside the epoch
-TWO = ["--data", "synthetic", "--synthetic-size", "96", "--arch", "resnet18", "--img-size", "16",
-       "--epochs", "1", "--batch-size", "16", "--workers", "0", "--linear", "cached",
-       "--linear-epochs", "2", "--linear-batch-size", "16", "--methods", "simclr,simsiam"]
-AFTER = ["--", "--log-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread in every step, sequential or side by side: the same arithmetic."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
-
-
-@pytest.fixture(scope="module")
-def sequential(module_tmp, one_thread):
-    out = module_tmp("sequential") / "out"
-    assert benchmark.main([*TWO, "--out", str(out), *AFTER]) == 0
-    return out
-
-
-def losses(run_dir):
-    """{(epoch, step): loss} of a run's log.jsonl, the epochs' means included (step None): a
-    run resumed inside an epoch logs the mean over the whole epoch too."""
-    return {(r["epoch"], r.get("step")): r["loss"] for r in read_log(run_dir) if "loss" in r}
-
-
-def assert_same_results(a, b):
-    """Two benchmark folders hold the same table: kNN and linear top-1/top-5, every logged loss,
-    bit-identical backbones."""
-    rows_a = json.loads((a / "results.json").read_text())["methods"]
-    rows_b = json.loads((b / "results.json").read_text())["methods"]
-    for method in ("simclr", "simsiam"):
-        ra, rb = rows_a[method], rows_b[method]
-        assert ra["status"] == rb["status"] == "done"
-        for key in ("epochs", "knn_top1_init", "knn_top1", "linear_top1", "linear_top5"):
-            assert ra[key] == rb[key], (method, key)
-        run_a, run_b = a / "runs" / method, b / "runs" / method
-        la, lb = losses(run_a), losses(run_b)
-        assert la == lb and len([k for k in la if k[1]]) == 6, method
-        assert_same_tensors(torch.load(run_a / "backbone.pt"), torch.load(run_b / "backbone.pt"))
-
-
-def test_methods_side_by_side_give_the_sequential_results(sequential, tmp_path):
-    out = tmp_path / "out"
-    assert benchmark.main([*TWO, "--parallel", "2", "--out", str(out), *AFTER]) == 0
-    assert_same_results(sequential, out)
-    rows = {folder: json.loads((folder / "results.json").read_text())["methods"]
-            for folder in (sequential, out)}
-    assert {r["side_by_side"] for r in rows[sequential].values()} == {1}
-    assert {r["side_by_side"] for r in rows[out].values()} == {2}  # they did overlap
-    for row in rows[out].values():  # the epoch time of each, as its log says
-        assert 1 < row["side_by_side_mean"] <= 2
-        assert row["epoch_time"] > 0 and row["epochs_timed"] == 1
-    assert "| simsiam | 2" in (out / "results.md").read_text()
-
-
-def live_processes_naming(text):
-    """pids of the processes whose command line holds `text`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and text in open(f"/proc/{entry}/cmdline").read():
-                pids.append(int(entry))
-        except OSError:
-            pass
-    return pids
-
-
-def stepped(run_dir):
-    try:
-        return any("step" in r for r in read_log(run_dir))
-    except (OSError, ValueError):  # not written yet, or a line half written
-        return False
-
-
-def test_ctrl_c_stops_both_and_a_second_call_resumes_them(sequential, tmp_path, one_thread):
-    out = tmp_path / "out"
-    argv = [*TWO, "--parallel", "2", "--out", str(out), *AFTER]
-    # its own process group, as a command at a terminal: Ctrl-C sends SIGINT to all of it
-    proc = subprocess.Popen([sys.executable, "tools/benchmark.py", *argv], cwd=REPO,
-                            env={**os.environ, **SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"},
-                            start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline:
-            if all(stepped(out / "runs" / m) for m in ("simclr", "simsiam")):
-                os.killpg(proc.pid, signal.SIGINT)
-                break
-            time.sleep(0.02)
-        output = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGINT, output
-    assert live_processes_naming(str(out)) == []  # no step left behind
-    rows = json.loads((out / "results.json").read_text())["methods"]
-    for method in ("simclr", "simsiam"):
-        assert rows[method]["status"].startswith("stopped during train after 0 of 1 epochs and")
-        ckpt = torch.load(out / "runs" / method / "checkpoint.pt", weights_only=False)
-        assert 0 < ckpt["batch_in_epoch"] < 6  # saved inside the epoch, at a step's end
-
-    assert benchmark.main(argv) == 0  # the same command again
-    assert_same_results(sequential, out)
-
-
-# ------------------------------------------------------------------------------- time budget
-
-def test_the_plan_starts_each_method_in_the_first_free_slot_if_it_fits():
-    seconds = {"byol": 300, "simclr": 200, "moco": None, "swav": 100}
-    order = ["byol", "simclr", "moco", "swav"]
-    assert benchmark.plan(order, seconds, 400, 1) == ["byol", "swav"]  # 300 + 100
-    assert benchmark.plan(order, seconds, 400, 2) == ["byol", "simclr", "swav"]  # swav at 200
-    assert benchmark.plan(order, seconds, 250, 2) == ["simclr", "swav"]
-    assert benchmark.plan(order, seconds, 99, 4) == []
-
-
-def speed_folder(tmp_path, argv, epoch_wall, overhead=5.0):
-    """A speed test's speed.json for the settings of `argv`, as --speed-test writes it."""
-    settings = benchmark.settings_of(benchmark.get_args([*argv, "--out", str(tmp_path)]))
-    folder = tmp_path / "speed"
-    folder.mkdir(parents=True)
-    row = {"epoch_wall": epoch_wall, "train_overhead_seconds": overhead}
-    (folder / "speed.json").write_text(json.dumps(
-        {"settings": settings, "runs": {"1": {"methods": {"simclr": row}}}}))
-    return folder
-
-
-def test_a_method_whose_estimate_does_not_fit_is_not_started(tmp_path):
-    argv = [*TINY, "--methods", "simclr", "--epochs", "3"]
-    speed = speed_folder(tmp_path, argv, epoch_wall=100.0)  # 3 x 100 s: more than 60 s
-    out = tmp_path / "out"
-    # measured alone only: at most 2 side by side allowed, 1 chosen
-    assert benchmark.main([*argv, "--out", str(out), "--time-budget", "60", "--parallel", "2",
-                           "--estimate-from", str(speed)]) == 1
-    status = json.loads((out / "results.json").read_text())["methods"]["simclr"]["status"]
-    # (5 s + 3 x 100 s + 120 s guessed for the evaluations) x 1.1, against the minute left
-    assert status.startswith("not started: ") and status.endswith("needs ~7.8 min")
-    assert not (out / "logs" / "simclr.train.log").exists()  # nothing ran
-
-    # a speed test of other settings says nothing about these
-    other = speed_folder(tmp_path / "b", [*argv, "--batch-size", "16"], epoch_wall=0.1)
-    with pytest.raises(SystemExit, match=r"other settings \(batch_size\)"):
-        benchmark.main([*argv, "--out", str(tmp_path / "out2"), "--time-budget", "60",
-                        "--estimate-from", str(other)])
-
-
-def test_whatever_runs_at_the_end_of_the_time_budget_is_stopped(tmp_path):
-    out = tmp_path / "out"
-    start = time.time()
-    code = benchmark.main([*TINY, "--methods", "simclr", "--epochs", "100", "--out", str(out),
-                           "--time-budget", "6"])
-    assert code == 1 and time.time() - start < 60
-    status = json.loads((out / "results.json").read_text())["methods"]["simclr"]["status"]
-    assert status.startswith("stopped during train after ") and "by the time budget" in status
-    assert live_processes_naming(str(out)) == []
-
-
-def test_the_speed_table_compares_with_the_methods_alone():
-    row = lambda t, k=1: {"epoch_time": t, "epoch_wall": t + 0.5, "train_overhead_seconds": 30.0,
-                          "side_by_side": k, "side_by_side_mean": k}
-    speed = {"settings": {"data": "d", "arch": "resnet18", "batch_size": 512, "img_size": None,
-                          "extra": [], "methods": ["byol", "simclr", "swav"]},
-             "machine": {"gpus": ["GPU"], "cpu": "CPU"}, "epochs": 3, "date": "today",
-             "git": "abc", "command": "python tools/benchmark.py",
-             "runs": {"1": {"methods": {"byol": row(2.0), "simclr": row(3.0)},
-                            "wall_seconds": 40},
-                      "2": {"methods": {"byol": row(3.0, 2), "simclr": row(4.5, 2),
-                                        "swav": row(9.0, 1.2)}}}}
-    text = benchmark.speed_markdown(speed, epochs=200)
-    assert "| byol | 2.00 s (2.50 s) | 3.00 s (3.50 s), 1.50x alone |" in text
-    assert "| swav | – (–) | 9.00 s (9.50 s), 1.2 side by side on average |" in text
-    # two at once, each 1.5x slower: 2 x (2 + 3) / (3 + 4.5) = 1.33x the epochs per second
-    assert "| epochs per second, relative to alone | 1.00x | 1.33x |" in text
-    # swav was not measured alone: no estimate of the table alone; side by side, byol
-    # (30 + 200 x 3.5 = 730 s) then swav (30 + 200 x 9.5 = 1930 s) in one slot, simclr
-    # (30 + 200 x 5 = 1030 s) in the other: 2660 s
-    assert "| 200-epoch training of every row, estimated | – | " \
-           "44.3 min (longest row 32.2) |" in text
-
-
-# ------------------------------------------------------------------------------- a GPU session
-
-def test_a_gpu_session_on_the_cpu_leaves_small_files_and_the_next_one_resumes(tmp_path):
-    """tools/gpu_window.sh with tiny settings: a speed test, then the row it says fits; only
-    small files in OUT; a second session on a fresh machine (no run folders) finds the row done."""
-    table = tmp_path / "repo-table"  # the table as the repository would hold it
-    env = {**os.environ, **SUBPROCESS_ENV, "TABLE": str(table), "DATA": "synthetic",
-           "METHODS": "simsiam", "EPOCHS": "1", "SPEED_EPOCHS": "3", "SIDE_BY_SIDE": "1",
-           "COMPILE_SIDE_BY_SIDE": "", "TESTS": "", "BUDGET": "300", "REVISION": "abc1234",
-           "SETTINGS": "--arch resnet18 --img-size 16 --synthetic-size 64 --batch-size 32 "
-                       "--workers 0 --linear cached --linear-epochs 2 --linear-batch-size 16",
-           "SCRIPT_FLAGS": "--log-every 1 --checkpoint-every 50"}  # as its default: rare saves
-
-    def session(name):
-        out, scratch = tmp_path / name, tmp_path / f"{name}-scratch"
-        proc = subprocess.run(["bash", "tools/gpu_window.sh"], cwd=REPO, capture_output=True,
-                              text=True, timeout=280, env={**env, "OUT": str(out),
-                                                           "SCRATCH": str(scratch)})
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return out / str(table).lstrip("/"), proc.stdout
-
-    here, printed = session("first")
-    row = json.loads((here / "results.json").read_text())["methods"]["simsiam"]
-    # REVISION is what a copy of the repository without .git records; this one has git's
-    assert row["status"] == "done", printed
-    assert re.fullmatch(r"[0-9a-f]{7,}(\+uncommitted)?", row["git"]) or row["git"] == "abc1234"
-    speed = json.loads((here / "speed" / "speed.json").read_text())
-    assert speed["eval_seconds"] > 0  # the evaluation's time, which the estimates add
-    timed = speed["runs"]["1"]["methods"]["simsiam"]
-    assert timed["epoch_wall"] > 0 and timed["train_overhead_seconds"] > 0
-    assert "expected to finish: simsiam" in printed
-    files = [p for p in (tmp_path / "first").rglob("*") if p.is_file()]
-    assert files and max(p.stat().st_size for p in files) < 1_000_000
-    assert not [p for p in files if p.suffix == ".pt"]  # the checkpoints stayed behind
-    assert (here / "records" / "simsiam" / "log.jsonl").exists()
-
-    shutil.copytree(here, table)  # what the repository keeps between sessions
-    again, printed = session("second")
-    assert "simsiam: done (the row is kept: its run folder is not here)" in printed
-    assert commands(again, "simsiam", "train") == 1  # nothing trained again
-    assert json.loads((again / "results.json").read_text())["methods"]["simsiam"] == row
+        benchmark.get_args(["--data", "cifar10", "--out", str(tmp_path), "--parallel", "2"])

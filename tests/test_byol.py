@@ -11,7 +11,7 @@ import torch.nn as nn
 from byol import BYOL, byol_loss, byol_views, ema_update, get_args
 from common.optim import LARS, param_groups, set_lr, warmup_cosine
 from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, ok, read_log, run,
-                           run_until_signal)
+                           run_until_stopped)
 
 
 # ---------------------------------------------------------------- loss
@@ -224,9 +224,9 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
 
 @pytest.mark.full
 def test_interrupted_run_resumes_exactly_with_the_target(tmp_path):
-    """2 epochs straight == the same run stopped by SIGUSR1 in epoch 2 and resumed: online and
-    target networks (BN statistics included) and the optimizer state are bit-identical, and
-    tau follows its schedule across the restart."""
+    """2 epochs straight == the same run stopped in epoch 2 (--stop-at-step, as by a stop signal)
+    and resumed: online and target networks (BN statistics included) and the optimizer state are
+    bit-identical, and tau follows its schedule across the restart."""
     flags = ["byol.py", "--data", "synthetic", "--arch", "resnet18", "--img-size", "16",
              "--synthetic-size", "48", "--batch-size", "16", "--epochs", "2", "--log-every", "1",
              "--knn-every", "0", "--tau-base", "0.99", "--hidden-dim", "512", "--proj-dim", "64"]
@@ -234,8 +234,8 @@ def test_interrupted_run_resumes_exactly_with_the_target(tmp_path):
     ok(run([*flags, "--workers", "0", "--run-dir", straight]))
 
     resumed = tmp_path / "resumed"
-    stopped = run_until_signal([*flags, "--workers", "2", "--run-dir", resumed], resumed,
-                               after_step=4)  # in epoch 2
+    stopped = run_until_stopped([*flags, "--workers", "2", "--run-dir", resumed], resumed,
+                                after_step=4)  # in epoch 2
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
 
     proc = ok(run([*flags, "--workers", "2", "--run-dir", resumed]))

@@ -1,18 +1,20 @@
 """common/: LARS, schedules, kNN, architecture inference, atomic checkpoints, seeded samples."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
-from common.log import UserError
+from common.errors import UserError
 from common.data import make_loader
-from common.model import infer_arch, resnet_backbone
+from common.model import build_backbone, resnet_backbone
+from common.weights import infer_arch
 from common.optim import LARS, param_groups, warmup_cosine
 from common.dist import gather_with_grad
 from common.knn import knn_predict
-from common.checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from common.checkpoint import atomic_save, load_checkpoint, rng_state, save_checkpoint
 from common.augment import FastView, ssl_view
 from common.data import SyntheticImages
 
@@ -83,7 +85,7 @@ def test_infer_arch_from_weights(arch, cifar_stem):
 
 def test_unknown_arch_is_a_user_error():
     with pytest.raises(UserError, match="not supported"):
-        resnet_backbone("vgg16")
+        build_backbone("vgg16", small_images=True)
 
 
 def test_gather_without_process_group_is_identity():
@@ -97,7 +99,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     args = type("Args", (), {})()
-    save_checkpoint(path, "test", args, model, opt, scaler, epoch=1, batch_in_epoch=0)
+    save_checkpoint(path, "test", args, model, opt, scaler, 1, 0, [rng_state()])
     good = load_checkpoint(path)
 
     real_save = torch.save
@@ -111,7 +113,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     with torch.no_grad():
         model.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, "test", args, model, opt, scaler, epoch=2, batch_in_epoch=0)
+        save_checkpoint(path, "test", args, model, opt, scaler, 2, 0, [rng_state()])
     monkeypatch.undo()
     after = load_checkpoint(path)
     assert after["epoch"] == 1 and torch.equal(after["model"]["weight"], good["model"]["weight"])
@@ -147,3 +149,22 @@ def test_backbone_is_a_torchvision_resnet():
     ref = torchvision.models.resnet18()
     missing, unexpected = ref.load_state_dict(net.state_dict(), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def test_knn_memory_cap_reads_stl10_labels():
+    """torchvision's STL-10 keeps its classes in `labels`, not `targets`: the kNN monitor's cap
+    on a split larger than its memory still works, each kept image with its own label."""
+    from common.knn import capped
+
+    class LabelsOnly(torch.utils.data.Dataset):  # as torchvision.datasets.STL10
+        labels = np.arange(50) % 10
+
+        def __len__(self):
+            return 50
+
+        def __getitem__(self, i):
+            return torch.zeros(1), int(self.labels[i])
+
+    subset = capped(LabelsOnly(), 20)
+    assert len(subset) == 20 == len(set(subset.indices))
+    assert subset.targets == [subset[j][1] for j in range(20)]

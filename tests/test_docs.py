@@ -109,7 +109,7 @@ def test_every_command_runs_a_script_that_exists_with_flags_it_knows():
 
 def test_every_flag_named_in_backticks_exists():
     ours = set().union(*(flags_of(s) for s in [f"{m}.py" for m in METHODS] + [
-        "linear_eval.py", "tools/benchmark.py", "tools/plot.py"] + [
+        "linear_eval.py", "tools/benchmark.py", "tools/gpu_schedule.py", "tools/plot.py"] + [
         p.relative_to(REPO).as_posix() for p in sorted((REPO / "tests/benchmarks").glob("*.py"))]))
     problems = []
     for page in PAGES:

@@ -9,9 +9,9 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 
-from common.augment import ViewRecipe, blur_kernel_size, crop_and_flip
+from common.augment import ViewRecipe, crop_and_flip
 from common.gpu_aug import (adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,
-                            apply_params, crop_boxes, crop_resize_flip, gaussian_blur,
+                            apply_params, blur_kernel_size, crop_boxes, crop_resize_flip, gaussian_blur,
                             gpu_augment, grayscale, resident_views, sample_params, solarize)
 
 from tests.helpers import assert_same_tensors

@@ -14,9 +14,11 @@ import torch.nn as nn
 import torchvision
 
 from common.checkpoint import FORMAT, export_backbone, load_checkpoint
-from common.data import build_dataset, class_balanced_indices, eval_transform, labelled_subset
+from common.data import build_dataset, eval_transform
+from common.evaluation import class_balanced_indices, labelled_subset
 from common.knn import knn_predict
-from common.log import UserError
+from common.errors import UserError
+from common.log import Progress
 from common.model import resnet_backbone
 from common.weights import load_backbone
 import linear_eval
@@ -127,6 +129,28 @@ def test_saved_head_and_evaluation_only(runs, backbone_file, tmp_path):
     assert not (tmp_path / "eval" / "checkpoint.pt").exists()  # no training
 
 
+def test_knn_and_eval_only_keep_a_folder_to_their_run(runs, backbone_file, tmp_path, capsys):
+    """--knn and --eval-only write no checkpoint, but their folder holds their run as a training
+    run's does: another evaluation there is refused in one line and the result.json stays; the
+    same command again computes the same result."""
+    knn = tmp_path / "knn"
+    first = evaluate("--ckpt", backbone_file, *DATA, "--knn", "--knn-k", "5", "--run-dir", knn)
+    kept = (knn / "result.json").read_text()
+    capsys.readouterr()
+    for other in (["--knn", "--knn-k", "7"], ["--eval-only", runs / "one" / "linear_head.pt"]):
+        with pytest.raises(SystemExit) as exit:
+            evaluate("--ckpt", backbone_file, *DATA, *other, "--run-dir", knn)
+        assert exit.value.code == 2
+        assert "holds a run with other settings" in capsys.readouterr().err
+        assert (knn / "result.json").read_text() == kept
+    assert evaluate("--ckpt", backbone_file, *DATA, "--knn", "--knn-k", "5",
+                    "--run-dir", knn) == first
+    with pytest.raises(SystemExit):  # nor may an --eval-only overwrite a trained head's result
+        evaluate("--ckpt", backbone_file, *DATA, "--eval-only", runs / "one" / "linear_head.pt",
+                 "--run-dir", runs / "one")
+    assert json.loads((runs / "one" / "result.json").read_text())["protocol"] == "linear"
+
+
 @pytest.mark.full
 def test_cached_features_and_knn_two_processes_equal_one(backbone_file, tmp_path):
     cached = [*DATA, "--cached-features", "--batch-size", "8", "--epochs", "3", "--lr", "2.0"]
@@ -161,7 +185,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(runs, backbone_file, tmp_p
     """SIGUSR1 during the second step of epoch 1 (sent by the loader's iterator as it hands out
     that batch): the run saves there and stops; the same command resumes and ends exactly as
     the uninterrupted run."""
-    class SignalInStepTwo(linear_eval.Progress):
+    class SignalInStepTwo(Progress):
         def __iter__(self):
             for j, item in enumerate(super().__iter__()):
                 if self.desc.startswith("epoch 1/") and j == 1:
@@ -169,7 +193,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(runs, backbone_file, tmp_p
                 yield item
 
     run_dir = tmp_path / "resumed"
-    monkeypatch.setattr(linear_eval, "Progress", SignalInStepTwo)
+    monkeypatch.setattr("common.run.Progress", SignalInStepTwo)
     evaluate("--ckpt", backbone_file, *TRAIN, "--run-dir", run_dir)
     stopped = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert (stopped["epoch"], stopped["batch_in_epoch"]) == (0, 2)

@@ -14,7 +14,7 @@ from common.augment import ViewPipeline
 from common.model import resnet_backbone
 from tests import moco_ddp_check as ddp
 from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, ok, read_log, run,
-                           run_until_signal)
+                           run_until_stopped)
 
 
 def naive_moco_loss(q, k, queue, temperature):
@@ -318,13 +318,13 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
 
 @pytest.mark.full
 def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
-    """The straight run == the same run stopped by SIGUSR1 in epoch 2 and resumed: query and
-    key encoders, queue and pointer bit for bit. The interrupted run uses 2 loader workers, the
-    straight one none: this changes the draws from the global RNG, which the key shuffle must
-    not depend on."""
+    """The straight run == the same run stopped in epoch 2 (--stop-at-step, as by a stop signal) and
+    resumed: query and key encoders, queue and pointer bit for bit. The interrupted run uses 2
+    loader workers, the straight one none: this changes the draws from the global RNG, which the key
+    shuffle must not depend on."""
     resumed = tmp_path / "resumed"
-    stopped = run_until_signal([*FLAGS, "--workers", "2", "--run-dir", resumed], resumed,
-                               after_step=4)  # in epoch 2
+    stopped = run_until_stopped([*FLAGS, "--workers", "2", "--run-dir", resumed], resumed,
+                                after_step=4)  # in epoch 2
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] in (1, 2)  # mid-epoch
 
     proc = ok(run([*FLAGS, "--workers", "2", "--run-dir", resumed]))

@@ -44,7 +44,7 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path):
             if node.poll() is None:
                 node.kill()
     assert all(node.returncode == 0 for node in nodes), outputs
-    assert "SimCLR, 2 process(es)" in "".join(outputs)
+    assert "simclr, 2 process(es)" in "".join(outputs)
 
     a = torch.load(one_node / "checkpoint.pt", weights_only=False)
     b = torch.load(two_nodes / "checkpoint.pt", weights_only=False)

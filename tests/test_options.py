@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from common.args import format_args
-from common.log import UserError
+from common.errors import UserError
 from common.optim import LARS, param_groups
 from tests.helpers import TINY, assert_same_tensors, read_log
 

@@ -54,7 +54,7 @@ def test_the_probe_learns(tmp_path):
     args = SimpleNamespace(data=str(root), data_dir="data", synthetic_size=0, img_size=16,
                            batch_size=16, workers=0, precision="fp32", seed=0, probe_lr=0.5)
     backbone = MeanColour()
-    probe = OnlineProbe(backbone, args, 0, 1, torch.device("cpu"))
+    probe = OnlineProbe(backbone, args, torch.device("cpu"))
     before = probe.top1(backbone)
     train = build_dataset(str(root), "train", eval_transform(16))
     loader = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True,

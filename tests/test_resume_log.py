@@ -3,14 +3,16 @@ run, record for record: the step records and the epoch summaries, whose means (t
 terms) span the steps before the stop too. Timings aside, every value must be equal.
 
 The stop is the one a signal causes (a checkpoint at the position, then the process returns),
-made to happen at a chosen step by replacing the script's `stop_agreed` (common/loop.py)."""
+made to happen at a chosen step by --stop-at-step."""
 import importlib
 
 import pytest
 import torch
 
+import common.run
 from common.checkpoint import export_backbone
 from common.model import resnet_backbone
+from common.run import Run
 from tests.helpers import assert_same_tensors, read_log
 
 TIMINGS = {"epoch_time", "img_per_s", "peak_gpu_mem_gib"}
@@ -48,20 +50,18 @@ def test_a_run_resumed_mid_epoch_logs_what_an_uninterrupted_one_does(method, tmp
         torch.manual_seed(0)
         export_backbone(resnet_backbone("resnet18", cifar_stem=True), tmp_path / "backbone.pt")
         flags += ["--ckpt", str(tmp_path / "backbone.pt")]
-    sums, real = [], script.epoch_sums  # each epoch's running sums, kept to look at
-    monkeypatch.setattr(script, "epoch_sums", lambda *a: sums.append(real(*a)) or sums[-1])
+    sums, real = [], Run.step_done  # the running sums after each step, kept to look at
+    monkeypatch.setattr(Run, "step_done", lambda run, *a, **values: real(run, *a, **values)
+                        or sums.append(list(run.sums.values())))
     script.main([*flags, "--run-dir", str(tmp_path / "straight")])
     # plain numbers: a sum that kept each step's autograd graph would hold on to every step's
     # tensors in it until the epoch ends
-    assert len(sums) == 2 and not any(t.requires_grad for t in sums)
+    assert len(sums) == 2 * STEPS_PER_EPOCH and not any(t.requires_grad for s in sums for t in s)
     monkeypatch.undo()
 
-    calls = []
-    monkeypatch.setattr(script, "stop_agreed", lambda *a: calls.append(1) or len(calls) == STOP_AT)
-    script.main([*flags, "--run-dir", str(tmp_path / "split")])
+    script.main([*flags, "--run-dir", str(tmp_path / "split"), "--stop-at-step", str(STOP_AT)])
     stopped = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     assert (stopped["epoch"], stopped["batch_in_epoch"]) == (1, STOP_AT - STEPS_PER_EPOCH)
-    monkeypatch.undo()
     script.main([*flags, "--run-dir", str(tmp_path / "split")])
 
     straight, split = records(tmp_path / "straight"), records(tmp_path / "split")
@@ -80,8 +80,8 @@ class Crash(Exception):
 def test_checkpoint_every_n_epochs_and_a_crash_between_checkpoints(tmp_path, monkeypatch):
     import simclr
     flags = [*TINY, *METHOD, "--epochs", "5", "--checkpoint-every", "2"]
-    saved, real_save = [], simclr.save_checkpoint
-    monkeypatch.setattr(simclr, "save_checkpoint",
+    saved, real_save = [], common.run.save_checkpoint
+    monkeypatch.setattr(common.run, "save_checkpoint",
                         lambda *a, **kw: saved.append(a[6:8]) or real_save(*a, **kw))
     simclr.main([*flags, "--run-dir", str(tmp_path / "straight")])
     assert saved == [(2, 0), (4, 0), (5, 0)]  # every 2nd epoch and the last
@@ -93,14 +93,14 @@ def test_checkpoint_every_n_epochs_and_a_crash_between_checkpoints(tmp_path, mon
 
     # killed after epoch 3's summary was logged: the resume starts from epoch 2's checkpoint,
     # drops the records logged since and trains epoch 3 again, as if nothing had happened
-    real_end_epoch = simclr.end_epoch
+    real_end_epoch = Run.end_epoch
 
-    def end_epoch_then_crash(record, *a, **kw):
-        stopped = real_end_epoch(record, *a, **kw)
-        if record["epoch"] == 3:
+    def end_epoch_then_crash(run, **values):
+        stopped = real_end_epoch(run, **values)
+        if run.current_epoch + 1 == 3:
             raise Crash
         return stopped
-    monkeypatch.setattr(simclr, "end_epoch", end_epoch_then_crash)
+    monkeypatch.setattr(Run, "end_epoch", end_epoch_then_crash)
     with pytest.raises(Crash):
         simclr.main([*flags, "--run-dir", str(tmp_path / "crashed")])
     assert [r["epoch"] for r in read_log(tmp_path / "crashed") if "step" not in r][-1] == 3

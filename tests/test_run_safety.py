@@ -21,9 +21,9 @@ import common.checkpoint as checkpoint
 import linear_eval
 import moco
 import simclr
-from common.log import UserError
-from common.loop import Diverged, DivergenceGuard
-from tests.helpers import TINY, assert_same_tensors, read_log
+from common.errors import Diverged, UserError
+from common.run import DivergenceGuard
+from tests.helpers import TINY, assert_same_tensors, ok, read_log, run
 
 # SimCLR with plain SGD and no warmup: 2 steps per epoch on 32 synthetic images
 SGD = ["--data", "synthetic", *TINY, "--synthetic-size", "32", "--batch-size", "16",
@@ -372,7 +372,7 @@ def test_checkpoint_pickling_an_argparse_namespace(tmp_path, capsys):
 
 def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
     from common.log import Logger
-    log = Logger(str(tmp_path), is_main=True)
+    log = Logger(str(tmp_path))
     log.log({"epoch": 0, "step": 1, "loss": 1.0})
 
     real_open = open
@@ -386,3 +386,16 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
         log.log({"epoch": 0, "step": 2, "loss": 1.0})
     monkeypatch.undo()
     assert (tmp_path / "log.jsonl").read_text().count("\n") == 1  # the first record kept
+
+
+@pytest.mark.full
+def test_each_rank_resumes_its_own_random_state(tmp_path):
+    """Every process of a run starts from its own seed (--seed + rank): a resumed run must give
+    each its own random state back, not rank 0's to all (which would make rank 1 repeat rank 0's
+    draws, e.g. its dropout or stochastic-depth masks, from the resume on)."""
+    ok(run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "tests/rng_resume_check.py", tmp_path], timeout=180))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for rank in ranks:
+        assert torch.equal(rank["resumed"], rank["continued"])
+    assert not torch.equal(ranks[0]["continued"], ranks[1]["continued"])

@@ -3,14 +3,18 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torchvision
 
 from common.model import resnet_backbone
-from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, make_image_folder, ok,
-                           read_log, run, run_until_signal, signal_when_logged)
+from tests.helpers import (REPO, SUBPROCESS_ENV, TINY, assert_same_tensors, cifar10_subset,
+                           make_image_folder, ok, read_log, run, run_until_stopped,
+                           signal_when_logged)
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -38,10 +42,11 @@ def test_synthetic_run_then_linear_eval(tmp_path):
     backbone = resnet_backbone("resnet18", cifar_stem=True)
     backbone.load_state_dict(torch.load(run_dir / "backbone.pt"))  # strict: every key matches
 
-    # kNN in linear_eval.py reproduces the monitor's number for the same backbone and data.
+    # kNN in linear_eval.py reproduces the monitor's number for the same backbone and data (and
+    # the same batch of 32, so that the features are computed exactly as the monitor's were)
     common = ["--data", "synthetic", "--synthetic-size", "64", "--workers", "0", "--img-size", "16"]
     ok(run(["linear_eval.py", "--ckpt", run_dir / "backbone.pt", *common, "--knn",
-            "--run-dir", tmp_path / "knn"]))
+            "--batch-size", "32", "--run-dir", tmp_path / "knn"]))
     knn = json.loads((tmp_path / "knn" / "result.json").read_text())
     assert knn["knn_top1"] == pytest.approx(final["knn_top1"], abs=1e-6)
 
@@ -113,7 +118,7 @@ def torchrun_run(module_tmp):
 @pytest.mark.full
 def test_torchrun_two_processes(torchrun_run):
     run_dir, proc = torchrun_run
-    assert proc.stdout.count("SimCLR, 2 process(es)") == 1  # rank 0 alone prints
+    assert proc.stdout.count("simclr, 2 process(es)") == 1  # rank 0 alone prints
     args = json.loads((run_dir / "args.json").read_text())
     assert args["world_size"] == 2
     # the global batch of 32 is split in two: 160 images still take 5 steps per epoch
@@ -122,8 +127,9 @@ def test_torchrun_two_processes(torchrun_run):
 
 
 def test_interrupted_run_resumes_exactly(tmp_path):
-    """2 epochs straight == the same run stopped by SIGUSR1 in epoch 2 and resumed (and the
-    interrupted run uses 2 loader workers, the straight one none: augmentations match anyway)."""
+    """2 epochs straight == the same run stopped in epoch 2 (--stop-at-step, as by a stop signal)
+    and resumed (and the interrupted run uses 2 loader workers, the straight one none: augmentations
+    match anyway)."""
     flags = ["simclr.py", "--data", "synthetic", "--arch", "resnet18", "--img-size", "16",
              "--synthetic-size", "64", "--batch-size", "16", "--epochs", "2", "--log-every", "1",
              "--knn-every", "0"]
@@ -131,8 +137,8 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     ok(run([*flags, "--workers", "0", "--run-dir", straight]))
 
     resumed = tmp_path / "resumed"
-    stopped = run_until_signal([*flags, "--workers", "2", "--run-dir", resumed], resumed,
-                               after_step=5)  # in epoch 2
+    stopped = run_until_stopped([*flags, "--workers", "2", "--run-dir", resumed], resumed,
+                                after_step=5)  # in epoch 2
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
 
     proc = ok(run([*flags, "--workers", "2", "--run-dir", resumed]))
@@ -144,6 +150,36 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     # the log keeps the lines written before the stop, and the steps are continuous
     steps = [r["step"] for r in read_log(resumed) if "step" in r]
     assert steps == list(range(1, 9))
+
+
+def test_a_stop_signal_to_every_process_of_a_run_saves(tmp_path):
+    """Slurm signals every process of a job step, loader workers included: SIGUSR1 to the whole
+    process group of a run with 2 loader workers stops it cleanly, saved where its log ends. The
+    run is long (200 steps) and the signal is sent once step 1 is logged, so that it arrives
+    long before the run's end however busy the machine is."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "simclr.py", "--data", "synthetic", *TINY,
+                             "--epochs", "50", "--workers", "2", "--knn-every", "0",
+                             "--checkpoint-every", "50", "--run-dir", str(run_dir)],
+                            cwd=REPO, env={**os.environ, **SUBPROCESS_ENV}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group, as a job step
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(r.get("step") for r in (
+                read_log(run_dir) if (run_dir / "log.jsonl").exists() else [])):
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGUSR1)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "stop signal: saved" in output, output
+    assert "Traceback" not in output, output  # no worker died of the signal
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    position = ckpt["epoch"] * 2 + ckpt["batch_in_epoch"]  # 2 steps per epoch
+    assert 1 <= position < 100
+    assert [r["step"] for r in read_log(run_dir) if "step" in r] == list(range(1, position + 1))
 
 
 @pytest.mark.slow
@@ -191,13 +227,13 @@ def test_stop_signal_in_one_step_epochs(tmp_path, monkeypatch):
     try:
         simclr.main([*flags, "--run-dir", str(tmp_path / "straight")])
         run_dir = tmp_path / "resumed"
-        monkeypatch.setattr(simclr, "Progress", SignalInEpochTwo)
+        monkeypatch.setattr("common.run.Progress", SignalInEpochTwo)
         simclr.main([*flags, "--run-dir", str(run_dir)])
         ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
         assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (2, 0)
         assert [r["epoch"] for r in read_log(run_dir) if "step" not in r] == [1, 2]
 
-        monkeypatch.setattr(simclr, "Progress", Progress)
+        monkeypatch.setattr("common.run.Progress", Progress)
         simclr.main([*flags, "--run-dir", str(run_dir)])  # resumes at epoch 3
     finally:
         for s, h in handlers.items():

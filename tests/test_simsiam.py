@@ -12,7 +12,7 @@ import torch.nn as nn
 from common.optim import warmup_cosine
 from simsiam import (SimSiam, get_args, output_std, set_simsiam_lr, simsiam_loss,
                      simsiam_optimizer)
-from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_signal
+from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_stopped
 
 
 # ------------------------------------------------------------------------------- loss
@@ -241,11 +241,11 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
 
 @pytest.mark.full
 def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
-    """The straight run == the same run stopped by SIGUSR1 in epoch 2 and resumed (with 2
-    loader workers instead of none: the augmentations are seeded per sample)."""
+    """The straight run == the same run stopped in epoch 2 (--stop-at-step, as by a stop signal) and
+    resumed (with 2 loader workers instead of none: the augmentations are seeded per sample)."""
     resumed = tmp_path / "resumed"
-    stopped = run_until_signal([*FLAGS, "--workers", "2", "--run-dir", resumed], resumed,
-                               after_step=5)  # in epoch 2
+    stopped = run_until_stopped([*FLAGS, "--workers", "2", "--run-dir", resumed], resumed,
+                                after_step=5)  # in epoch 2
     assert stopped["epoch"] == 1 and 1 <= stopped["batch_in_epoch"] < 4
     last = 4 + stopped["batch_in_epoch"] - 1  # the step whose lr the optimizer holds
     groups = stopped["optimizer"]["param_groups"]

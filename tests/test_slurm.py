@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import export_backbone, requeue_slurm_job
+from common.checkpoint import export_backbone
 from common.data import make_loader
-from common.dist import first_host
+from common.slurm import first_host, requeue_job
 from common.model import resnet_backbone
 from tests.helpers import REPO, assert_same_tensors, read_log
 
@@ -326,20 +326,20 @@ def test_a_diverged_job_fails_without_requeue(cluster):
 
 
 def test_requeue_reports_what_scontrol_did(tmp_path, monkeypatch):
-    """requeue_slurm_job runs `scontrol requeue $SLURM_JOB_ID` and reports failure (a fake
+    """requeue_job runs `scontrol requeue $SLURM_JOB_ID` and reports failure (a fake
     scontrol records its arguments)."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert requeue_slurm_job() is None  # outside Slurm: nothing to do
+    assert requeue_job() is None  # outside Slurm: nothing to do
     fake = tmp_path / "scontrol"
     fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\n"
                     "[ \"$2\" = 42 ] || { echo 'Requested operation is disabled' >&2; exit 1; }\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    assert requeue_slurm_job() == "requeued Slurm job 42"
+    assert requeue_job() == "requeued Slurm job 42"
     assert (tmp_path / "args").read_text().split() == ["requeue", "42"]
     monkeypatch.setenv("SLURM_JOB_ID", "43")
-    message = requeue_slurm_job()
+    message = requeue_job()
     assert message.startswith("could not requeue Slurm job 43 (Requested operation is disabled)")
 
 

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from common.log import UserError
+from common.errors import UserError
 from common.data import build_dataset
 from common.augment import ViewPipeline
 from common.optim import LARS, param_groups, set_lr
 from swav import SwAV, get_args, push_queue, sinkhorn, swav_crops, swav_loss
 from tests import swav_ddp_check as ddp
 from tests.helpers import (TINY, assert_same_tensors, cifar10_subset, ok, read_log, run,
-                           run_until_signal)
+                           run_until_stopped)
 
 
 # ---------------------------------------------------------------- Sinkhorn and the loss
@@ -348,9 +348,9 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
 
 @pytest.mark.full
 def test_interrupted_run_resumes_exactly_with_the_queue(tmp_path):
-    """2 epochs of 3 steps straight == the same run stopped by SIGUSR1 in epoch 2 and resumed:
-    weights, optimizer state and the queue (in use from step 3) are bit-identical; the prototypes
-    are frozen in epoch 1 only."""
+    """2 epochs of 3 steps straight == the same run stopped in epoch 2 (--stop-at-step, as by a stop
+    signal) and resumed: weights, optimizer state and the queue (in use from step 3) are bit-
+    identical; the prototypes are frozen in epoch 1 only."""
     flags = ["swav.py", "--data", "synthetic", "--arch", "resnet18", "--img-size", "16",
              "--synthetic-size", "48", "--batch-size", "16", "--epochs", "2", "--log-every", "1",
              "--knn-every", "0", "--queue-length", "32", "--freeze-prototypes-epochs", "1",
@@ -360,8 +360,8 @@ def test_interrupted_run_resumes_exactly_with_the_queue(tmp_path):
     ok(run([*flags, "--run-dir", straight]))
 
     resumed = tmp_path / "resumed"
-    stopped = run_until_signal([*flags, "--run-dir", resumed], resumed,
-                               after_step=4)  # in epoch 2
+    stopped = run_until_stopped([*flags, "--run-dir", resumed], resumed,
+                                after_step=4)  # in epoch 2
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
     assert stopped["queue"].abs().sum() > 0
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from common.log import UserError
+from common.errors import UserError
 from tests.helpers import ok, run
 
 

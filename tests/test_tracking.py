@@ -20,8 +20,9 @@ import types
 import numpy as np
 import pytest
 
-from common.log import Logger, UserError
-from common.track import add_tracking_args
+from common.errors import UserError
+from common.log import Logger
+from common.args import add_tracking_args
 
 SPE, EVERY, EPOCHS = 8, 2, 4  # steps per epoch, --log-every, --epochs: 16 train records
 
@@ -60,12 +61,13 @@ def run(run_dir, attempts, *argv):
     """A new run, then for each (crash, resume position) a crash and a resumed process."""
     start, logs = None, []
     for n, (crash, resume_at) in enumerate(attempts + [(None, None)]):
-        log = Logger(str(run_dir), is_main=True)
+        log = Logger(str(run_dir))
         log.start_tracking(tracking_args(run_dir, *argv), SPE, resume=start)
         logs.append(train(log, start, crash, attempt=n))
-        log.flush()
-        if crash and log.wandb:  # what the crashed process sent reached W&B (worst case)
-            log.wandb.finish()
+        if log.sinks:
+            log.sinks.flush()
+        if crash and log.sinks and log.sinks.wandb:  # what the crashed process sent reached W&B
+            log.sinks.wandb.finish()  # (worst case)
         start = resume_at
     return logs
 
@@ -130,7 +132,7 @@ def test_tensorboard_equals_log_jsonl(tmp_path, straight_log):
     assert records == as_tracked(straight_log, np.float32)
     assert {"train/loss", "train/lr", "train/img_per_s", "epoch/knn_top1",
             "epoch/epoch_time"} <= set(acc.Tags()["scalars"])
-    args_text = acc.Tensors("args")[0].tensor_proto.string_val[0].decode()
+    args_text = acc.Tensors("args/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| lr | 0.3 |" in args_text and "| tensorboard | null |" in args_text
     assert len(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == 1
 
@@ -156,10 +158,10 @@ def test_tensorboard_resumed_holds_each_step_once(tmp_path, straight_log, attemp
 def test_tensorboard_turned_on_mid_run_gets_the_kept_records(tmp_path, straight_log):
     pytest.importorskip("tensorboard", reason="tensorboard not installed "
                         "(pip install -r requirements-extras.txt)")
-    log = Logger(str(tmp_path), is_main=True)
+    log = Logger(str(tmp_path))
     log.start_tracking(tracking_args(tmp_path, "--no-tensorboard"), SPE)
     train(log, None, crash=("train", 22))
-    run_on = Logger(str(tmp_path), is_main=True)
+    run_on = Logger(str(tmp_path))
     run_on.start_tracking(tracking_args(tmp_path), SPE, resume=(2, 0))
     train(run_on, (2, 0))
     records, twice, _ = tensorboard_records(tmp_path)
@@ -278,27 +280,28 @@ def fake_wandb(monkeypatch, resumed, starting_step):
 
 def test_wandb_resumed_online_sends_what_the_server_lacks(tmp_path, monkeypatch):
     sent = fake_wandb(monkeypatch, resumed=False, starting_step=0)
-    log = Logger(str(tmp_path), is_main=True)
+    log = Logger(str(tmp_path))
     log.start_tracking(tracking_args(tmp_path, "--wandb", "p", "--no-tensorboard"), SPE)
     train(log, None, crash=("train", 22))
     assert [s for s, _ in sent] == [0, 2, 4, 6, 8, 8, 10, 12, 14, 16, 16, 18, 20, 22]
     # the server got the steps up to 18 (it lost the rest in the crash); resumed at step 16
     sent_after = fake_wandb(monkeypatch, resumed=True, starting_step=19)
-    log = Logger(str(tmp_path), is_main=True)
+    log = Logger(str(tmp_path))
     log.start_tracking(tracking_args(tmp_path, "--wandb", "p", "--no-tensorboard"), SPE,
                        resume=(2, 0))
     with open(tmp_path / "wandb_run_id") as f:
-        assert log.wandb.init["id"] == f.read().strip() and log.wandb.init["resume"] == "allow"
+        init = log.sinks.wandb.init
+        assert init["id"] == f.read().strip() and init["resume"] == "allow"
     train(log, (2, 0))
     assert [s for s, _ in sent_after] == [20, 22, 24, 24, 26, 28, 30, 32, 32]
 
 
 def test_wandb_first_asked_mid_run_gets_the_kept_records(tmp_path, monkeypatch):
-    log = Logger(str(tmp_path), is_main=True)
+    log = Logger(str(tmp_path))
     log.start_tracking(tracking_args(tmp_path, "--no-tensorboard"), SPE)
     train(log, None, crash=("train", 22))
     sent = fake_wandb(monkeypatch, resumed=False, starting_step=0)
-    log = Logger(str(tmp_path), is_main=True)
+    log = Logger(str(tmp_path))
     log.start_tracking(tracking_args(tmp_path, "--wandb", "p", "--no-tensorboard"), SPE,
                        resume=(2, 0))
     train(log, (2, 0))
@@ -312,12 +315,12 @@ def test_wandb_first_asked_mid_run_gets_the_kept_records(tmp_path, monkeypatch):
 def test_without_the_packages_only_log_jsonl(tmp_path, monkeypatch, straight_log, capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now fails
     monkeypatch.setitem(sys.modules, "wandb", None)
-    log = Logger(str(tmp_path), is_main=True)
+    log = Logger(str(tmp_path))
     log.start_tracking(tracking_args(tmp_path), SPE)
     train(log, None, crash=("train", 22))
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"epoch": 2, "step": 3')  # a line the crash cut short
-    log = Logger(str(tmp_path), is_main=True)
+    log = Logger(str(tmp_path))
     log.start_tracking(tracking_args(tmp_path), SPE, resume=(2, 0))
     train(log, (2, 0))
     assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]
@@ -326,17 +329,19 @@ def test_without_the_packages_only_log_jsonl(tmp_path, monkeypatch, straight_log
     with pytest.raises(UserError, match=r"^--wandb needs the wandb package: pip install wandb"):
         tracking_args(tmp_path, "--wandb", "project")
     with pytest.raises(UserError, match="pip install tensorboard"):
-        Logger(str(tmp_path), is_main=True).start_tracking(
+        Logger(str(tmp_path)).start_tracking(
             tracking_args(tmp_path, "--tensorboard"), SPE)
 
 
-def test_other_ranks_and_lone_wandb_flags(tmp_path):
-    log = Logger(str(tmp_path), is_main=False)
+def test_other_ranks_and_lone_wandb_flags(tmp_path, monkeypatch):
+    monkeypatch.setattr("common.log.get_rank", lambda: 1)  # as a process of rank 1
+    log = Logger(str(tmp_path))
+    monkeypatch.undo()
     log.start_tracking(tracking_args(tmp_path), SPE)
     train(log)
     assert os.listdir(tmp_path) == []
     with pytest.raises(UserError, match=r"--wandb-entity --wandb-tags: give the W&B project"):
-        Logger(str(tmp_path), is_main=True).start_tracking(
+        Logger(str(tmp_path)).start_tracking(
             tracking_args(tmp_path, "--wandb-entity", "me", "--wandb-tags", "a"), SPE)
 
 
@@ -344,7 +349,7 @@ def test_imports_only_what_is_asked(tmp_path):
     """A fresh interpreter: no tracking package imported unless its sink is on."""
     code = ("import sys; from tests.test_tracking import *\n"
             "for n, argv in enumerate([['--no-tensorboard'], []]):\n"
-            "    run_dir = f'{sys.argv[1]}/{n}'; os.mkdir(run_dir); log = Logger(run_dir, True)\n"
+            "    run_dir = f'{sys.argv[1]}/{n}'; os.mkdir(run_dir); log = Logger(run_dir)\n"
             "    log.start_tracking(tracking_args(run_dir, *argv), SPE); train(log)\n"
             "    print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorboard', 'wandb'}))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -370,7 +375,7 @@ def test_cost_per_record(tmp_path, monkeypatch):
     logs, times, step = {}, {name: [] for name in sinks}, 0
     for n, (name, argv) in enumerate(sinks.items()):
         (tmp_path / str(n)).mkdir()
-        logs[name] = Logger(str(tmp_path / str(n)), is_main=True)
+        logs[name] = Logger(str(tmp_path / str(n)))
         logs[name].start_tracking(tracking_args(tmp_path / str(n), *argv), 10**6)
     for _ in range(7):
         for name, log in logs.items():
@@ -411,12 +416,12 @@ def test_a_script_stopped_and_resumed_mid_epoch(tmp_path):
                         "(pip install -r requirements-extras.txt)")
     pytest.importorskip("wandb", reason="wandb not installed "
                         "(pip install -r requirements-extras.txt)")
-    from tests.helpers import TINY, ok, run as run_script, run_until_signal
+    from tests.helpers import TINY, ok, run as run_script, run_until_stopped
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
            "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
            "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_CACHE_DIR": str(tmp_path / "c"),
            "WANDB_DATA_DIR": str(tmp_path / "data")}
-    os.environ.update(env)  # run_until_signal passes this process's environment on
+    os.environ.update(env)  # run_until_stopped passes this process's environment on
     try:
         steps_per_epoch = 10  # 160 images, batch 16
         flags = ["simclr.py", "--data", "synthetic", *TINY, "--synthetic-size", "160",
@@ -424,7 +429,7 @@ def test_a_script_stopped_and_resumed_mid_epoch(tmp_path):
                  "--wandb", "cleanssl-test"]
         straight, split = tmp_path / "straight", tmp_path / "split"
         ok(run_script([*flags, "--run-dir", straight], env=env))
-        stopped = run_until_signal([*flags, "--run-dir", split], split, after_step=13)
+        stopped = run_until_stopped([*flags, "--run-dir", split], split, after_step=13)
         assert stopped["epoch"] == 1 and 0 < stopped["batch_in_epoch"] < steps_per_epoch
         ok(run_script([*flags, "--run-dir", split], env=env))
     finally:

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import vicreg
-from common.log import UserError
+from common.errors import UserError
 from common.data import build_dataset, make_loader
 from common.augment import ViewPipeline
 from common.model import resnet_backbone
 from tests import vicreg_ddp_check as ddp
-from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_signal
+from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_stopped
 
 
 # ---------------------------------------------------------------- loss
@@ -280,12 +280,12 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
 
 @pytest.mark.full
 def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
-    """The straight run == the same run stopped by SIGUSR1 in epoch 2 and resumed: weights (BN
-    statistics included) and the optimizer state bit for bit, the same logged steps. The
-    interrupted run uses 2 loader workers, the straight one none."""
+    """The straight run == the same run stopped in epoch 2 (--stop-at-step, as by a stop signal) and
+    resumed: weights (BN statistics included) and the optimizer state bit for bit, the same logged
+    steps. The interrupted run uses 2 loader workers, the straight one none."""
     resumed = tmp_path / "resumed"
-    stopped = run_until_signal([*FLAGS, "--workers", "2", "--run-dir", resumed], resumed,
-                               after_step=5)  # in epoch 2
+    stopped = run_until_stopped([*FLAGS, "--workers", "2", "--run-dir", resumed], resumed,
+                                after_step=5)  # in epoch 2
     assert stopped["epoch"] == 1 and 1 <= stopped["batch_in_epoch"] <= 3  # mid-epoch
 
     proc = ok(run([*FLAGS, "--workers", "2", "--run-dir", resumed]))

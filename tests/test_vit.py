@@ -13,11 +13,11 @@ import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
 from common.checkpoint import FORMAT, export_backbone
-from common.log import UserError
-from common.model import (ARCHS, RESNETS, VITS, VisionTransformerBackbone, build_backbone,
-                          infer_arch, is_vit, mocov3_vit_init, read_dino_linear_features,
-                          sincos_position_embedding)
-from common.weights import load_backbone
+from common.errors import UserError
+from common.evaluation import DinoLinearFeatures
+from common.model import ARCHS, RESNETS, VITS, build_backbone, is_vit
+from common.vit import VisionTransformerBackbone, mocov3_vit_init, sincos_position_embedding
+from common.weights import infer_arch, load_backbone
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -363,15 +363,16 @@ def test_dino_linear_features_are_what_its_eval_linear_reads(width, heads, n_las
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         final_token = vit(x)
-        features = read_dino_linear_features(vit)(x)
+        dino = DinoLinearFeatures(vit)
+        features = dino(x)
         expected = timm_forward(timm_keys(vit), x, heads, n_last_blocks, avgpool)
-    assert features.shape == (2, vit.feature_dim) == (2, width * (n_last_blocks + avgpool))
+    assert features.shape == (2, dino.feature_dim) == (2, width * (n_last_blocks + avgpool))
     assert torch.allclose(features, expected, atol=1e-5)
     # the final class token is among them: last (concatenated) or every other (interleaved)
     assert torch.allclose(features[:, 0::2] if avgpool else features[:, -width:], final_token,
                           atol=1e-6)
     with pytest.raises(UserError, match="not a ViT"):
-        read_dino_linear_features(build_backbone("resnet18", small_images=True))
+        DinoLinearFeatures(build_backbone("resnet18", small_images=True))
 
 
 def test_dino_patch_8_and_foreign_timm_keys(tmp_path):

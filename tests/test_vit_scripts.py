@@ -10,7 +10,7 @@ import torch
 
 import linear_eval
 import moco
-from common.log import UserError
+from common.errors import UserError
 from tests.helpers import assert_same_tensors
 
 METHODS = ("simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg")

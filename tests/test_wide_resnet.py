@@ -6,7 +6,8 @@ import pytest
 import torch
 import torchvision
 
-from common.model import infer_arch, resnet_backbone
+from common.model import resnet_backbone
+from common.weights import infer_arch
 from common.weights import load_backbone
 
 WIDTHS = {"resnet50w2": 2, "resnet50w4": 4, "resnet50w5": 5}

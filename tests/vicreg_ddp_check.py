@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from common.model import distribute
-from common.dist import all_gather_tensor, cleanup_distributed, get_rank, setup_distributed
+from common.dist import (all_gather_tensor, cleanup_distributed, get_rank, get_world_size,
+                         setup_distributed)
 import vicreg
 
 GLOBAL_BATCH, COEFFS = 8, (25.0, 25.0, 1.0)
@@ -64,7 +65,8 @@ def own_slice_gather(z):
 
 
 def main(out):
-    rank, world, _, device = setup_distributed()
+    device = setup_distributed()
+    rank, world = get_rank(), get_world_size()
     x1, x2 = make_batch()
     n = x1.shape[0] // world
     mine = slice(rank * n, (rank + 1) * n)

@@ -15,10 +15,10 @@
 #   2. runs the GPU tests (TESTS), once per table;
 #   3. speed tests: every method SPEED_EPOCHS epochs with --data-on-device in bf16, eager with
 #      SIDE_BY_SIDE methods at a time and compiled with COMPILE_SIDE_BY_SIDE, resumed by method;
-#   4. table rows, BYOL first: tools/benchmark.py --time-budget starts a method only if its
+#   4. table rows, BYOL first: tools/gpu_schedule.py --time-budget starts a method only if its
 #      estimate (from the speed tests) fits in what is left, so that no row is left half-trained.
 #      The table's flags, eager or compiled, are those whose speed test fits the more rows in a
-#      session; its first call fixes them (its results.json holds them).
+#      session (tools/gpu_schedule.py --choose); its first call fixes them (its results.json).
 # Everything it keeps goes to OUT: OUT/results/cifar10-200ep holds the table's results.json,
 # results.md, curves.png, records/ (each run's log.jsonl and args.json), logs/, the speed tests
 # and the tests' log; the run folders stay in SCRATCH. Copy OUT/results/ over the repository's
@@ -54,7 +54,10 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "[gpu_window $(( $(date +%s) - START )) s] $*"; }
 REV=()
 if [ -n "${REVISION:-}" ]; then REV=(--revision "$REVISION"); fi
-bench() { "$PY" tools/benchmark.py --data "$DATA" --methods "$METHODS" ${REV[@]+"${REV[@]}"} "$@"; }
+# the table's scheduling: tools/benchmark.py's flags and its own (--speed-test, --time-budget, ...)
+schedule() {
+    "$PY" tools/gpu_schedule.py --data "$DATA" --methods "$METHODS" ${REV[@]+"${REV[@]}"} "$@"
+}
 
 # what earlier sessions left (the committed small files)
 if [ -d "$TABLE" ] && [ "$(realpath "$TABLE")" != "$(realpath "$HERE")" ]; then
@@ -113,7 +116,7 @@ speed() {  # speed FOLDER SIDE_BY_SIDE FLAGS...
     [ "$(left)" -gt 60 ] || return 0
     say "speed test $folder: $ks side by side, $*"
     # shellcheck disable=SC2086
-    bench $SETTINGS --epochs "$SPEED_EPOCHS" --speed-test "$ks" --out "$HERE/$folder" \
+    schedule $SETTINGS --epochs "$SPEED_EPOCHS" --speed-test "$ks" --out "$HERE/$folder" \
         --runs-dir "$SCRATCH/$folder" --time-budget $(( $(left) - 35 )) -- "$@" \
         > "$OUT/$folder.log" 2>&1
     grep -E "^[a-z]+: train (done|FAILED|stopped)" "$OUT/$folder.log"
@@ -126,49 +129,20 @@ if [ -n "$COMPILE_SIDE_BY_SIDE" ]; then
 fi
 
 # 4. rows, with the flags of the table (fixed by its first call), or else those of the speed
-# test that fits the most rows in a session (the benchmark's own rule, tools/benchmark.py plan)
-CHOOSE='
-import json, shlex, sys
-from pathlib import Path
-from tools.benchmark import EVAL_GUESS_SECONDS, MARGIN, plan
-here, epochs, budget = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-methods, best = sys.argv[4].split(","), (0, "", "")
-for folder in ("speed", "speed-compile"):
-    path = here / folder / "speed.json"
-    if not path.exists():
-        continue
-    speed = json.loads(path.read_text())
-    for k, run in speed["runs"].items():
-        measured = {m: e for m, e in run["methods"].items() if e.get("epoch_wall")}
-        if set(methods) - set(measured):  # not finished: no basis for a choice
-            continue
-        evals = speed.get("eval_seconds") or EVAL_GUESS_SECONDS
-        seconds = {m: MARGIN * (e["train_overhead_seconds"] + epochs * e["epoch_wall"] + evals)
-                   for m, e in measured.items()}
-        rows = len(plan(methods, seconds, budget, int(k)))
-        if rows > best[0]:
-            best = (rows, folder, shlex.join(speed["settings"]["extra"]))
-print(f"{best[1]}\t{best[2]}")
-'
+# test that fits the most rows in a session: what tools/gpu_schedule.py --choose prints
 if [ "$tests_ok" = 1 ] && [ "$(left)" -gt 60 ]; then
-    if [ -f "$HERE/results.json" ]; then
-        flags=$("$PY" -c 'import json, shlex, sys
-print(shlex.join(json.load(open(sys.argv[1]))["settings"]["extra"]))' "$HERE/results.json")
-        folder=speed
-        if [[ " $flags " == *" --compile "* ]]; then folder=speed-compile; fi
-    else
-        IFS=$'\t' read -r folder flags \
-            < <("$PY" -c "$CHOOSE" "$HERE" "$EPOCHS" "$BUDGET" "$METHODS")
-    fi
-    if [ -z "$folder" ] || [ ! -f "$HERE/$folder/speed.json" ]; then
+    # shellcheck disable=SC2086
+    IFS=$'\t' read -r folder flags < <(schedule $SETTINGS --epochs "$EPOCHS" --out "$HERE" \
+        --time-budget "$BUDGET" --choose "$HERE/speed" "$HERE/speed-compile")
+    if [ -z "$folder" ]; then
         say "rows: no finished speed test has a row that fits in $BUDGET s: none started"
     else
         most=$(echo "$SIDE_BY_SIDE,$COMPILE_SIDE_BY_SIDE" | tr ',' '\n' | sort -n | tail -1)
         say "rows with: $flags (estimates from $folder, up to $most side by side)"
         # shellcheck disable=SC2086
-        bench $SETTINGS --epochs "$EPOCHS" --parallel "$most" --out "$HERE" \
+        schedule $SETTINGS --epochs "$EPOCHS" --parallel "$most" --out "$HERE" \
             --runs-dir "$SCRATCH/table" --time-budget $(( $(left) - 35 )) \
-            --estimate-from "$HERE/$folder" -- $flags > "$OUT/table.log" 2>&1
+            --estimate-from "$folder" -- $flags > "$OUT/table.log" 2>&1
         grep -vE "^\||^$" "$OUT/table.log" | head -40
     fi
 fi

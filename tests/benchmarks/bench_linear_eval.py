@@ -21,7 +21,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run as a script: `common` lives at the repo root
 
-from common.data import eval_transform, linear_train_transform  # noqa: E402
+from common.data import eval_transform  # noqa: E402
+from common.evaluation import linear_train_transform  # noqa: E402
 from tests.benchmarks.bench_pipeline import make_images  # noqa: E402
 
 

@@ -1,0 +1,317 @@
+"""A training run from start to end, around the method's own step: the processes, the run
+directory (one run per folder), the log, the checkpoint, and stopping (a signal, a diverged
+loss). main() calls, in this order: `Run(args, method)`, `train_loader`, `distribute`,
+`restore`, then per epoch `epoch` and per step `step_done` and `stop_agreed` (`stop`), then
+`end_epoch`, and at last `finish`. A call that is a collective (every rank must make it at the
+same point) says so.
+
+A stop signal (SIGUSR1, SIGTERM) is acted on at the first of two kinds of points that all ranks
+reach together: inside an epoch, every 10 steps with several processes (one small collective)
+or every step alone (`stop_agreed`); and after every epoch but the last, once its summary is
+logged (`end_epoch`). So an epoch of any length ends a stopped run at the latest when it ends.
+"""
+import json
+import os
+import signal
+import time
+
+import torch
+
+from common.args import check_batch, format_args, make_run_dir, save_args
+from common.checkpoint import (DIVERGED, export_backbone, keep_epoch_copy, open_run, restore,
+                               rng_state, save_checkpoint, seed_everything)
+from common.data import build_dataset, count_bad_images, make_loader
+from common.dist import (all_gather_tensor, broadcast_flag, broadcast_object, cleanup_distributed,
+                         gather_objects, get_rank, get_world_size, setup_distributed)
+from common.errors import Diverged, UserError
+from common.knn import knn_monitor
+from common.log import Logger, Progress
+from common.model import distribute, grad_scaler, resolve_precision
+
+
+class Run:
+    """`Run(args, method)` joins the processes of the launch, picks the device and precision,
+    opens args.run_dir before any data is read (refusing a folder that holds another run, or
+    this run with other settings: common/checkpoint.py `open_run`), and seeds this process
+    (--seed + rank)."""
+
+    def __init__(self, args, method):
+        self.args, self.method = args, method
+        self.device = setup_distributed()
+        self.batch_per_rank = check_batch(args)  # --batch-size is the global batch
+        args.precision = resolve_precision(args.precision, self.device)
+        args.run_dir = broadcast_object(args.run_dir)  # one folder for all (rank 0's timestamp)
+        make_run_dir(args.run_dir)
+        self.log = Logger(args.run_dir)
+        self.ckpt = open_run(args, method, self.log)  # None: a new run
+        seed_everything(args.seed + get_rank())
+        self.scaler = grad_scaler(args.precision, self.device)  # active for fp16 only
+        self.stop_signal = StopSignal(getattr(args, "stop_at_step", None))
+        self.ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+        self.bad_log = os.path.join(args.run_dir, "bad_images.txt")
+        self.steps_per_epoch = self.probe = self.knn = None
+        self.values, self.sums = {}, {}  # the last step's values; the epoch's sums of tensors
+
+    def print(self, *lines):
+        self.log.print(*lines)
+
+    def train_loader(self, views):
+        """The training images of --data as the views `views` (a ViewPipeline) makes: this
+        process's share of each global batch, seeded by (seed, epoch, image), resumable
+        mid-epoch (common/data.py). Unreadable images are listed in bad_images.txt."""
+        args = self.args
+        dataset = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
+                                args.img_size)
+        dataset.bad_log = self.bad_log
+        loader = make_loader(dataset, self.batch_per_rank, args.workers, seed=args.seed,
+                             seeded=True)
+        if len(loader) == 0:
+            raise UserError(f"{len(dataset)} training images < one batch of {args.batch_size}")
+        self.steps_per_epoch = len(loader)
+        return loader
+
+    def distribute(self, model):
+        """The model on the device, with SyncBN, DDP, channels_last, --compile (common/model.py)."""
+        args = self.args
+        return distribute(model, self.device, get_world_size(), args.compile, args.sync_bn,
+                          args.channels_last)
+
+    def restore(self, model, optimizer, backbone=None, extra_state=None):
+        """Continue the run directory's checkpoint, or start a new run; returns (epochs done,
+        batches done of the next). Resumed: the whole model (a target network, a queue buffer),
+        optimizer, grad scaler, this rank's random state, the epoch's running sums. New: the
+        settings printed and saved (args.json), the kNN top-1 of the random `backbone` logged
+        as epoch 0. Then TensorBoard and W&B, the divergence guard and --probe start.
+        `backbone`: what the kNN monitor, --probe and backbone.pt read (None: none of them).
+        `extra_state()`: the method's state beyond the model, a dict saved in each checkpoint;
+        called on every rank at each save (it may be a collective)."""
+        args, ckpt = self.args, self.ckpt
+        self.model, self.optimizer, self.backbone = model, optimizer, backbone
+        self.extra_state = extra_state
+        self.start_epoch, self.start_batch = restore(ckpt, model, optimizer, self.scaler)
+        if ckpt and self.start_batch and "epoch_sums" in ckpt:
+            self.sums = {k: v.to(self.device) for k, v in ckpt["epoch_sums"].items()}
+        self.log.start_tracking(args, self.steps_per_epoch,
+                                resume=ckpt and (self.start_epoch, self.start_batch))
+        if backbone is not None and getattr(args, "knn_every", 0):
+            self.knn = knn_monitor(args, self.device)
+        if backbone is not None and getattr(args, "probe", False):
+            from common.probe import online_probe  # only with --probe
+            self.probe = online_probe(args, backbone, self.device, ckpt)
+        self.guard = DivergenceGuard(args, model, self.steps_per_epoch, self.device, ckpt)
+        if not ckpt:
+            self.print(f"{self.method}, {get_world_size()} process(es) on {self.device}\n"
+                       f"{format_args(args)}")
+            if get_rank() == 0:
+                save_args(args, os.path.join(args.run_dir, "args.json"), self.method)
+            if self.knn:  # epoch-0 reference: the randomly initialised network
+                self.log.summary({"epoch": 0, "knn_top1": self.knn(backbone)})
+        return self.start_epoch, self.start_batch
+
+    def epoch(self, epoch, loader):
+        """(i, batch) for the batches of `epoch`, i counted from the batch a resumed run stopped
+        at; sets the loader's epoch (order, augmentations) and shows the progress."""
+        first = self.start_batch if epoch == self.start_epoch else 0
+        loader.sampler.set_epoch(epoch, skip_batches=first)
+        self.current_epoch, self.first_batch, self.epoch_start = epoch, first, time.time()
+        if not first:
+            self.sums = {}
+        self.progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{self.args.epochs}")
+        return enumerate(self.progress, start=first)
+
+    def step_done(self, step, labels=None, **values):
+        """After the optimizer step of global step `step` (0-based): the divergence guard
+        watches the loss; --probe trains on this step's features and `labels`. Tensors in
+        `values` (the loss, the method's monitors) are summed for the epoch's means, with no
+        host sync; other values (the lr, a momentum) are reported as they are. Every
+        --log-every steps: a log record (a host sync) and the divergence check (a collective)."""
+        self.guard.watch(values["loss"], step)
+        if self.probe:
+            self.probe.step(labels)
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                value = value.detach().float()
+                self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+            self.values[key] = value
+        i = step - self.current_epoch * self.steps_per_epoch
+        if (i + 1) % self.args.log_every == 0:
+            record = {"epoch": self.current_epoch, "step": step + 1, **self.reported(self.values),
+                      "img_per_s": (i + 1 - self.first_batch) * self.args.batch_size
+                      / (time.time() - self.epoch_start)}
+            self.progress.update(record)
+            self.log.log(record)
+            self.guard.check()
+        self.stop_signal.step_done(step)
+
+    def stop_agreed(self, i):
+        """True on every rank at the same step `i` (0-based, in the epoch) once a stop signal
+        reached any rank: every 10 steps with several processes (a collective), every step
+        alone; never at an epoch's last step, where `end_epoch` takes over."""
+        if i + 1 == self.steps_per_epoch or (get_world_size() > 1 and (i + 1) % 10):
+            return False
+        return broadcast_flag(self.stop_signal.requested, self.device)
+
+    def stop(self, epoch, batch_in_epoch):
+        """Save the position inside the epoch (a collective), requeue the Slurm job, leave the
+        process group."""
+        self.save(epoch, batch_in_epoch)
+        self.print(f"stop signal: saved {self.ckpt_path} at epoch {epoch}, batch {batch_in_epoch}")
+        self.log.close()  # TensorBoard events and W&B, when on
+        if get_rank() == 0 and os.environ.get("SLURM_JOB_ID"):
+            from common.slurm import requeue_job  # only under Slurm
+            self.print(requeue_job())
+        cleanup_distributed()
+
+    def end_epoch(self, **values):
+        """After an epoch (collectives): the summary logged (the means of the steps' tensors
+        over the epoch and the ranks, the last step's other values, `values`, time,
+        throughput, unreadable images, peak GPU memory, the kNN top-1 every --knn-every epochs,
+        --probe's); then checkpoint.pt and backbone.pt every --checkpoint-every epochs and
+        after the last (`save`). True when a stop signal ends the run here, saved."""
+        args, epoch, elapsed = self.args, self.current_epoch + 1, time.time() - self.epoch_start
+        record = {"epoch": epoch, **self.reported({**self.values, **self.epoch_means()}), **values,
+                  "epoch_time": elapsed, "img_per_s": (self.steps_per_epoch - self.first_batch)
+                  * args.batch_size / elapsed}
+        if bad_images := count_bad_images(self.bad_log):
+            record["bad_images"] = bad_images
+        if self.knn and (epoch % args.knn_every == 0 or epoch == args.epochs):
+            record["knn_top1"] = self.knn(self.backbone)
+        if self.probe:  # --probe's val top-1, every epoch (common/probe.py)
+            record["probe_top1"] = self.probe.top1(self.backbone)
+        if torch.cuda.is_available():  # since the start (or the resume) of this process
+            record["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.log.summary(record)
+        if epoch < args.epochs and broadcast_flag(self.stop_signal.requested, self.device):
+            self.stop(epoch, 0)
+            return True
+        every = getattr(args, "checkpoint_every", 1)
+        keep = bool(getattr(args, "save_every", 0) and epoch % args.save_every == 0)
+        if epoch % every == 0 or keep or epoch == args.epochs:
+            self.save(epoch, 0)
+        return False
+
+    def finish(self, message=None):
+        """The end of the run: a last line, the log's sinks closed, the process group left."""
+        self.print(message or f"done: {self.args.run_dir}/checkpoint.pt and backbone.pt")
+        self.log.close()
+        cleanup_distributed()
+
+    def save(self, epoch, batch_in_epoch):
+        """checkpoint.pt at this position and, at an epoch's end, backbone.pt and --save-every's
+        copies; refused if the run diverged. A collective."""
+        self.guard.check(epoch, batch_in_epoch)  # never save a diverged run over its last state
+        extra = self.extra_state() if self.extra_state else {}
+        rng = gather_objects(rng_state())  # each rank continues its own random numbers
+        sums = {k: v.cpu() for k, v in self.mean_over_ranks(self.sums).items()}
+        if get_rank() == 0:
+            save_checkpoint(self.ckpt_path, self.method, self.args, self.model, self.optimizer,
+                            self.scaler, epoch, batch_in_epoch, rng, epoch_sums=sums,
+                            probe=self.probe and self.probe.state_dict(), **extra)
+            if self.backbone is not None and batch_in_epoch == 0:
+                export_backbone(self.backbone, os.path.join(self.args.run_dir, "backbone.pt"))
+                if getattr(self.args, "save_every", 0) and epoch % self.args.save_every == 0:
+                    keep_epoch_copy(self.args.run_dir, epoch)
+
+    def epoch_means(self):
+        """The epoch's mean of each summed value, over its steps and the ranks (a collective)."""
+        return {k: v / self.steps_per_epoch for k, v in self.mean_over_ranks(self.sums).items()}
+
+    @staticmethod
+    def mean_over_ranks(sums):
+        if get_world_size() == 1 or not sums:
+            return sums
+        stacked = all_gather_tensor(torch.stack(list(sums.values()))[None]).mean(0)
+        return dict(zip(sums, stacked))
+
+    @staticmethod
+    def reported(values):
+        """The values as plain numbers for a log record: one host sync for all tensors."""
+        tensors = [k for k, v in values.items() if torch.is_tensor(v)]
+        numbers = torch.stack([values[k] for k in tensors]).tolist() if tensors else []
+        return {**values, **dict(zip(tensors, numbers))}
+
+
+class DivergenceGuard:
+    """Stops a run whose loss turned non-finite (NaN or inf) before it saves over its last good
+    checkpoint, as DINO's and MAE's training loops stop on a non-finite loss. `watch` every step
+    (no host sync); `check()` at the log interval and `check(epoch, batch)` in every save (then
+    weights and buffers must be finite too): a collective, so that all ranks stop together.
+    A diverged run ends with one line (the first non-finite step, its loss, the checkpoint
+    kept), exit code 3 (no requeue) and diverged.json, by which `open_run` refuses the same
+    command again.
+
+    fp16: GradScaler skips the update of a step whose gradients overflow (the loss is finite:
+    normal, ignored here) or whose loss is non-finite (a forward overflow; the weights stay as
+    they were). Only FP16_PATIENCE such steps in a row stop the run.
+    """
+    FP16_PATIENCE = 20
+
+    def __init__(self, args, model, steps_per_epoch, device, ckpt=None):
+        self.patience = self.FP16_PATIENCE if args.precision == "fp16" else 1
+        self.args, self.model, self.steps_per_epoch = args, model, steps_per_epoch
+        self.saved = ckpt and (ckpt["epoch"], ckpt["batch_in_epoch"])  # the last good checkpoint
+        self.streak = torch.zeros((), dtype=torch.long, device=device)  # non-finite in a row
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_loss = torch.zeros((), device=device)
+
+    def watch(self, loss, step):
+        """After the loss of global step `step` (0-based) is computed: no host sync."""
+        loss = loss.detach().float()
+        self.streak = (self.streak + 1) * ~torch.isfinite(loss)
+        now = (self.streak == self.patience) & (self.first_step < 0)
+        self.first_step = torch.where(now, step + 1 - self.patience, self.first_step)
+        self.first_loss = torch.where(now, loss, self.first_loss)
+
+    def check(self, epoch=None, batch_in_epoch=None):
+        """Raise Diverged on every rank if any rank diverged. Given the position of a save
+        (`epoch` epochs and `batch_in_epoch` batches done), the model must be finite too."""
+        state = self.model.state_dict() if epoch is not None else {}
+        finite = [torch.isfinite(t).all() for t in state.values() if t.is_floating_point()]
+        finite_model = torch.stack(finite).all().float() if finite else torch.ones(
+            (), device=self.first_loss.device)
+        mine = torch.stack([self.first_step.double(), self.first_loss.double(),
+                            finite_model.double()])
+        ranks = all_gather_tensor(mine[None]).cpu()  # [world, 3]: one host sync
+        bad = ranks[ranks[:, 0] >= 0]
+        if len(bad) == 0 and bool(ranks[:, 2].all()):
+            if epoch is not None:
+                self.saved = (epoch, batch_in_epoch)
+            return
+        if len(bad):
+            step, loss, _ = bad[bad[:, 0].argmin()].tolist()
+            step = int(step)
+            what = (f"loss {loss:g} at step {step + 1} (epoch {step // self.steps_per_epoch + 1}"
+                    f", batch {step % self.steps_per_epoch + 1})"
+                    + (f" and the {self.patience - 1} steps after it" if self.patience > 1 else ""))
+        else:
+            name = next((k for k, t in state.items() if t.is_floating_point()
+                         and not torch.isfinite(t).all()), "on another rank")
+            what = (f"non-finite weights or BatchNorm statistics ({name}) after epoch {epoch}, "
+                    f"batch {batch_in_epoch}, though the losses so far were finite")
+        kept = (f"{self.args.run_dir}/checkpoint.pt keeps epoch {self.saved[0]}, batch "
+                f"{self.saved[1]}, the last finite state" if self.saved
+                else "no checkpoint had been saved yet")
+        if get_rank() == 0:  # with the settings that diverged, which open_run will refuse
+            with open(os.path.join(self.args.run_dir, DIVERGED), "w") as f:
+                json.dump({"reason": what, "checkpoint": self.saved, "args": vars(self.args)}, f,
+                          indent=2)
+        raise Diverged(f"{what}: the run diverged and stopped without saving; {kept} (what to "
+                       f"do: docs/training.md, \"A diverged run\")")
+
+
+class StopSignal:
+    """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption, Ctrl-C from a
+    launcher) set `requested`; the training loop checks it between steps, saves and exits.
+    `at_step` (--stop-at-step): the same request once that many steps are done."""
+
+    def __init__(self, at_step=None):
+        self.requested, self.at_step = False, at_step
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def step_done(self, step):
+        if step + 1 == self.at_step:
+            self.requested = True

@@ -1,0 +1,107 @@
+"""Vision Transformers (ViT-Ti/S/B) from torchvision's VisionTransformer, and MoCo v3's way of
+initialising them; imported only when --arch names a ViT (common/model.py `build_backbone`)."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.vision_transformer import VisionTransformer
+
+from common.errors import UserError
+
+
+class VisionTransformerBackbone(VisionTransformer):
+    """torchvision's VisionTransformer, unchanged but for its classifier (`heads` = identity, so
+    the state dict has no `heads.*`) and its forward, which returns the class token after the
+    final LayerNorm (`encoder.ln`) for images of any size divisible by the patch size.
+
+    That token is the representation MoCo v3 and DINO evaluate: MoCo v3's linear probe puts its
+    classifier in place of timm's `head` (main_lincls.py:156-189), which reads the class token
+    after the final norm (timm 0.4.9 vision_transformer.py:291-302), and DINO's kNN uses its
+    forward, the same token (dino vision_transformer.py:209-214). DINO's linear probe reads more
+    (common/evaluation.py `DinoLinearFeatures`).
+
+    Position embeddings are laid out for `image_size`; another size (multi-crop: 96 px crops of a
+    224 px model) interpolates them bicubically as DINO does (vision_transformer.py:174-194)."""
+
+    def __init__(self, image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim=None):
+        super().__init__(image_size, patch_size, num_layers, num_heads, hidden_dim,
+                         mlp_dim or 4 * hidden_dim)  # common/model.py VIT_MLP_RATIO
+        self.heads = nn.Identity()
+        self.feature_dim = hidden_dim
+
+    def position_embedding(self, rows, cols):
+        """[1, 1 + rows*cols, D]: the class token's embedding and the patch grid's, resized."""
+        native = self.image_size // self.patch_size
+        embedding = self.encoder.pos_embedding  # [1, 1 + native*native, D]
+        if (rows, cols) == (native, native):
+            return embedding
+        grid = embedding[:, 1:].reshape(1, native, native, -1).permute(0, 3, 1, 2)
+        # DINO's exact call: a scale factor, not a size, nudged by 0.1 so that the output size
+        # does not round down (dino issue #8). The factor also sets where each output samples
+        # its input, so results differ slightly from size=(rows, cols).
+        grid = F.interpolate(grid, scale_factor=((rows + 0.1) / native, (cols + 0.1) / native),
+                             mode="bicubic")  # [1, D, rows, cols]
+        return torch.cat([embedding[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def embed(self, images):
+        """Images [N, 3, H, W] -> tokens [N, 1 + H/p * W/p, D] that enter the first block: the
+        class token and the patch projections, plus their position embeddings."""
+        n, _, h, w = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise UserError(f"{h}x{w} px images do not divide into the ViT's {p}x{p} patches")
+        tokens = self.conv_proj(images).flatten(2).transpose(1, 2)  # [N, h/p * w/p, D]
+        tokens = torch.cat([self.class_token.expand(n, -1, -1), tokens], dim=1)
+        return self.encoder.dropout(tokens + self.position_embedding(h // p, w // p))
+
+    def forward(self, images):
+        tokens = self.encoder.ln(self.encoder.layers(self.embed(images)))
+        return tokens[:, 0]  # [N, D]
+
+
+def sincos_position_embedding(grid_size, width, temperature=10000.0):
+    """MoCo v3's fixed 2D sin-cos position embedding [1, 1 + grid_size**2, width] (moco-v3
+    vits.py:53-69): zeros for the class token; for the patch in row r, column c (tokens in
+    row-major order), [sin(r w), cos(r w), sin(c w), cos(c w)] with w_k = temperature**(-k/q),
+    k < q = width/4. MoCo v3 calls the row part `w`: meshgrid's default 'ij' indexing makes its
+    first grid vary along the rows of the flattened token order."""
+    quarter = width // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # [q]
+    index = torch.arange(grid_size, dtype=torch.float32)
+    rows = index.repeat_interleave(grid_size)[:, None] * omega  # [G*G, q]: token m, row m // G
+    cols = index.repeat(grid_size)[:, None] * omega  # column m % G
+    patches = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)
+    return torch.cat([torch.zeros(1, width), patches])[None]
+
+
+def mocov3_vit_init(vit, freeze_patch_projection=True):
+    """MoCo v3's initialisation of a torchvision-keyed ViT (moco-v3 vits.py:25-51): the fixed
+    sin-cos position embedding, frozen (:29, :68-69); every linear xavier-uniform with zero bias,
+    q, k and v each as its own matrix (:32-40); class token N(0, 1e-6) (:41); patch projection
+    uniform with the xavier bound of a 3*p*p -> width linear map, zero bias (:43-47), frozen with
+    `freeze_patch_projection` (`--stop-grad-conv1`, :49-51; the random patch projection that
+    the MoCo v3 paper, section 4.2, finds to make ViT training stable). LayerNorms keep weight 1,
+    bias 0, as in timm. Returns vit."""
+    if vit.hidden_dim % 4:
+        raise UserError(f"MoCo v3's sin-cos position embedding needs a width divisible by 4, "
+                        f"not {vit.hidden_dim}")
+    with torch.no_grad():
+        vit.encoder.pos_embedding.copy_(
+            sincos_position_embedding(vit.image_size // vit.patch_size, vit.hidden_dim))
+    vit.encoder.pos_embedding.requires_grad_(False)
+    for module in vit.modules():
+        if isinstance(module, nn.MultiheadAttention):  # timm's `qkv`: [3D, D] in one matrix
+            bound = math.sqrt(6.0 / (module.embed_dim + module.embed_dim))
+            nn.init.uniform_(module.in_proj_weight, -bound, bound)
+            nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, nn.Linear):  # attention output and MLP layers
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(vit.class_token, std=1e-6)
+    projection = vit.conv_proj
+    bound = math.sqrt(6.0 / (3 * vit.patch_size * vit.patch_size + vit.hidden_dim))
+    nn.init.uniform_(projection.weight, -bound, bound)
+    nn.init.zeros_(projection.bias)
+    projection.requires_grad_(not freeze_patch_projection)
+    return vit
