@@ -212,8 +212,8 @@ def main(argv=None):
             run.scaler.scale(loss).backward()
             run.scaler.step(optimizer)
             run.scaler.update()
-            run.step_done(step, labels, loss=loss, on_diag=on_diag, off_diag=off_diag, lr=lr,
-                          lr_biases=optimizer.param_groups[1]["lr"])  # see common/run.py
+            run.step_done(step, labels, torch.cat([z1, z2]), loss=loss, on_diag=on_diag,
+                          off_diag=off_diag, lr=lr, lr_biases=optimizer.param_groups[1]["lr"])
             if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
                 return run.stop(epoch, i + 1)
         if run.end_epoch():  # log, kNN, checkpoint and backbone.pt; True: stopped

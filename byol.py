@@ -248,7 +248,7 @@ def main(argv=None):
             run.scaler.step(optimizer)
             run.scaler.update()
             unwrap(model).update_target(tau)  # the EMA step comes AFTER the online update
-            run.step_done(step, labels, loss=loss, lr=lr, tau=tau)  # see common/run.py
+            run.step_done(step, labels, torch.cat([z1, z2]), loss=loss, lr=lr, tau=tau)
             if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
                 return run.stop(epoch, i + 1)
         if run.end_epoch():  # log, kNN, checkpoint and the online backbone; True: stopped

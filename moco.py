@@ -319,8 +319,8 @@ def main(argv=None):
             # newest keys replace the oldest and become negatives from the next step on.
             moco.enqueue(torch.cat([k1, k2]) if args.symmetric else k2)
             pos_sim = (F.normalize(q[0].detach(), dim=1) * k2).sum(1).mean()  # mean cos(q, k+)
-            run.step_done(step, labels, loss=loss, lr=lr, momentum=args.moco_momentum,
-                          pos_sim=pos_sim)  # see common/run.py
+            run.step_done(step, labels, torch.cat(q), loss=loss, lr=lr,
+                          momentum=args.moco_momentum, pos_sim=pos_sim)  # see common/run.py
             if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
                 return run.stop(epoch, i + 1)
         if run.end_epoch():  # log, kNN, checkpoint and backbone.pt; True: stopped

@@ -254,7 +254,7 @@ def main(argv=None):
             run.scaler.scale(loss).backward()
             run.scaler.step(optimizer)
             run.scaler.update()
-            run.step_done(step, labels, loss=loss, lr=lr)  # see common/run.py
+            run.step_done(step, labels, z, loss=loss, lr=lr)  # see common/run.py
             if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
                 return run.stop(epoch, i + 1)
         if run.end_epoch():  # log, kNN, checkpoint and backbone.pt; True: stopped

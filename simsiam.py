@@ -140,14 +140,6 @@ def simsiam_loss(p1, p2, z1, z2):
     return 0.5 * d12.mean() + 0.5 * d21.mean()
 
 
-@torch.no_grad()
-def output_std(z):
-    """The paper's collapse indicator (section 4.1, Fig. 2): the std over the batch of each
-    dimension of z / ||z||, averaged over dimensions. z: [n, D]. About 1/sqrt(D) for
-    outputs spread over the sphere, 0 when every image gives the same output."""
-    return F.normalize(z, dim=1).std(dim=0).mean()
-
-
 # ------------------------------------------------------------------------------- training
 
 def simsiam_optimizer(model, args):
@@ -209,8 +201,8 @@ def main(argv=None):
             run.scaler.scale(loss).backward()
             run.scaler.step(optimizer)
             run.scaler.update()
-            z_std = output_std(torch.cat([z1, z2]))  # this rank's batch, both views
-            run.step_done(step, labels, loss=loss, lr=lr, z_std=z_std)  # see common/run.py
+            # the paper's collapse monitor reads z of both views (common/run.py embedding_std)
+            run.step_done(step, labels, torch.cat([z1, z2]), loss=loss, lr=lr)
             if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
                 return run.stop(epoch, i + 1)
         if run.end_epoch():  # log, kNN, checkpoint and backbone.pt; True: stopped

@@ -313,7 +313,7 @@ def main(argv=None):
                 swav.prototypes.weight.grad = None  # (no update, no decay, no momentum)
             run.scaler.step(optimizer)
             run.scaler.update()
-            run.step_done(step, labels, loss=loss, lr=lr, queue=queue_in_use(step),
+            run.step_done(step, labels, z, loss=loss, lr=lr, queue=queue_in_use(step),
                           prototypes_frozen=step < freeze_steps)  # see common/run.py
             if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
                 return run.stop(epoch, i + 1)

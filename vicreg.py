@@ -212,7 +212,8 @@ def main(argv=None):
             run.scaler.update()
             # logged: the loss, its three terms unweighted (the invariance is this rank's; the
             # variance and covariance the global batch's), the lr; see common/run.py
-            run.step_done(step, labels, **dict(zip(TERMS, [loss, *terms])), lr=lr)
+            run.step_done(step, labels, torch.cat([z1, z2]), **dict(zip(TERMS, [loss, *terms])),
+                          lr=lr)
             if run.stop_agreed(i):  # a stop signal reached a rank: save, requeue, exit
                 return run.stop(epoch, i + 1)
         if run.end_epoch():  # log, kNN, checkpoint and backbone.pt; True: stopped

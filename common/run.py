@@ -16,6 +16,7 @@ import signal
 import time
 
 import torch
+import torch.nn.functional as F
 
 from common.args import check_batch, format_args, make_run_dir, save_args
 from common.checkpoint import (DIVERGED, export_backbone, keep_epoch_copy, open_run, restore,
@@ -27,6 +28,18 @@ from common.errors import Diverged, UserError
 from common.knn import knn_monitor
 from common.log import Logger, Progress
 from common.model import distribute, grad_scaler, resolve_precision
+
+
+# A healthy embedding spreads its unit vectors over the sphere: each dimension's std over a batch
+# is about 1/sqrt(d); a collapsed one gives every image the same vector, std 0 (SimSiam paper,
+# section 4.1, Fig. 2). Under this fraction of 1/sqrt(d) a run warns that it is collapsing.
+COLLAPSE_FRACTION = 0.2
+
+
+def embedding_std(z):
+    """The collapse monitor of the SimSiam paper (section 4.1): the std over the batch of each
+    dimension of z / ||z||, averaged over the dimensions. z: [n, d]; no gradient, no host sync."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
 class Run:
@@ -51,6 +64,7 @@ class Run:
         self.bad_log = os.path.join(args.run_dir, "bad_images.txt")
         self.steps_per_epoch = self.probe = self.knn = None
         self.values, self.sums = {}, {}  # the last step's values; the epoch's sums of tensors
+        self.bounds, self.collapsing = {}, set()  # collapse monitors: healthy range, state
 
     def print(self, *lines):
         self.log.print(*lines)
@@ -119,15 +133,23 @@ class Run:
         self.progress = Progress(loader, len(loader), f"epoch {epoch + 1}/{self.args.epochs}")
         return enumerate(self.progress, start=first)
 
-    def step_done(self, step, labels=None, **values):
+    def step_done(self, step, labels=None, embedding=None, **values):
         """After the optimizer step of global step `step` (0-based): the divergence guard
-        watches the loss; --probe trains on this step's features and `labels`. Tensors in
+        watches the loss; --probe trains on this step's features and `labels`; the collapse
+        monitor reads `embedding` [n, d], the method's output (`embedding_std`). Tensors in
         `values` (the loss, the method's monitors) are summed for the epoch's means, with no
         host sync; other values (the lr, a momentum) are reported as they are. Every
-        --log-every steps: a log record (a host sync) and the divergence check (a collective)."""
+        --log-every steps: a log record (a host sync), the divergence check (a collective), and
+        one line of warning when the embedding starts collapsing."""
         self.guard.watch(values["loss"], step)
         if self.probe:
             self.probe.step(labels)
+        if embedding is not None:
+            values["embedding_std"] = embedding_std(embedding)
+            if "embedding_std" not in self.bounds:  # about 1/sqrt(d) when healthy
+                dim = embedding.shape[1]
+                self.watch_collapse("embedding_std", low=COLLAPSE_FRACTION * dim ** -0.5,
+                                    why=f"{COLLAPSE_FRACTION} x 1/sqrt({dim}), its healthy value")
         for key, value in values.items():
             if torch.is_tensor(value):
                 value = value.detach().float()
@@ -141,6 +163,7 @@ class Run:
             self.progress.update(record)
             self.log.log(record)
             self.guard.check()
+            self.warn_if_collapsing(record)
         self.stop_signal.step_done(step)
 
     def stop_agreed(self, i):
@@ -181,6 +204,7 @@ class Run:
         if torch.cuda.is_available():  # since the start (or the resume) of this process
             record["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.log.summary(record)
+        self.warn_if_collapsing(record)
         if epoch < args.epochs and broadcast_flag(self.stop_signal.requested, self.device):
             self.stop(epoch, 0)
             return True
@@ -195,6 +219,26 @@ class Run:
         self.print(message or f"done: {self.args.run_dir}/checkpoint.pt and backbone.pt")
         self.log.close()
         cleanup_distributed()
+
+    def watch_collapse(self, key, low=None, high=None, why=""):
+        """Warn, in one line, when the logged value `key` leaves [low, high], the range of a
+        healthy run (a collapse monitor: `embedding_std`, set by `step_done`, or the method's
+        own, e.g. DINO's teacher entropy); again after it has come back and left again. A
+        warning: the run goes on. `why`: what the bound is, for the warning."""
+        self.bounds[key] = (low, high, why)
+
+    def warn_if_collapsing(self, record):
+        for key, (low, high, why) in self.bounds.items():
+            value = record.get(key)
+            if value is None:
+                continue
+            under, over = low is not None and value < low, high is not None and value > high
+            if (under or over) and key not in self.collapsing:
+                where = f"step {record['step']}" if "step" in record else f"epoch {record['epoch']}"
+                bound = f"under {low:.3g}" if under else f"over {high:.3g}"
+                self.print(f"warning: the embedding is collapsing at {where}: {key} {value:.4g}, "
+                           f"{bound} ({why}); what to try: docs/training.md, \"Collapse\"")
+            self.collapsing = self.collapsing | {key} if under or over else self.collapsing - {key}
 
     def save(self, epoch, batch_in_epoch):
         """checkpoint.pt at this position and, at an epoch's end, backbone.pt and --save-every's

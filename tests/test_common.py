@@ -12,6 +12,7 @@ from common.data import make_loader
 from common.model import build_backbone, resnet_backbone
 from common.weights import infer_arch
 from common.optim import LARS, param_groups, warmup_cosine
+from common.run import embedding_std
 from common.dist import gather_with_grad
 from common.knn import knn_predict
 from common.checkpoint import atomic_save, load_checkpoint, rng_state, save_checkpoint
@@ -168,3 +169,22 @@ def test_knn_memory_cap_reads_stl10_labels():
     subset = capped(LabelsOnly(), 20)
     assert len(subset) == 20 == len(set(subset.indices))
     assert subset.targets == [subset[j][1] for j in range(20)]
+
+
+def test_embedding_std_collapsed_and_spread():
+    """The collapse monitor (SimSiam paper, section 4.1): 0 for one output, whatever its scale;
+    about 1/sqrt(d) for outputs spread over the sphere; per dimension, over the batch."""
+    row = torch.randn(1, 64)
+    assert embedding_std(row.repeat(100, 1)).item() < 1e-7                   # collapsed: 0
+    assert embedding_std(row.repeat(100, 1) * torch.rand(100, 1)).item() < 1e-6  # same direction
+    torch.manual_seed(2)
+    for d in (16, 256):  # Gaussian outputs: each coordinate of z/||z|| has std ~ 1/sqrt(d)
+        std = embedding_std(torch.randn(8192, d)).item()
+        assert abs(std * math.sqrt(d) - 1) < 0.03, (d, std)
+    # per dimension over the batch, not per sample over dimensions: a constant column is 0
+    z = torch.zeros(4, 2)
+    z[:, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    z[:, 1] = 1.0
+    u0 = 1 / math.sqrt(2)  # both columns are +-1/sqrt(2) after normalising; column 1 is constant
+    expected = (torch.tensor([u0, -u0, u0, -u0]).std().item() + 0.0) / 2
+    assert math.isclose(embedding_std(z).item(), expected, rel_tol=1e-6)

@@ -1,5 +1,6 @@
 """moco.py: the loss, the momentum update, shuffle/split BN, the queue (one process and 2 gloo
 processes), bad queue sizes, end to end with linear_eval.py, real JPEGs, and exact resume."""
+import copy
 import json
 import math
 
@@ -172,6 +173,95 @@ def test_queue_holds_the_last_keys_in_order():
     assert torch.equal(model.queue, expected)
     # read from the pointer on, the queue is the last 12 keys, oldest first
     assert torch.equal(model.queue.roll(-ptr, dims=0), torch.cat(batches)[-12:])
+
+
+class DemoMoCo:
+    """The training step of the official CIFAR-10 demo (facebookresearch/moco, branch
+    colab-notebook, colab/moco_cifar10_demo.ipynb: ModelMoCo's forward, contrastive_loss,
+    _momentum_update_key_encoder, _batch_shuffle_single_gpu, _dequeue_and_enqueue; its train loop:
+    SGD, zero_grad, backward, step), written from it around given encoders, with its own queue of
+    columns [D, K]. Its shuffles are torch.randperm from the global generator: here the
+    permutations are handed in, so that both sides shuffle alike."""
+
+    def __init__(self, encoder_q, encoder_k, queue_rows, m, T, symmetric):
+        self.encoder_q, self.encoder_k, self.m, self.T = encoder_q, encoder_k, m, T
+        self.symmetric, self.queue, self.ptr = symmetric, queue_rows.T.clone(), 0
+
+    def contrastive_loss(self, im_q, im_k, idx_shuffle):
+        q = nn.functional.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            idx_unshuffle = torch.argsort(idx_shuffle)
+            k = nn.functional.normalize(self.encoder_k(im_k[idx_shuffle]), dim=1)[idx_unshuffle]
+        l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long)
+        return nn.CrossEntropyLoss()(logits, labels), q, k
+
+    def forward(self, im1, im2, perms):
+        with torch.no_grad():
+            for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+                param_k.data = param_k.data * self.m + param_q.data * (1. - self.m)
+        if self.symmetric:
+            loss_12, q1, k2 = self.contrastive_loss(im1, im2, perms[0])
+            loss_21, q2, k1 = self.contrastive_loss(im2, im1, perms[1])
+            loss, k = loss_12 + loss_21, torch.cat([k1, k2], dim=0)
+        else:
+            loss, q, k = self.contrastive_loss(im1, im2, perms[0])
+        self.queue[:, self.ptr:self.ptr + k.shape[0]] = k.t()
+        self.ptr = (self.ptr + k.shape[0]) % self.queue.shape[1]
+        return loss
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_steps_equal_the_official_cifar10_demo(symmetric):
+    """Three SGD steps of moco.py's loop (the demo's recipe: lr 0.06, momentum 0.9, wd 5e-4,
+    m 0.99, T 0.1; split BN) and of the demo's ModelMoCo on the same batches, each step from
+    the same state: the same losses, query gradients, key encoder, queue and pointer after every
+    step, with one loss direction or both (summed, as the demo's --symmetric). (Each step starts
+    the demo from moco.py's state: with 4 images per BN group, float rounding of 1e-7 in the
+    weights grows to percents in some gradients within 3 steps, in either implementation.)"""
+    torch.manual_seed(0)
+    ours = moco.MoCo("resnet18", small_images=True, out_dim=16, queue_size=32, bn_splits=2).train()
+    encoders = copy.deepcopy(ours)
+    demo = DemoMoCo(nn.Sequential(encoders.backbone, encoders.projector),
+                    nn.Sequential(encoders.key_backbone, encoders.key_projector),
+                    ours.queue, m=0.99, T=0.1, symmetric=symmetric)
+    sgd = dict(lr=0.06, momentum=0.9, weight_decay=5e-4)
+    ours_opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], **sgd)
+    demo_opt = torch.optim.SGD(demo.encoder_q.parameters(), **sgd)
+    for step in range(3):
+        encoders.load_state_dict(ours.state_dict())  # the same state: weights, BN statistics
+        demo.queue.copy_(ours.queue.T)
+        demo_opt.load_state_dict(ours_opt.state_dict())  # momentum buffers, in the same order
+        x1, x2 = torch.randn(2, 8, 3, 16, 16, generator=torch.Generator().manual_seed(step))
+        seed = 100 + 2 * step  # moco.py's keys(x2, seed), keys(x1, seed + 1)
+        perms = [torch.randperm(8, generator=torch.Generator().manual_seed(s))
+                 for s in (seed, seed + 1)]
+        ours.momentum_update(0.99)  # moco.py's loop, in its order
+        q = ours(x1, x2) if symmetric else ours(x1)
+        k2 = ours.keys(x2, seed)
+        k1 = ours.keys(x1, seed + 1) if symmetric else None
+        loss = moco.moco_loss(q[0], k2, ours.queue, 0.1)
+        if symmetric:
+            loss = loss + moco.moco_loss(q[1], k1, ours.queue, 0.1)
+        ours_opt.zero_grad()
+        loss.backward()
+        demo_loss = demo.forward(x1, x2, perms)
+        demo_opt.zero_grad()
+        demo_loss.backward()
+        assert loss.item() == pytest.approx(demo_loss.item(), abs=1e-5), step
+        for (name, a), b in zip([(n, p) for n, p in ours.named_parameters() if p.requires_grad],
+                                demo.encoder_q.parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), (step, name)
+        ours_opt.step()
+        demo_opt.step()
+        ours.enqueue(torch.cat([k1, k2]) if symmetric else k2)
+        assert torch.allclose(ours.queue, demo.queue.T, atol=1e-5), step
+        assert int(ours.queue_ptr) == demo.ptr
+        keys = [*ours.key_backbone.parameters(), *ours.key_projector.parameters()]
+        for a, b in zip(keys, demo.encoder_k.parameters()):
+            assert torch.allclose(a, b, atol=1e-5), step
 
 
 @pytest.mark.full

@@ -22,7 +22,7 @@ import linear_eval
 import moco
 import simclr
 from common.errors import Diverged, UserError
-from common.run import DivergenceGuard
+from common.run import DivergenceGuard, Run
 from tests.helpers import TINY, assert_same_tensors, ok, read_log, run
 
 # SimCLR with plain SGD and no warmup: 2 steps per epoch on 32 synthetic images
@@ -399,3 +399,27 @@ def test_each_rank_resumes_its_own_random_state(tmp_path):
     for rank in ranks:
         assert torch.equal(rank["resumed"], rank["continued"])
     assert not torch.equal(ranks[0]["continued"], ranks[1]["continued"])
+
+
+def test_a_collapse_is_said_once_per_episode(tmp_path, capsys):
+    """The collapse monitor warns in one line when a watched value leaves its healthy range,
+    not again while it stays out, and again after it came back and left again; values inside
+    the range, and records without the value, say nothing."""
+    from tests.rng_resume_check import run_args
+    run = Run(run_args(str(tmp_path / "run")), "collapse_check")
+    run.watch_collapse("embedding_std", low=0.02, why="0.2 x 1/sqrt(128)")
+    run.watch_collapse("entropy", low=1.0, high=9.0, why="away from 0 and ln K")
+    capsys.readouterr()
+    records = [{"step": 1, "embedding_std": 0.08}, {"step": 2, "embedding_std": 0.01},
+               {"step": 3, "embedding_std": 0.005}, {"epoch": 1, "loss": 1.0},
+               {"step": 4, "embedding_std": 0.05}, {"step": 5, "embedding_std": 0.001},
+               {"step": 6, "entropy": 9.5}, {"step": 7, "entropy": 5.0}]
+    for record in records:
+        run.warn_if_collapsing(record)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[1] for line in lines] == [
+        " the embedding is collapsing at step 2", " the embedding is collapsing at step 5",
+        " the embedding is collapsing at step 6"], lines
+    assert "embedding_std 0.01, under 0.02 (0.2 x 1/sqrt(128))" in lines[0]
+    assert "entropy 9.5, over 9 (away from 0 and ln K)" in lines[2]
+    run.finish()

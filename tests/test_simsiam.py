@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 
 from common.optim import warmup_cosine
-from simsiam import (SimSiam, get_args, output_std, set_simsiam_lr, simsiam_loss,
-                     simsiam_optimizer)
+from simsiam import SimSiam, get_args, set_simsiam_lr, simsiam_loss, simsiam_optimizer
 from tests.helpers import assert_same_tensors, cifar10_subset, ok, read_log, run, run_until_stopped
 
 
@@ -78,25 +77,6 @@ def test_stop_gradient():
     g_no_sg = torch.autograd.grad(no_sg, (z1, z2))
     for a, b, c in zip(g, g_const, g_no_sg):
         assert torch.allclose(a, b) and not torch.allclose(a, c, atol=1e-4)
-
-
-# ------------------------------------------------------------------------------- collapse indicator
-
-def test_output_std_collapsed_and_spread():
-    row = torch.randn(1, 64)
-    assert output_std(row.repeat(100, 1)).item() < 1e-7                   # collapsed: 0
-    assert output_std(row.repeat(100, 1) * torch.rand(100, 1)).item() < 1e-6  # same direction
-    torch.manual_seed(2)
-    for d in (16, 256):  # Gaussian outputs: each coordinate of z/||z|| has std ~ 1/sqrt(d)
-        std = output_std(torch.randn(8192, d)).item()
-        assert abs(std * math.sqrt(d) - 1) < 0.03, (d, std)
-    # per dimension over the batch, not per sample over dimensions: a constant column is 0
-    z = torch.zeros(4, 2)
-    z[:, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    z[:, 1] = 1.0
-    u0 = 1 / math.sqrt(2)  # both columns are +-1/sqrt(2) after normalising; column 1 is constant
-    expected = (torch.tensor([u0, -u0, u0, -u0]).std().item() + 0.0) / 2
-    assert math.isclose(output_std(z).item(), expected, rel_tol=1e-6)
 
 
 # ------------------------------------------------------------------------------- model, optimizer
@@ -186,12 +166,13 @@ def test_synthetic_run_logs_and_linear_eval(straight_run, tmp_path):
         assert -1 <= r["loss"] <= 1
         assert r["lr"] == pytest.approx(warmup_cosine(r["step"] - 1, STEPS, 0, PEAK), abs=1e-6)
         # BN without affine ends the projector: at the start the outputs are spread, std ~ 1/sqrt(D)
-        assert 0.5 < r["z_std"] * math.sqrt(256) < 1.1, r
+        assert 0.5 < r["embedding_std"] * math.sqrt(256) < 1.1, r
     ends = [r for r in log if "step" not in r and r["epoch"] > 0]
     assert [r["epoch"] for r in ends] == [1, 2]
     for end, epoch_steps in zip(ends, (steps[:4], steps[4:])):
         assert end["loss"] == pytest.approx(sum(r["loss"] for r in epoch_steps) / 4, abs=1e-5)
-        assert end["z_std"] == pytest.approx(sum(r["z_std"] for r in epoch_steps) / 4, abs=1e-5)
+        mean_std = sum(r["embedding_std"] for r in epoch_steps) / 4
+        assert end["embedding_std"] == pytest.approx(mean_std, abs=1e-5)
         assert 0 <= end["knn_top1"] <= 100
 
     args = json.loads((straight_run / "args.json").read_text())
@@ -230,7 +211,7 @@ def test_real_cifar10_jpegs(tmp_path, cifar10_dir):
             "--batch-size", "25", "--epochs", "1", "--workers", "0", "--proj-dim", "256",
             "--pred-hidden-dim", "64", "--run-dir", run_dir]))
     log = read_log(run_dir)
-    assert log[-1]["epoch"] == 1 and -1 <= log[-1]["loss"] <= 1 and log[-1]["z_std"] > 0
+    assert log[-1]["epoch"] == 1 and -1 <= log[-1]["loss"] <= 1 and log[-1]["embedding_std"] > 0
     out = tmp_path / "linear.json"
     ok(run(["linear_eval.py", "--ckpt", run_dir / "checkpoint.pt", "--data", root,
             "--cached-features", "--epochs", "2", "--workers", "0",
