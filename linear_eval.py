@@ -9,8 +9,9 @@ process, one node (torchrun) or a Slurm job (srun), and resumable, as the traini
 - `--finetune`: semi-supervised: backbone and head trained together on 1% or 10% of the labels
   (`--train-percent`, or a published list `--train-subset`), with VICReg's, Barlow Twins' or
   SimCLR's recipe (`--recipe`).
-- `--knn`: weighted kNN top-1 (cosine, k=200, T=0.07; Wu et al. 2018); `--eval-only HEAD`:
-  top-1/top-5 with a saved `linear_head.pt`, no training.
+- `--knn`: weighted kNN top-1 (cosine, T=0.07; Wu et al. 2018) at k = 10, 20, 100, 200 (DINO's
+  eval_knn.py), from one feature pass; `--eval-only HEAD`:
+  top-1/top-5 with a saved `linear_head.pt` (or DINO's or MoCo v3's released head), no training.
 
 `--ckpt`: any cleanssl checkpoint.pt or backbone.pt (ResNet, ResNeXt or ViT), or an official
 MoCo v1/v2/v3, SimSiam, SwAV, Barlow Twins, VICReg or DINO release (common/weights.py), never
@@ -38,8 +39,8 @@ from common.checkpoint import export_backbone
 from common.data import build_dataset, default_img_size, eval_transform, make_loader
 from common.dist import all_gather_tensor, get_rank, get_world_size, setup_distributed
 from common.errors import UserError, exit_on_user_error
-from common.evaluation import (DinoLinearFeatures, accuracy, head_layer, labelled_subset,
-                               linear_train_transform, read_head, save_head)
+from common.evaluation import (DinoLinearFeatures, accuracy, dino_eval_transform, head_layer,
+                               labelled_subset, linear_train_transform, read_head, save_head)
 from common.knn import extract_features, knn_predict
 from common.model import autocast, distribute, is_vit, unwrap
 from common.optim import warmup_cosine
@@ -75,8 +76,13 @@ def get_args(argv=None):
                                 "fine-tuning, kNN or evaluation-only of a pre-trained backbone.")
     g = p.add_argument_group("checkpoint and data")
     g.add_argument("--ckpt", required=True, help="checkpoint.pt or backbone.pt of any cleanssl "
-                   "method, or an official MoCo v1/v2, SimSiam, SwAV, Barlow Twins or VICReg "
-                   "ResNet release (e.g. moco_v2_800ep_pretrain.pth.tar, resnet50.pth)")
+                   "method, or an official release: a MoCo v1/v2, SimSiam, SwAV, Barlow Twins or "
+                   "VICReg ResNet, a MoCo v3 ResNet or ViT (its pre-training, linear or DeiT-"
+                   "converted file), a DINO ViT or ResNet (e.g. moco_v2_800ep_pretrain.pth.tar, "
+                   "vit-s-300ep.pth.tar, dino_deitsmall8_pretrain.pth)")
+    g.add_argument("--vit-heads", type=int, help="a ViT's attention heads, which no weight's "
+                   "shape shows (default: as recorded, or 12 for a MoCo v3 ViT, known by its "
+                   "layout or sin-cos position embedding, else DeiT's 3 / 6 / 12 for ViT-Ti/S/B)")
     g.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, or "
                    "cifar10, cifar100, stl10, synthetic")
     g.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10 live (data)")
@@ -104,16 +110,19 @@ def get_args(argv=None):
                       "backbone and head, BN in train mode (synchronised across GPUs)")
     mode.add_argument("--knn", action="store_true", help="weighted-kNN top-1 instead of a head")
     mode.add_argument("--eval-only", metavar="HEAD", help="evaluate the backbone with this saved "
-                      "linear_head.pt on the val split; no training")
+                      "linear_head.pt, or an official head (DINO's *_linearweights.pth, MoCo v3's "
+                      "linear-*.pth.tar), on the val split; no training")
     g.add_argument("--recipe", choices=sorted(FINETUNE), default="vicreg", help="--finetune "
                    "recipe, for the nearest of 1%% and 10%% of the labels (vicreg): VICReg's or "
                    "Barlow Twins' evaluate.py command, or SimCLR's appendix B.5 (their values: "
                    "docs/evaluation.md)")
     g.add_argument("--vit-features", choices=["cls", "dino"], help="a ViT's "
                    "features: cls, the final class token (MoCo v3's probe, lr 3); dino, DINO's "
-                   "probe's: class tokens of 4 blocks (ViT-B: 1 + mean patch), lr 0.001 (cls; "
-                   "--eval-only: the head's)")
-    g.add_argument("--knn-k", type=int, default=200, help="neighbours of --knn (200)")
+                   "probe's: class tokens of 4 blocks (ViT-B: 1 + mean patch), lr 0.001, val "
+                   "resized bicubically (cls; --eval-only: the head's)")
+    g.add_argument("--knn-k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours "
+                   "of --knn, each voting on the same features (DINO's eval_knn.py: 10 20 100 "
+                   "200); the last one's top-1 is knn_top1 (200: Wu et al.'s, the kNN monitor's)")
     g.add_argument("--knn-temperature", type=float, default=0.07, help="vote temperature (0.07)")
     g = p.add_argument_group("optimisation (defaults: linear ImageNet / images <= 64 px / the "
                              "--finetune recipe)")
@@ -161,11 +170,13 @@ def resolve_protocol(args, labelled_percent):
         recipe = LINEAR_SMALL if args.img_size <= 64 else LINEAR
         # a ViT's head: MoCo v3's main_lincls.py command for ViTs (CONFIG.md: --lr=3), or with
         # DINO's features DINO's eval_linear.py defaults (lr 0.001, 100 epochs; :265-269)
-        vit, vit_name = ((dict(lr=0.001, epochs=100), ", DINO's ViT features: lr 0.001")
-                         if args.vit_features == "dino" else (dict(lr=3.0), ", ViT: lr 3"))
-        recipe = dict(recipe, **vit) if is_vit(args.arch) else recipe
+        vit_recipe, vit_name = ((dict(lr=0.001, epochs=100), ", DINO's ViT features: lr 0.001")
+                                if args.vit_features == "dino" else (dict(lr=3.0), ", ViT: lr 3"))
+        # a ViT by its weights (main), so that DINO's patch-8 "vit_small/8" is one too
+        vit = args.vit if getattr(args, "vit", None) is not None else is_vit(args.arch)
+        recipe = dict(recipe, **vit_recipe) if vit else recipe
         name = (f"linear protocol ({'images <= 64 px' if args.img_size <= 64 else 'ImageNet'}"
-                f"{vit_name if is_vit(args.arch) else ''})")
+                f"{vit_name if vit else ''})")
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -207,12 +218,15 @@ class Classifier(nn.Module):
 def main(argv=None):
     args = get_args(argv)
     device = setup_distributed()  # before the data: one rank downloads, the others wait
-    backbone, source = load_backbone(args.ckpt)
-    args.ckpt, args.arch, args.small_images = (os.path.abspath(args.ckpt), source["arch"],
-                                               source["small_images"])
+    backbone, source = load_backbone(args.ckpt, args.vit_heads)
+    args.ckpt, args.arch, args.small_images, args.vit = (os.path.abspath(args.ckpt), source["arch"],
+                                                         source["small_images"], source["vit"])
     head_file = read_head(args.eval_only) if args.eval_only else {}
-    args.vit_features = args.vit_features or head_file.get("vit_features") or "cls"  # the head's
+    args.vit_features = (args.vit_features or (head_file.get("vit_features") if args.vit else None)
+                         or "cls")  # --eval-only: a ViT's features are its head's
     backbone = DinoLinearFeatures(backbone) if args.vit_features == "dino" else backbone
+    # the val (and feature) transform: DINO's resizes bicubically (common/evaluation.py)
+    eval_tf = dino_eval_transform if args.vit_features == "dino" else eval_transform
     # a backbone with the small-image stem was trained on images <= 64 px: 32 unless told
     args.img_size = (args.img_size or source["train_args"].get("img_size") or head_file.get(
         "img_size") or (32 if args.small_images else default_img_size(args.data)))
@@ -221,13 +235,13 @@ def main(argv=None):
 
     # data: the val split; the labelled train images (a subset for semi-supervised evaluation)
     kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size, img_size=args.img_size)
-    val_set = build_dataset(args.data, "val", eval_transform(args.img_size), **kw)
+    val_set = build_dataset(args.data, "val", eval_tf(args.img_size), **kw)
     classes = list(val_set.classes)
     train_set, labelled = [], 100.0
     if not args.eval_only:
         augment = not (args.cached_features or args.knn)
         train_all = build_dataset(args.data, "train", (linear_train_transform if augment
-                                                       else eval_transform)(args.img_size), **kw)
+                                                       else eval_tf)(args.img_size), **kw)
         train_set = labelled_subset(train_all, args.train_percent, args.train_subset,
                                     args.subset_seed)
         labelled = 100.0 * len(train_set) / len(train_all)
@@ -251,14 +265,24 @@ def main(argv=None):
         train_f, train_y = features(train_set, "train features", normalize=True)
         val_f, val_y = features(val_set, "val features", normalize=True)
         mine = slice(get_rank(), None, get_world_size())
-        votes = knn_predict(train_f, train_y, val_f[mine], len(classes), args.knn_k,
-                            args.knn_temperature)
-        correct = all_gather_tensor((votes.argmax(1) == val_y[mine]).sum()[None]).sum().item()
-        top1 = 100.0 * correct / len(val_set)
-        return finish(args, run, {"protocol": "weighted kNN", "knn_top1": top1,
-                                  "k": args.knn_k, "temperature": args.knn_temperature})
+        top1 = {}  # per k, from the one feature pass, as DINO's eval_knn.py (:238-241)
+        for k in args.knn_k:
+            votes = knn_predict(train_f, train_y, val_f[mine], len(classes), k,
+                                args.knn_temperature)
+            correct = all_gather_tensor((votes.argmax(1) == val_y[mine]).sum()[None]).sum()
+            top1[str(k)] = 100.0 * correct.item() / len(val_set)
+        several = len(args.knn_k) > 1
+        if several:
+            run.print("kNN top-1 by k: " + ", ".join(f"{k} {v:.2f}" for k, v in top1.items()))
+        return finish(args, run, {"protocol": "weighted kNN", "knn_top1": top1[str(args.knn_k[-1])],
+                                  "k": args.knn_k if several else args.knn_k[0],
+                                  "temperature": args.knn_temperature,
+                                  **({"knn_top1_by_k": top1} if several else {})})
     if args.eval_only:
         head = head_layer(head_file, args.eval_only, backbone.feature_dim, classes).to(device)
+        if head_file["classes"] is None:  # an official head: its k-th class, --data's k-th
+            run.print(f"{head_file['protocol']}: no class names; class k is --data's k-th class "
+                      f"folder in sorted order, as the official scripts' ImageFolder")
         val_f, val_y = features(val_set, "val features")
         logits = head(val_f).detach()
         return finish(args, run, {"protocol": f"eval-only ({head_file.get('protocol')})",

@@ -87,7 +87,10 @@ def get_args(argv=None):
                         "1 for a ViT, which has no BatchNorm)")
     g.add_argument("--symmetric", action="store_true",
                    help="also contrast (view 2 query, view 1 key) and enqueue both keys "
-                        "(the 'MoCo v2+' variant; paper: off)")
+                        "(the 'MoCo v2+' variant; paper: off). The two losses are summed, as "
+                        "the demo's: a step is about twice a one-direction step at the same rate. "
+                        "Keep the recipe's rate per image, 0.03 x batch/256 (the demo's 0.06 at "
+                        "batch 512): 0.06 at batch 128 collapses (docs/moco.md, Results)")
     g.add_argument("--proj-hidden-dim", type=int, default=None,
                    help="MLP head hidden width (default: the backbone's, 2048 for ResNet-50)")
     g.add_argument("--proj-dim", type=int, default=128, help="key/query dim (paper: 128)")

@@ -1,28 +1,17 @@
-"""View augmentation: one recipe per view, three implementations of it.
+"""View augmentation: one recipe per view (`ViewRecipe`: its paper's crop, colour jitter,
+grayscale, blur and solarize), made by `ViewPipeline(recipes, mode)`, the loader's transform
+(image -> its views) whose `to_device` finishes them in the training step. Modes:
 
-A method script describes each view with a `ViewRecipe` (its paper's crop scale, colour
-jitter, grayscale, blur and solarize probabilities). `ViewPipeline(recipes, mode)` is the data
-loader's transform (image -> list of views) plus `to_device`, run in the training step:
-
-- "fast" (default): the image is converted to a uint8 tensor once for all its views; each view
-  is cropped and resized with torch's antialiased uint8 interpolation (~3x faster than PIL's),
-  flipped, then jittered, grayscaled, blurred and solarized with PIL's uint8 operations (the
-  blur: PIL's filter, ~5x faster than torchvision's); workers hand over uint8 tensors (4x less
-  to copy than floats) and `to_device` converts and normalises them on the device.
-- "gpu" (`--gpu-aug`): workers only crop, resize and flip into uint8 tensors; colour jitter,
-  grayscale, blur, solarize and normalisation run batched on the device with per-sample
-  random parameters (common/gpu_aug.py).
-- "torchvision" (`--torchvision-aug`): the standard torchvision composition (RandomResizedCrop,
-  ColorJitter, GaussianBlur, ..., ToTensor, Normalize): the reference, for comparison.
-- "device" (`--data-on-device`): no workers; the whole train set is held on the device as uint8
-  (`common/data.DeviceBatches`), and each step's crop, resize, flip and colour operations run
-  there in batches (common/gpu_aug.py), seeded by (seed, step, rank) as "gpu".
-
-"fast" draws its random numbers from torch's generator exactly as the torchvision composition
-does, so for a seeded sample both pick the same crop box, flip, jitter factors and order,
-grayscale, blur sigma and solarize decisions. Two implementations differ: the resize rounds
-differently (one level on about a quarter of the values) and the blur is PIL's box-pass
-approximation of the Gaussian.
+- "fast" (default): PIL's uint8 operations in the loader workers, cropped and resized by torch's
+  antialiased uint8 interpolation (about 3x faster than PIL's), blurred by PIL's filter (about
+  5x faster than torchvision's); uint8 tensors reach the device, which normalises them. Its
+  random draws are torchvision's, in torchvision's order: for a seeded sample both pick the same
+  crop, flip, jitter, grayscale, blur and solarize; the resize rounds differently (one level on
+  about a quarter of the values) and the blur is PIL's box-pass approximation of the Gaussian.
+- "gpu" (--gpu-aug): workers only crop, resize and flip; the rest runs batched on the device.
+- "device" (--data-on-device): the train set held on the device, every view made there.
+- "torchvision" (--torchvision-aug): the standard composition, the reference.
+The last three load common/gpu_aug.py; docs/performance.md measures them.
 """
 from dataclasses import dataclass
 
@@ -192,7 +181,9 @@ class ViewPipeline:
             from common.gpu_aug import resident_views
             views = resident_views(self.images, views, self.recipes, self._generator(step))
         elif self.mode == "gpu":
-            views = self._augment([x.to(device, non_blocking=True) for x in views], step)
+            from common.gpu_aug import augment_views
+            views = augment_views([x.to(device, non_blocking=True) for x in views], self.recipes,
+                                  self._generator(step))
         else:
             views = [x.to(device, non_blocking=True).float().div_(255) for x in views]
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)
@@ -203,18 +194,6 @@ class ViewPipeline:
         """The CPU generator of a step's random parameters: (seed, step, rank) fix them."""
         return torch.Generator().manual_seed(
             ((self.seed * 1_000_003 + step) * 10_007 + self.rank) % 2**63)
-
-    def _augment(self, views, step):
-        """Views with the same recipe (SwAV's crops of one size) are augmented as one batch."""
-        from common.gpu_aug import gpu_augment
-        generator = self._generator(step)
-        out = [None] * len(views)
-        for recipe in dict.fromkeys(self.recipes):
-            idx = [i for i, r in enumerate(self.recipes) if r == recipe]
-            batch = gpu_augment(torch.cat([views[i] for i in idx]), recipe, generator)
-            for i, x in zip(idx, batch.chunk(len(idx))):
-                out[i] = x
-        return out
 
     def _layout(self, x):
         if self.channels_last and x.is_cuda:

@@ -235,10 +235,14 @@ def make_loader(dataset, batch_size, workers, shuffle=True, seed=0, drop_last=Tr
     if on_device(dataset):  # the views' ViewPipeline holds the images (common/gpu_aug.py)
         return DataLoader(dataset.transform.hold_images(dataset, workers), batch_size=batch_size,
                           sampler=sampler, drop_last=drop_last, collate_fn=whole_batch)
+    # A generator of its own for the workers' base seed, which a DataLoader otherwise draws from
+    # the global generator at every epoch: a resumed run's global random numbers (stochastic
+    # depth, dropout) then continue as an uninterrupted run's
     return DataLoader(SeededSamples(dataset) if seeded else dataset, batch_size=batch_size,
                       sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       drop_last=drop_last, persistent_workers=workers > 0,
-                      worker_init_fn=ignore_stop_signals)
+                      worker_init_fn=ignore_stop_signals,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def whole_batch(batch):

@@ -1,6 +1,7 @@
 """What only linear_eval.py needs (a method script never loads it): the linear protocol's
-training crops, the labelled subsets of semi-supervised evaluation, saved linear heads, top-k
-accuracy, and the ViT features DINO's linear evaluation reads."""
+training crops, the labelled subsets of semi-supervised evaluation, saved linear heads (ours and
+the official releases'), top-k accuracy, and the ViT features and val transform of DINO's linear
+evaluation."""
 import os
 
 import torch
@@ -8,7 +9,7 @@ import torch.nn as nn
 from torchvision import transforms as T
 
 from common.checkpoint import atomic_save, safe_load
-from common.data import IMAGENET_MEAN, IMAGENET_STD, labels_of
+from common.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, labels_of
 from common.errors import UserError
 from common.vit import VisionTransformerBackbone
 
@@ -17,6 +18,16 @@ def linear_train_transform(size):
     """Random resized crop + flip: the standard linear-evaluation training augmentation."""
     return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def dino_eval_transform(size):
+    """`eval_transform` (resize, centre crop) with DINO's bicubic resize: its linear and kNN
+    evaluations resize with interpolation=3, PIL's bicubic (eval_linear.py:65-70,
+    eval_knn.py:33), where main_lincls.py and ours use the default, bilinear."""
+    transform = eval_transform(size)
+    transform.transforms[0] = T.Resize(transform.transforms[0].size,
+                                       interpolation=T.InterpolationMode.BICUBIC)
+    return transform
 
 
 def accuracy(logits, y, k):
@@ -88,6 +99,14 @@ def labelled_subset(dataset, percent=None, list_file=None, seed=0):
 # ---------------------------------------------------------------- linear heads
 
 HEAD_FORMAT = "cleanssl-linear-head-v1"
+# The official linear heads, which carry no class names: (where their weights are, the features
+# they read, a ViT's). DINO's *_linearweights.pth: eval_linear.py:141-148 saves its DDP-wrapped
+# LinearClassifier (:237-251, `linear`) under `state_dict`, trained on DINO's ViT features
+# (:165-170). MoCo v3's linear-*.pth.tar: main_lincls.py:319-325 saves the whole DDP-wrapped
+# model, the frozen backbone and its classifier, `head` for a ViT, `fc` for a ResNet (:156-161).
+OFFICIAL_HEADS = {"DINO's eval_linear.py head": ("module.linear.", "dino"),
+                  "MoCo v3's main_lincls.py head": ("module.head.", "cls"),
+                  "MoCo v3's main_lincls.py ResNet head": ("module.fc.", None)}
 
 
 def save_head(head, path, classes, **info):
@@ -98,16 +117,26 @@ def save_head(head, path, classes, **info):
 
 
 def read_head(path):
-    """The contents of a linear_head.pt (see `save_head`)."""
+    """The contents of a linear_head.pt (see `save_head`), or of an official head in the same
+    form, `classes` None and `protocol` naming it (OFFICIAL_HEADS)."""
     saved = safe_load(path)
-    if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT:
-        raise UserError(f"{path}: not a linear_head.pt written by linear_eval.py")
-    return saved
+    if isinstance(saved, dict) and saved.get("format") == HEAD_FORMAT:
+        return saved
+    state = saved.get("state_dict") if isinstance(saved, dict) else None
+    for name, (prefix, features) in OFFICIAL_HEADS.items():
+        if isinstance(state, dict) and {prefix + "weight", prefix + "bias"} <= state.keys():
+            return {"weight": state[prefix + "weight"], "bias": state[prefix + "bias"],
+                    "classes": None, "vit_features": features, "protocol": name}
+    raise UserError(f"{path}: not a linear_head.pt written by linear_eval.py, nor DINO's or "
+                    f"MoCo v3's released linear head")
 
 
 def head_layer(saved, path, feature_dim, classes):
     """The nn.Linear of a read linear_head.pt, checked against the features and class names."""
-    if saved["classes"] != list(classes):
+    if saved["classes"] is None and len(saved["weight"]) != len(classes):  # an official head
+        raise UserError(f"{path}: a head for {len(saved['weight'])} classes, --data has "
+                        f"{len(classes)}")
+    if saved["classes"] is not None and saved["classes"] != list(classes):
         raise UserError(f"{path}: trained on {len(saved['classes'])} classes "
                         f"({', '.join(saved['classes'][:3])}, ...), not those of --data "
                         f"({len(classes)}: {', '.join(classes[:3])}, ...)")

@@ -185,6 +185,18 @@ def gpu_augment(x_uint8, recipe, generator):
 
 # ---------------------------------------------------------------- crop and flip (--data-on-device)
 
+def augment_views(views, recipes, generator):
+    """--gpu-aug: the colour operations of each view's recipe on its uint8 batch; the views of
+    one recipe (SwAV's crops of one size) are augmented as one batch."""
+    out = [None] * len(views)
+    for recipe in dict.fromkeys(recipes):
+        idx = [i for i, r in enumerate(recipes) if r == recipe]
+        batch = gpu_augment(torch.cat([views[i] for i in idx]), recipe, generator)
+        for i, x in zip(idx, batch.chunk(len(idx))):
+            out[i] = x
+    return out
+
+
 def crop_boxes(n, height, width, recipe, generator):
     """n random resized crops of a height x width image, as T.RandomResizedCrop.get_params draws
     them (up to 10 tries of an area in `recipe.scale` and a log-uniform aspect in `recipe.ratio`,

@@ -55,18 +55,20 @@ def widened_resnet50(w, zero_init_residual=False):
     return net
 
 
-def build_backbone(arch, small_images=False, zero_init_residual=False, vit_init=None):
+def build_backbone(arch, small_images=False, zero_init_residual=False, vit_init=None,
+                   heads=None):
     """The backbone `arch` (one of ARCHS), returning pooled features [N, feature_dim]. ResNets
     and ResNeXts: `resnet_backbone`, with torchvision's initialisation. ViTs (common/vit.py,
     imported only for them): patch 16 for 224 px, or patch 4 for images <= 64 px
     (`small_images`); `zero_init_residual` has no meaning there (no BN) and is ignored;
-    `vit_init="mocov3"`: MoCo v3's initialisation (`mocov3_vit_init`), else torchvision's."""
+    `vit_init="mocov3"`: MoCo v3's initialisation (`mocov3_vit_init`), else torchvision's;
+    `heads`: a ViT's attention heads if not the width's in VITS (MoCo v3's ViT-S: 12)."""
     if arch not in ARCHS:
         raise UserError(f"--arch {arch}: not supported (choose from {', '.join(ARCHS)})")
     if not is_vit(arch):
         return resnet_backbone(arch, small_images, zero_init_residual)
     from common.vit import VisionTransformerBackbone, mocov3_vit_init
-    width, heads = VITS[arch]
+    width, heads = VITS[arch][0], heads or VITS[arch][1]
     patch_size, image_size = VIT_PATCH[small_images]
     vit = VisionTransformerBackbone(image_size, patch_size, VIT_DEPTH, heads, width,
                                     VIT_MLP_RATIO * width)

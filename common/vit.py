@@ -22,13 +22,18 @@ class VisionTransformerBackbone(VisionTransformer):
     (common/evaluation.py `DinoLinearFeatures`).
 
     Position embeddings are laid out for `image_size`; another size (multi-crop: 96 px crops of a
-    224 px model) interpolates them bicubically as DINO does (vision_transformer.py:174-194)."""
+    224 px model) interpolates them bicubically as DINO does (vision_transformer.py:174-194).
 
-    def __init__(self, image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim=None):
+    `drop_path_rate` > 0: stochastic depth (`add_stochastic_depth`), which torchvision's
+    EncoderBlock lacks; at 0 the network is exactly torchvision's (no module added)."""
+
+    def __init__(self, image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim=None,
+                 drop_path_rate=0.0):
         super().__init__(image_size, patch_size, num_layers, num_heads, hidden_dim,
                          mlp_dim or 4 * hidden_dim)  # common/model.py VIT_MLP_RATIO
         self.heads = nn.Identity()
         self.feature_dim = hidden_dim
+        add_stochastic_depth(self, drop_path_rate)
 
     def position_embedding(self, rows, cols):
         """[1, 1 + rows*cols, D]: the class token's embedding and the patch grid's, resized."""
@@ -58,6 +63,68 @@ class VisionTransformerBackbone(VisionTransformer):
     def forward(self, images):
         tokens = self.encoder.ln(self.encoder.layers(self.embed(images)))
         return tokens[:, 0]  # [N, D]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016) on a residual branch: in training, each sample's
+    branch output is dropped with probability `p` and the kept ones scaled by 1 / (1 - p), so
+    the expectation is unchanged; in eval mode the identity. As DINO's DropPath
+    (vision_transformer.py:27-46: one Bernoulli draw per sample, floor(1 - p + U(0, 1)))."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)  # [N, 1, 1]
+        return x / (1 - self.p) * keep
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+def add_stochastic_depth(vit, rate):
+    """Stochastic depth in every block of a torchvision ViT, the rate rising linearly from 0 in
+    the first block to `rate` in the last, DINO's rule (vision_transformer.py:150:
+    linspace(0, rate, depth)); DINO trains its student with rate 0.1 (main_dino.py:105, :162-165).
+    torchvision's EncoderBlock computes x = input + dropout(attention(ln_1(input))) and returns
+    x + mlp(ln_2(x)): both residual branches end in a module (`dropout`, `mlp`, a Sequential),
+    so a DropPath after each drops the branch as DINO's Block does (:111-112). DropPath holds no
+    weights: the state dict is unchanged. Blocks at rate 0 are left as they are (rate 0: the
+    whole network). Returns vit."""
+    blocks = list(vit.encoder.layers)
+    for i, block in enumerate(blocks):
+        p = rate * i / (len(blocks) - 1) if len(blocks) > 1 else rate
+        if p > 0:
+            block.dropout = nn.Sequential(block.dropout, DropPath(p))
+            block.mlp.append(DropPath(p))
+    return vit
+
+
+def dino_vit_init(vit):
+    """DINO's initialisation of a torchvision-keyed ViT (dino vision_transformer.py:161-172):
+    position embedding, class token and every linear weight (q, k, v as one matrix, timm's
+    `qkv`) truncated normal with std 0.02, biases 0, LayerNorms weight 1 and bias 0; the patch
+    projection keeps PyTorch's default Conv2d initialisation, which DINO's `_init_weights`
+    (Linear and LayerNorm only) does not touch. Returns vit."""
+    def trunc_normal(tensor):  # DINO's trunc_normal_(std=.02): bounds -2, 2 in absolute value
+        nn.init.trunc_normal_(tensor, std=0.02, a=-2.0, b=2.0)
+    trunc_normal(vit.encoder.pos_embedding)
+    trunc_normal(vit.class_token)
+    for module in vit.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            trunc_normal(module.in_proj_weight)
+            nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, nn.Linear):  # attention output and MLP layers
+            trunc_normal(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    vit.conv_proj.reset_parameters()
+    return vit
 
 
 def sincos_position_embedding(grid_size, width, temperature=10000.0):

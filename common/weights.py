@@ -4,7 +4,8 @@
 finds the backbone's weights in it (a ResNet, or a ViT with torchvision's or timm's keys),
 strips their prefix, drops what is not the backbone (projection heads, predictors, prototypes,
 the momentum encoder, a queue) and returns a torchvision backbone (`fc` / `heads` = identity),
-its architecture and stem or patch size inferred from the weights.
+its architecture and stem or patch size inferred from the weights, and a ViT's number of heads,
+which no shape shows, as `vit_heads_of` tells it (or --vit-heads names it).
 Each official layout, what is evaluated in it and where its training script writes it (file:line):
 docs/evaluation.md, "Checkpoints it reads"; `KNOWN_PREFIXES` below lists them in code.
 
@@ -23,7 +24,7 @@ import torch
 from common.checkpoint import FORMAT, safe_load
 from common.errors import UserError
 from common.model import VIT_DEPTH, VIT_MLP_RATIO, VIT_PATCH, VITS, WIDENED_RESNET50, resnet_backbone
-from common.vit import VisionTransformerBackbone
+from common.vit import VisionTransformerBackbone, sincos_position_embedding
 
 # Per kind of backbone, a key that marks it and a second one that must sit under the same
 # prefix. "vit": torchvision's keys (ours); "timm_vit": DINO's, MoCo v3's, DeiT's.
@@ -48,14 +49,22 @@ KNOWN_PREFIXES = [("MoCo v1/v2", "resnet", "module.encoder_q."),
 KNOWN_LAYOUTS = ("a cleanssl checkpoint.pt or backbone.pt, a torchvision ResNet or ViT state "
                  "dict (Barlow Twins' and VICReg's resnet50.pth), MoCo v1/v2's and SimSiam's "
                  "checkpoint_*.pth.tar (module.encoder_q. / module.encoder.), MoCo v3's "
-                 "(module.base_encoder.), SwAV's (module.), Barlow Twins' and VICReg's full "
+                 "(module.base_encoder.; its linear checkpoints module., its DeiT conversions "
+                 "model:), SwAV's (module.), Barlow Twins' and VICReg's full "
                  "checkpoints (model: module.backbone.), DINO's ViT releases (timm keys: "
                  "cls_token, blocks.N.attn.qkv, ...) and full checkpoints (teacher: backbone.), "
                  "or one ResNet or ViT under any single prefix")
 
 # MoCo v3 builds every ViT with 12 heads (vits.py:115-127); the others follow DeiT / DINO.
+# No weight's shape shows the heads: a MoCo v3 ViT is recognised by its layout or by its
+# position embedding, MoCo v3's fixed 2-D sin-cos one, frozen (vits.py:28-29, 53-69), where
+# DINO's and DeiT's are learned.
 MOCOV3_VIT_HEADS = 12
 HEADS_BY_WIDTH = {width: heads for width, heads in VITS.values()}
+# MoCo v3's vit_conv_small / vit_conv_base (vits.py:72-112, 129-143): a convolutional stem, 4
+# conv-BN-ReLU layers and a 1x1 conv, in place of the patch projection; timm keys
+# patch_embed.proj.N.*.
+CONV_STEM_MARKER = "patch_embed.proj.0.weight"
 
 # timm / DINO / MoCo v3 ViT keys -> torchvision's; within block N, BLOCK_KEYS.
 TIMM_TO_TORCHVISION = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding",
@@ -160,6 +169,14 @@ def find_backbone(state):
         if prefix in found[kind]:
             return layout, kind, prefix
     candidates = [(kind, prefix) for kind, prefixes in found.items() for prefix in prefixes]
+    stems = [k[:-len(CONV_STEM_MARKER)] for k in state if k.endswith(CONV_STEM_MARKER)
+             and k[:-len(CONV_STEM_MARKER)] + "cls_token" in state]
+    if stems and not candidates:
+        raise UserError(f"a ViT with a convolutional stem under '{stems[0]}' (MoCo v3's "
+                        f"vit_conv_small / vit_conv_base: 4 conv-BN-ReLU layers and a 1x1 conv "
+                        f"in place of the patch projection, 11 blocks; moco-v3 vits.py:72-143): "
+                        f"not supported, torchvision's ViT has a one-convolution patch "
+                        f"projection; evaluate it with MoCo v3's main_lincls.py")
     if len(candidates) == 1:
         kind, prefix = candidates[0]
         return f"a {KIND_NAMES[kind]} under '{prefix}'", kind, prefix
@@ -171,22 +188,23 @@ def find_backbone(state):
     raise UserError(f"no ResNet or ViT found in it; known layouts: {KNOWN_LAYOUTS}")
 
 
-def load_backbone(path):
+def load_backbone(path, vit_heads=None):
     """(backbone, info) from any checkpoint described above; info holds `arch`, `small_images`,
-    `layout`, `dropped` (names of what was not the backbone), a one-line `description` and, for
-    our checkpoints, the training arguments under `train_args`."""
+    `vit`, `layout`, `dropped` (names of what was not the backbone), a one-line `description`
+    and, for our checkpoints, the training arguments under `train_args`. `vit_heads`: a ViT's
+    number of heads as given (--vit-heads), over what the checkpoint says (`vit_heads_of`)."""
     obj = safe_load(path)
     try:
-        return _backbone_from(obj)
+        return _backbone_from(obj, vit_heads)
     except UserError as e:
         raise UserError(f"--ckpt {path}: {e}") from None
 
 
-def _backbone_from(obj):
+def _backbone_from(obj, vit_heads=None):
     if not isinstance(obj, dict):
         raise UserError(f"a {type(obj).__name__}, not a dict of weights; known layouts: "
                         f"{KNOWN_LAYOUTS}")
-    train_args = {}
+    train_args, container = {}, None
     if obj.get("format") == FORMAT:  # ours: the online / query backbone is `backbone.*`
         state, prefix, train_args = obj["model"], "backbone.", obj["args"]
         kind = "vit" if "backbone.class_token" in state else "resnet"
@@ -200,16 +218,19 @@ def _backbone_from(obj):
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if kind == "resnet":
         backbone, arch, small, kept, details = _resnet(weights, prefix)
-    else:  # export_backbone records a ViT's heads, which no shape shows, in the metadata
-        heads = getattr(obj, "_metadata", {}).get("", {}).get("num_heads") if not prefix else None
-        backbone, arch, small, kept, details = _vit(weights, prefix, kind, layout, heads)
+    else:  # export_backbone records a ViT's heads in the metadata, mocov3.py in its arguments
+        metadata = getattr(obj, "_metadata", {}).get("", {}) if not prefix else {}
+        recorded = train_args.get("vit_heads") if train_args else metadata.get("num_heads")
+        backbone, arch, small, kept, details = _vit(weights, prefix, kind, layout, container,
+                                                    vit_heads or recorded, vit_heads)
     depth = max(1, prefix.count("."))  # name what was dropped at the prefix's depth
     dropped = sorted({prefix + k[len(prefix):].split(".")[0] if k.startswith(prefix)
                       else ".".join(k.split(".")[:depth]) for k in state if k not in kept})
     description = (f"{layout}: {arch} ({details})"
                    + (f"; dropped (not the backbone): {', '.join(dropped)}" if dropped else ""))
-    return backbone, {"arch": arch, "small_images": small, "layout": layout, "prefix": prefix,
-                      "dropped": dropped, "train_args": train_args, "description": description}
+    return backbone, {"arch": arch, "small_images": small, "vit": kind != "resnet",
+                      "layout": layout, "prefix": prefix, "dropped": dropped,
+                      "train_args": train_args, "description": description}
 
 
 def _load_exactly(backbone, weights, prefix, arch):
@@ -233,10 +254,9 @@ def _resnet(weights, prefix):
             f"{'small-image' if small else 'ImageNet'} stem")
 
 
-def _vit(weights, prefix, kind, layout, heads=None):
+def _vit(weights, prefix, kind, layout, container=None, heads=None, given=None):
     """A VisionTransformerBackbone of the layout the weights have (any depth, patch and image
-    size; the heads, which no shape shows, as our backbone.pt records them, else from the width
-    or MoCo v3's rule)."""
+    size; the heads, which no shape shows: `heads` as given or recorded, else `vit_heads_of`)."""
     if kind == "timm_vit":
         renamed = {k: torchvision_vit_key(k) for k in weights}
         foreign = [k for k, name in renamed.items() if name is None and not k.startswith("head.")]
@@ -249,10 +269,11 @@ def _vit(weights, prefix, kind, layout, heads=None):
         sources = {k: k for k in weights}
     sizes = vit_layout(weights)
     width = sizes["hidden_dim"]
-    heads = heads or (MOCOV3_VIT_HEADS if layout == "MoCo v3" else HEADS_BY_WIDTH.get(width))
-    if heads is None:
-        raise UserError(f"a ViT {width} wide: its number of heads is unknown (widths "
-                        f"{', '.join(map(str, HEADS_BY_WIDTH))} are)")
+    why = "--vit-heads" if given else None
+    if not heads:
+        heads, why = vit_heads_of(weights, width, layout, container, foreign=kind == "timm_vit")
+    if width % heads:
+        raise UserError(f"a ViT {width} wide cannot have {heads} heads (--vit-heads)")
     backbone = VisionTransformerBackbone(sizes["image_size"], sizes["patch_size"],
                                          sizes["num_layers"], heads, width, sizes["mlp_dim"])
     try:
@@ -264,5 +285,33 @@ def _vit(weights, prefix, kind, layout, heads=None):
                     f"ViT {width} wide, {sizes['num_layers']} blocks, MLP {sizes['mlp_dim']}")
     expected = _load_exactly(backbone, weights, prefix, arch)
     small = sizes["image_size"] <= 64  # the rule --img-size follows
-    details = f"patch {sizes['patch_size']} at {sizes['image_size']} px, {heads} heads"
+    details = (f"patch {sizes['patch_size']} at {sizes['image_size']} px, {heads} heads"
+               + (f", by {why}" if why else ""))
     return backbone, arch, small, {prefix + sources[k] for k in expected}, details
+
+
+def vit_heads_of(weights, width, layout, container, foreign):
+    """(heads, why or None) of a ViT whose checkpoint records none: MoCo v3's 12 for its layout
+    or, in a foreign (timm-keyed) checkpoint, for MoCo v3's fixed sin-cos position embedding
+    (e.g. its ViT converted by convert_to_deit.py, or its linear-probe checkpoint); else DeiT's
+    and DINO's count for the width. DeiT's layout ({'model': timm keys}) with a learned embedding
+    at a width where DeiT's count is not 12 is refused: DeiT's own ViT-S (6 heads) and a MoCo v3
+    ViT-S fine-tuned in DeiT (12, moco-v3 README.md:177) look alike."""
+    if layout == "MoCo v3":
+        return MOCOV3_VIT_HEADS, None
+    position = weights["encoder.pos_embedding"]
+    grid = math.isqrt(position.shape[1] - 1)
+    if foreign and width % 4 == 0 and torch.allclose(
+            position.float(), sincos_position_embedding(grid, width), atol=1e-5):
+        return MOCOV3_VIT_HEADS, "its position embedding, MoCo v3's fixed sin-cos one"
+    heads = HEADS_BY_WIDTH.get(width)
+    if heads is None:
+        raise UserError(f"a ViT {width} wide: its number of heads is unknown (widths "
+                        f"{', '.join(map(str, HEADS_BY_WIDTH))} are): give --vit-heads")
+    if foreign and container == "model" and heads != MOCOV3_VIT_HEADS:
+        raise UserError(f"a ViT {width} wide in DeiT's layout ({{'model': timm keys}}) with a "
+                        f"learned position embedding: DeiT's own has {heads} heads, a MoCo v3 ViT "
+                        f"fine-tuned in DeiT {MOCOV3_VIT_HEADS}, and no weight's shape tells "
+                        f"them apart: name the count with --vit-heads {heads} or --vit-heads "
+                        f"{MOCOV3_VIT_HEADS}")
+    return heads, None

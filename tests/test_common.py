@@ -188,3 +188,18 @@ def test_embedding_std_collapsed_and_spread():
     u0 = 1 / math.sqrt(2)  # both columns are +-1/sqrt(2) after normalising; column 1 is constant
     expected = (torch.tensor([u0, -u0, u0, -u0]).std().item() + 0.0) / 2
     assert math.isclose(embedding_std(z).item(), expected, rel_tol=1e-6)
+
+
+def test_a_loader_epoch_leaves_the_global_generator_alone():
+    """A DataLoader draws its workers' base seed at every epoch, from the global generator
+    unless given its own: then a run resumed mid-epoch (fewer batches, another epoch count
+    since the start) would draw other stochastic-depth or dropout masks afterwards."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    loader = make_loader(SyntheticImages(8, 8, torchvision.transforms.ToTensor()), 4, 0, seed=1,
+                         seeded=True)
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        assert len(list(loader)) == 2
+    assert torch.equal(torch.rand(3), expected)

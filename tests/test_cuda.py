@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 CPU = {"CUDA_VISIBLE_DEVICES": ""}
 GPU = {"NVIDIA_TF32_OVERRIDE": "0"}
 METHOD_FLAGS = {"simclr": [], "moco": ["--bn-splits", "1"], "byol": [], "simsiam": [],
-                "swav": [], "barlow": [], "vicreg": []}  # one BN group: no shuffle-dependent BN
+                "swav": [], "barlow": [], "vicreg": [], "mocov3": []}  # one BN group: no shuffle-dependent BN
 
 
 def first_loss(tmp_path, name, method, flags, env):

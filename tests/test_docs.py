@@ -20,7 +20,7 @@ from tools import benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-METHODS = ["simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg"]
+METHODS = ["simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg", "mocov3", "dino", "mae"]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*(?![\w])")  # ours are kebab-case, never snake_case
 
 # Flags of other programs that pages name in backticks: the launchers and, on the method pages,
@@ -109,14 +109,14 @@ def test_every_command_runs_a_script_that_exists_with_flags_it_knows():
 
 def test_every_flag_named_in_backticks_exists():
     ours = set().union(*(flags_of(s) for s in [f"{m}.py" for m in METHODS] + [
-        "linear_eval.py", "tools/benchmark.py", "tools/gpu_schedule.py", "tools/plot.py"] + [
+        "linear_eval.py", "finetune.py", "tools/benchmark.py", "tools/gpu_schedule.py", "tools/plot.py"] + [
         p.relative_to(REPO).as_posix() for p in sorted((REPO / "tests/benchmarks").glob("*.py"))]))
     problems = []
     for page in PAGES:
         name = page_name(page)
         method = page.stem if page.parent.name == "docs" and page.stem in METHODS else None
         # a method's page names its own script's flags (and the evaluation's and benchmark's)
-        allowed = (flags_of(f"{method}.py") | flags_of("linear_eval.py")
+        allowed = (flags_of(f"{method}.py") | flags_of("linear_eval.py") | flags_of("finetune.py")
                    | flags_of("tools/benchmark.py")) if method else ours
         allowed = allowed | FOREIGN | FOREIGN_BY_PAGE.get(name, set())
         # fenced commands are the test above's; results blocks are rendered (their command line

@@ -13,9 +13,9 @@ from common.errors import UserError
 from common.optim import LARS, param_groups
 from tests.helpers import TINY, assert_same_tensors, read_log
 
-METHODS = ["simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg"]
+METHODS = ["simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg", "mocov3", "dino"]
 OFFICIAL = {"simclr": "lars", "moco": "sgd", "byol": "lars", "simsiam": "sgd", "swav": "lars",
-            "barlow": "lars", "vicreg": "lars"}
+            "barlow": "lars", "vicreg": "lars", "mocov3": "lars", "dino": "lars"}
 # 32 synthetic images, batch 32: one step per epoch
 FLAGS = ["--data", "synthetic", *TINY, "--synthetic-size", "32", "--knn-every", "0"]
 
@@ -55,7 +55,7 @@ def test_defaults_and_no_abbreviations(method, capsys):
         module.get_args(["--data", "synthetic", "--optimizer", "adamw", "--lars-eta", "0.02"])
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol", "swav", "barlow", "vicreg"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "swav", "barlow", "vicreg", "mocov3"])
 def test_note_when_warmup_is_the_whole_run(method):
     """A line after the arguments printed at start (format_args), only when it applies."""
     module = importlib.import_module(method)

@@ -135,22 +135,25 @@ def test_what_is_drawn(runs, tmp_path, monkeypatch):
     assert recorder.note == "simclr #1: batch_size=256\nsimclr #2: batch_size=512"
 
 
-def test_probe_and_epoch_time_panels_when_logged(tmp_path, monkeypatch):
+def test_probe_epoch_time_and_collapse_panels_when_logged(tmp_path, monkeypatch):
     recorder = Recorder()
     monkeypatch.setitem(sys.modules, "matplotlib", recorder)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", recorder.pyplot)
     monkeypatch.setitem(sys.modules, "matplotlib.ticker",
                         types.SimpleNamespace(MaxNLocator=lambda integer: None))
     run = make_run(tmp_path, "p", "byol.py", [
-        {"epoch": 1, "loss": 3.0, "lr": 0.2, "img_per_s": 50.0, "probe_top1": 40.0},
+        {"epoch": 1, "loss": 3.0, "lr": 0.2, "img_per_s": 50.0, "probe_top1": 40.0,
+         "embedding_std": 0.05},
         {"epoch": 2, "loss": 2.0, "lr": 0.1, "img_per_s": 52.0, "probe_top1": 45.0,
-         "epoch_time": 12.5}])
+         "epoch_time": 12.5, "embedding_std": 0.04}])
     assert plot.main([str(run), "-o", str(tmp_path / "c.png")]) == 0
-    assert recorder.grid == (3, 2)  # six panels
-    probe, epoch_time = recorder.panels[4:]
+    assert recorder.grid == (4, 2)  # seven panels, the eighth hidden
+    probe, epoch_time, collapse, spare = recorder.panels[4:]
     assert probe.labels["y"] == plot.METRICS["probe_top1"]
     assert probe.lines == [("byol", [1, 2], [40.0, 45.0])]
-    assert epoch_time.lines == [("byol", [2], [12.5])] and all(p.visible for p in recorder.panels)
+    assert epoch_time.lines == [("byol", [2], [12.5])]
+    assert collapse.lines == [("byol", [1, 2], [0.05, 0.04])]
+    assert all(p.visible for p in recorder.panels[:7]) and not spare.visible
     assert not hasattr(recorder, "note")  # a lone run: nothing to tell apart
 
 

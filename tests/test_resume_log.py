@@ -24,6 +24,10 @@ METHOD = ["--arch", "resnet18", "--knn-every", "0"]
 OWN = {"simclr": METHOD, "moco": [*METHOD, "--queue-size", "32"],
        "byol": [*METHOD, "--hidden-dim", "256", "--proj-dim", "64"], "simsiam": METHOD,
        "swav": [*METHOD, "--num-prototypes", "20"], "barlow": METHOD, "vicreg": METHOD,
+       "mocov3": [*METHOD, "--hidden-dim", "64", "--proj-dim", "32"],
+       "dino": [*METHOD, "--out-dim", "64", "--hidden-dim", "64", "--bottleneck-dim", "32"],
+       "mae": ["--arch", "vit_tiny", "--knn-every", "0", "--decoder-dim", "32", "--decoder-depth",
+               "1", "--decoder-heads", "4"],
        "linear_eval": []}  # its backbone: resnet18, made below
 METHODS = tuple(OWN)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg")
+METHODS = ("simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg", "mocov3", "dino", "mae")
 
 
 def main_lines(script):
@@ -24,7 +24,7 @@ def main_lines(script):
 
 
 def test_main_shows_the_method_not_the_plumbing():
-    """At most 40 lines identical in all seven main()s: the rest is each method's own."""
+    """At most 40 lines identical in all the main()s: the rest is each method's own."""
     counts = [collections.Counter(main_lines(m)) for m in METHODS]
     shared = counts[0]
     for other in counts[1:]:
@@ -55,7 +55,7 @@ def test_common_imports_go_one_way():
     assert not [m for m in graph if m in reachable(m)]
 
 
-@pytest.mark.parametrize("script", [*METHODS, "linear_eval"])
+@pytest.mark.parametrize("script", [*METHODS, "linear_eval", "finetune"])
 def test_a_script_stays_short(script):
     lines = [line for line in (REPO / f"{script}.py").read_text().splitlines() if line.strip()]
     assert len(lines) <= 400

@@ -13,12 +13,14 @@ import moco
 from common.errors import UserError
 from tests.helpers import assert_same_tensors
 
-METHODS = ("simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg")
+METHODS = ("simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg", "mocov3", "dino")
 # vit_tiny with patch 4 on 16 px synthetic images (a 4 x 4 grid): 2 steps per epoch
 TINY_VIT = ["--data", "synthetic", "--arch", "vit_tiny", "--img-size", "16", "--synthetic-size",
             "32", "--batch-size", "16", "--workers", "0", "--log-every", "1", "--knn-every", "0",
             "--warmup-epochs", "1"]
-OWN = {"moco": ["--queue-size", "32"], "swav": ["--num-prototypes", "20"]}
+OWN = {"moco": ["--queue-size", "32"], "swav": ["--num-prototypes", "20"],
+       "mocov3": ["--hidden-dim", "64", "--proj-dim", "32"],
+       "dino": ["--out-dim", "64", "--hidden-dim", "64", "--bottleneck-dim", "32"]}
 
 
 def weights(run_dir):
@@ -39,10 +41,14 @@ def test_every_script_trains_a_vit_and_resumes_exactly(method, tmp_path):
     main([*flags, "--run-dir", str(split)])
     final = weights(tmp_path / "straight")
     assert_same_tensors(final, weights(split))
-    # epoch 2 trained the ViT, but not MoCo v3's frozen random patch projection
-    assert not torch.equal(epoch1["backbone.encoder.ln.weight"], final["backbone.encoder.ln.weight"])
-    for frozen in ("backbone.conv_proj.weight", "backbone.encoder.pos_embedding"):
-        assert torch.equal(epoch1[frozen], final[frozen]), frozen
+    # epoch 2 trained the ViT, but not MoCo v3's frozen random patch projection (DINO's ViT, its
+    # teacher under `backbone.`, has none; its EMA moves a weight near 1 by less than its ulp)
+    trained = ("backbone.encoder.layers.encoder_layer_0.mlp.0.weight" if method == "dino"
+               else "backbone.encoder.ln.weight")
+    assert not torch.equal(epoch1[trained], final[trained])
+    frozen = () if method == "dino" else ("backbone.conv_proj.weight", "backbone.encoder.pos_embedding")
+    for name in frozen:
+        assert torch.equal(epoch1[name], final[name]), name
     backbone = torch.load(tmp_path / "straight" / "backbone.pt")
     assert "class_token" in backbone and not any(k.startswith("heads") for k in backbone)
 
@@ -62,6 +68,10 @@ def test_vit_recipes(method):
     # a flag given on the command line still wins; a ResNet keeps the paper's recipe
     assert script.get_args(["--data", "/imagenet", "--arch", "vit_small", "--lr", "0.001",
                             "--optimizer", "lars"]).lr == 0.001
+    if method == "dino":  # its default is a ViT; a ResNet takes the README's ResNet-50 command
+        resnet = script.get_args(["--data", "/imagenet", "--arch", "resnet50"])
+        assert resnet.recipe == script.RESNET_RECIPE and resnet.optimizer == "sgd"
+        return
     resnet = script.get_args(["--data", "/imagenet"])
     assert resnet.recipe == "ImageNet" and resnet.optimizer == script.IMAGENET["optimizer"]
 

@@ -35,7 +35,8 @@ from common.args import git_revision, versions  # noqa: E402
 from common.checkpoint import load_checkpoint  # noqa: E402
 from tools import plot  # noqa: E402
 
-METHODS = ("simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg")
+METHODS = ("simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg", "mocov3", "dino", "mae")
+FINETUNED = ("mae",)  # ViT only; fine-tuned too (finetune.py), their paper's protocol
 # what makes two calls the same benchmark (another --out is needed to change them)
 SETTINGS = ("data", "train_per_class", "val_per_class", "methods", "arch", "epochs", "batch_size",
             "img_size", "synthetic_size", "nproc_per_node", "linear", "linear_epochs",
@@ -52,7 +53,7 @@ def parser():
     p.add_argument("--val-per-class", type=int, help="the same for the val split")
     p.add_argument("--out", type=Path, help="the benchmark's folder (a second call resumes it)")
     p.add_argument("--runs-dir", type=Path, help="where runs/ and eval/ go (default: --out)")
-    p.add_argument("--methods", default="all", help="comma-separated, in order (default: all)")
+    p.add_argument("--methods", default="all", help="comma-separated, in order (default: all; mae: a ViT)")
     p.add_argument("--arch", default="resnet18", help="backbone of every method (resnet18)")
     p.add_argument("--epochs", type=int, default=200, help="pre-training epochs (200)")
     p.add_argument("--batch-size", type=int, help="global batch (default: each recipe's)")
@@ -82,7 +83,8 @@ def get_args(argv=None, p=None, need_out=True):
     if extra and extra[0] != "--":
         p.error(f"unrecognized arguments: {' '.join(extra)} (flags for the methods go after --)")
     args.extra = extra[1:]
-    args.methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    args.methods = ([m for m in METHODS if m not in FINETUNED or args.arch.startswith("vit")]
+                    if args.methods == "all" else args.methods.split(","))
     if set(args.methods) - set(METHODS):
         p.error(f"unknown methods {sorted(set(args.methods) - set(METHODS))}; choose from "
                 f"{', '.join(METHODS)}")
@@ -126,11 +128,13 @@ def steps(args, method):
     linear = [*evaluate, *(["--cached-features"] if args.linear == "cached" else []),
               *(["--epochs", str(args.linear_epochs)] if args.linear_epochs else []),
               *(["--batch-size", str(args.linear_batch_size)] if args.linear_batch_size else [])]
-    todo = [("train", train, lambda: trained_epochs(run_dir) == (args.epochs, 0)),
-            ("knn", [*evaluate, "--knn", "--run-dir", str(evals / f"{method}-knn")],
-             lambda: (evals / f"{method}-knn/result.json").exists()),
-            ("linear", [*linear, "--run-dir", str(evals / f"{method}-linear")],
-             lambda: (evals / f"{method}-linear/result.json").exists())]
+    finetune = [*launcher, "finetune.py", *evaluate[len(launcher) + 1:]]  # its recipe for the size
+    todo = [("train", train, lambda: trained_epochs(run_dir) == (args.epochs, 0))]
+    for name, command in [("knn", [*evaluate, "--knn"]), ("linear", linear)] + [
+            ("finetune", finetune)] * (method in FINETUNED):
+        result = evals / f"{method}-{name}"
+        todo.append((name, [*command, "--run-dir", str(result)],
+                     lambda result=result: (result / "result.json").exists()))
     return todo[:1] if args.train_only else todo
 
 
@@ -279,11 +283,11 @@ def finish_row(args, results, method):
                  status=finished_state(args), git=results["git"], date=results["date"],
                  gpus=results["machine"]["gpus"], train_seconds=entry.get("train_seconds", 0.0))
     if not args.train_only:
-        knn = json.loads((args.runs_dir / "eval" / f"{method}-knn/result.json").read_text())
-        linear = json.loads((args.runs_dir / "eval" / f"{method}-linear/result.json").read_text())
+        knn, linear, *tuned = [json.loads((args.runs_dir / "eval" / f"{method}-{name}/result.json")
+                                          .read_text()) for name, *_ in steps(args, method)[1:]]
         entry.update(knn_top1=knn["knn_top1"], linear_top1=linear["top1"],
                      linear_top5=linear["top5"], linear_protocol=linear["protocol"],
-                     linear_epochs=linear["epochs"])
+                     linear_epochs=linear["epochs"], **{"finetune_top1": t["top1"] for t in tuned})
     (args.out / "records" / method).mkdir(parents=True, exist_ok=True)
     for name in ("log.jsonl", "args.json"):
         shutil.copyfile(run_dir / name, args.out / "records" / method / name)
@@ -347,6 +351,7 @@ def fmt(value, unit="", digits=1):
 def markdown(results, folder="", methods=None):
     """results.md: the table (of `methods` only, if given), then what made it."""
     s, m = results["settings"], results["machine"]
+    tuned = any("finetune_top1" in e for e in results["methods"].values())
     data = s["data"] + "".join(f", the first {s[k]} {split} images of each class"
                                for k, split in (("train_per_class", "train"),
                                                 ("val_per_class", "val")) if s.get(k))
@@ -357,22 +362,24 @@ def markdown(results, folder="", methods=None):
     lines = [f"{data}; {s['arch']}, {s['epochs']} epoch{'s' * (s['epochs'] != 1)}"
              + "".join(f", {d}" for d in details if d) + f"; linear probe: {s['linear']}. "
              f"{', '.join(m['gpus']) or 'No GPU'}, {m['cpu']}; {results['date']}, "
-             f"revision {results['git']}.", "",
-             "| Method | Epochs | Batch | kNN top-1, random init | kNN top-1 | Linear top-1 | "
-             "Linear top-5 | Training time | img/s |" + (" Peak GPU memory |" if m["gpus"] else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if m["gpus"] else "")]
+             f"revision {results['git']}.", ""]
+    head = (["Method", "Epochs", "Batch", "kNN top-1, random init", "kNN top-1", "Linear top-1",
+             "Linear top-5", "Training time", "img/s"] + ["Peak GPU memory"] * bool(m["gpus"])
+            + ["Fine-tuned top-1"] * tuned)
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     rows = [(method, e) for method, e in results["methods"].items()
             if not methods or method in methods]
     for method, e in rows:
-        if e.get("status") != "done":
-            lines.append(f"| {method} | {e.get('status', 'not run')} ||||||||"
-                         + ("|" if m["gpus"] else ""))
-            continue
-        lines.append(f"| {method} | {e['epochs']} | {e['batch_size']} | "
-                     f"{fmt(e['knn_top1_init'])} | {fmt(e['knn_top1'])} | "
-                     f"{fmt(e['linear_top1'])} | {fmt(e['linear_top5'])} | "
-                     f"{fmt(e['train_seconds'] / 60, ' min')} | {fmt(e['img_per_s'])} |"
-                     + (f" {fmt(e['peak_gpu_mem_gib'], ' GiB', 2)} |" if m["gpus"] else ""))
+        cells = [e.get("status", "not run")] + [""] * (len(head) - 2)
+        if e.get("status") == "done":
+            cells = [e["epochs"], e["batch_size"], *map(fmt, (e["knn_top1_init"], e["knn_top1"],
+                     e["linear_top1"], e["linear_top5"])), fmt(e["train_seconds"] / 60, " min"),
+                     fmt(e["img_per_s"])] + [fmt(e.get("peak_gpu_mem_gib"), " GiB", 2)] * bool(
+                     m["gpus"]) + [fmt(e.get("finetune_top1"))] * tuned
+        lines.append("| " + " | ".join(map(str, [method, *cells])) + " |")
+    if tuned:  # what the kNN and linear cells of a fine-tuned method are (docs/mae.md)
+        lines += ["", "mae: judged by fine-tuning (finetune.py), its paper's protocol; kNN and "
+                  "linear read its class token, which its objective does not train for them."]
     made = (results["git"], results["date"], m["gpus"])  # rows made in other calls say so
     other = [f"{method}: revision {e['git']}, {e['date']}"
              + "".join(f", {gpu}" for gpu in e.get("gpus") or [])

@@ -34,7 +34,7 @@ TABLE=${TABLE:-results/cifar10-200ep}  # the table as the repository holds it
 DATA=${DATA:-/tmp/cifar10}
 ARCHIVE=${ARCHIVE:-.data/cifar10.tgz}
 SCRATCH=${SCRATCH:-/tmp/cleanssl-window}
-METHODS=${METHODS:-byol,simclr,moco,simsiam,swav,barlow,vicreg}
+METHODS=${METHODS:-byol,simclr,moco,simsiam,swav,barlow,vicreg,mocov3,dino}
 EPOCHS=${EPOCHS:-200}
 SETTINGS=${SETTINGS:---arch resnet18 --batch-size 512 --linear cached}
 # A row ends within its session, or is stopped by a signal, which saves: a checkpoint after every

@@ -1,8 +1,8 @@
 """Training curves of cleanssl runs: loss, learning rate, kNN top-1 and images per second (and the
-online probe's top-1 and the epoch time, when logged) against epochs, from each run directory's
-log.jsonl (its end-of-epoch records), several runs overlaid. The legend names each run by its
-method, numbered when a method has several runs; what differs between those runs (the flags)
-is written below the panels, so long flag lists never squeeze the plots.
+online probe's top-1, the epoch time and the collapse monitor, when logged) against epochs, from
+each run directory's log.jsonl (its end-of-epoch records), several runs overlaid. The legend
+names each run by its method, numbered when a method has several runs; what differs between
+those runs (the flags) is written below the panels, so long flag lists never squeeze the plots.
 
     python tools/plot.py runs/simclr/A runs/byol/B -o curves.png
     python tools/plot.py results/cpu-check/runs/* -o curves.png --json curves.json
@@ -18,7 +18,10 @@ from pathlib import Path
 
 METRICS = {"loss": "loss", "lr": "learning rate", "knn_top1": "kNN top-1 (%)",
            "img_per_s": "images / s", "probe_top1": "online probe top-1 (%)",
-           "epoch_time": "epoch time (s)"}
+           "epoch_time": "epoch time (s)",
+           "embedding_std": "collapse monitor: std of the unit embedding",
+           "teacher_entropy": "collapse monitor: DINO's teacher entropy",
+           "kl": "DINO: KL(teacher || student)"}
 ALWAYS_DRAWN = ("loss", "lr", "knn_top1", "img_per_s")  # the others when a run logged them
 # arguments that do not change what a run learns, or follow from others
 NOT_IN_LABELS = {"run_dir", "argv", "git", "torch", "torchvision", "python", "cuda", "preset",
