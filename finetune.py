@@ -33,11 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from common.args import add_tracking_args, default_run_dir, default_workers
+from common.args import default_run_dir, default_workers
 from common.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, default_img_size, make_loader
 from common.dist import get_rank, get_world_size, setup_distributed
 from common.errors import UserError, exit_on_user_error
-from common.evaluation import accuracy, dino_eval_transform
+from common.evaluation import accuracy, add_system_args, dino_eval_transform
 from common.knn import extract_features
 from common.model import autocast, distribute, unwrap
 from common.optim import LARS, param_groups, set_lr, warmup_cosine
@@ -132,20 +132,7 @@ def get_args(argv=None):
                    "every N epochs and report the best epoch beside the final one (0: final only; "
                    "MAE's scripts evaluate every epoch)")
     g.add_argument("--seed", type=int, default=0, help="seed of the head, order, augmentations (0)")
-    g = p.add_argument_group("system")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last batches on CUDA (on)")
-    g.add_argument("--run-dir", help="output folder (default: runs/finetune/<Slurm job id or "
-                   "timestamp>); the same command with the same folder resumes its checkpoint.pt")
-    g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (50)")
-    g.add_argument("--stop-at-step", type=int, metavar="N", help="save and exit as a stop signal "
-                   "would once N steps are done (to end a job at a known point)")
-    g.add_argument("--allow-changes", nargs="+", default=[], metavar="FLAG", help="resuming: "
-                   "accept these flags differing from the run directory's run")
-    g.add_argument("--out", help="also write the result JSON to this file")
-    add_tracking_args(p)
+    add_system_args(p, "finetune", "run")
     args = p.parse_args(argv)
     args.run_dir = args.run_dir or default_run_dir("finetune")
     return args

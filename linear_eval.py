@@ -34,13 +34,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from common.args import add_tracking_args, default_run_dir, default_workers, save_args
+from common.args import default_run_dir, default_workers, save_args
 from common.checkpoint import export_backbone
 from common.data import build_dataset, default_img_size, eval_transform, make_loader
 from common.dist import all_gather_tensor, get_rank, get_world_size, setup_distributed
 from common.errors import UserError, exit_on_user_error
-from common.evaluation import (DinoLinearFeatures, accuracy, dino_eval_transform, head_layer,
-                               labelled_subset, linear_train_transform, read_head, save_head)
+from common.evaluation import (DinoLinearFeatures, accuracy, add_system_args, dino_eval_transform,
+                               head_layer, labelled_subset, linear_train_transform, read_head,
+                               save_head)
 from common.knn import extract_features, knn_predict
 from common.model import autocast, distribute, is_vit, unwrap
 from common.optim import warmup_cosine
@@ -138,20 +139,7 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate on the val split "
                    "every N epochs and report the best epoch beside the final one (0: final only)")
     g.add_argument("--seed", type=int, default=0, help="seed of the head and the data order (0)")
-    g = p.add_argument_group("system")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last weights and batches on CUDA (on)")
-    g.add_argument("--run-dir", help="output folder (default: runs/linear_eval/<Slurm job id or "
-                   "timestamp>); the same command with the same folder resumes its checkpoint.pt")
-    g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (50)")
-    g.add_argument("--stop-at-step", type=int, metavar="N", help="save and exit as a stop signal "
-                   "would once N steps are done (to end a job at a known point)")
-    g.add_argument("--allow-changes", nargs="+", default=[], metavar="FLAG", help="resuming: "
-                   "accept these flags differing from the run directory's evaluation")
-    g.add_argument("--out", help="also write the result JSON to this file")
-    add_tracking_args(p)
+    add_system_args(p, "linear_eval", "evaluation")
     args = p.parse_args(argv)
     if args.train_percent is not None and not 0 < args.train_percent <= 100:
         raise UserError(f"--train-percent {args.train_percent}: must be in (0, 100]")

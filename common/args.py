@@ -92,11 +92,11 @@ def add_common_args(parser, method, imagenet, small, sync_bn="global"):
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay " + both("weight_decay"))
     g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default=None,
                    help="the official code's by default " + both("optimizer") + ", AdamW for "
-                        "the ViT recipes. lars: LARS as the official "
-                        "SimCLR/BYOL/Barlow Twins/VICReg code, 1-D parameters neither decayed nor "
-                        "adapted (for every method); sgd: "
-                        "SGD with momentum; adamw: AdamW (with a ResNet recipe --lr is then "
-                        "yours to choose: its rates are SGD/LARS rates). Printed at start")
+                        "the ViT recipes. lars: LARS as the official SimCLR/BYOL/Barlow "
+                        "Twins/VICReg code, 1-D parameters neither decayed nor adapted (for "
+                        "every method); sgd: SGD with momentum; adamw: AdamW (with a ResNet "
+                        "recipe --lr is then yours to choose: its rates are SGD/LARS rates). "
+                        "Printed at start")
     g.add_argument("--momentum", type=float, default=0.9,
                    help="optimizer momentum; AdamW's beta1 (default: 0.9, every official recipe)")
     g.add_argument("--lars-eta", type=float, default=None,
@@ -159,14 +159,8 @@ def add_common_args(parser, method, imagenet, small, sync_bn="global"):
 
 
 def add_tracking_args(parser):
-    """TensorBoard and Weights & Biases flags, in their own group.
-
-    TensorBoard is on whenever the `tensorboard` package is installed (--no-tensorboard turns it
-    off; --tensorboard makes a missing package an error): a researcher who has it expects
-    `tensorboard --logdir runs/` to show every run, including the three-day one started without
-    thinking of a flag; an event costs tens of microseconds and ~110 bytes per log record.
-    Without the package nothing changes. W&B sends data to a server, so it is on only when asked
-    (--wandb PROJECT)."""
+    """TensorBoard and Weights & Biases flags, in their own group (why TensorBoard is on by
+    default and W&B only when asked: common/track.py)."""
     g = parser.add_argument_group(
         "tracking", "optional extras (pip install -r requirements-extras.txt), rank 0 only, with "
         "the same records, names and steps as log.jsonl; a resume continues them")
@@ -310,11 +304,8 @@ def format_args(args):
     10-warmup-epoch recipe)."""
     lines = [f"  {k:<18} {v}" for k, v in sorted(vars(args).items())]
     if args.data == "stl10" and not args.small_images:
-        lines.append(f"note: STL-10's {args.img_size} px images take the ImageNet recipe "
-                     f"({args.arch}, batch {args.batch_size}, {args.epochs} epochs): no paper "
-                     f"of these methods "
-                     f"gives an STL-10 recipe; on one GPU, e.g. --arch resnet18 --batch-size 256, "
-                     f"or --img-size 64 for the small-image recipe")
+        from common.named_data import stl10_recipe_note  # only for STL-10
+        lines.append(stl10_recipe_note(args))
     warmup = getattr(args, "warmup_epochs", 0) or 0
     if warmup >= args.epochs:
         lines.append(f"note: --warmup-epochs {warmup:g} >= --epochs {args.epochs}: the learning "

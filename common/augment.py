@@ -11,7 +11,8 @@ grayscale, blur and solarize), made by `ViewPipeline(recipes, mode)`, the loader
 - "gpu" (--gpu-aug): workers only crop, resize and flip; the rest runs batched on the device.
 - "device" (--data-on-device): the train set held on the device, every view made there.
 - "torchvision" (--torchvision-aug): the standard composition, the reference.
-The last three load common/gpu_aug.py; docs/performance.md measures them.
+The last three load common/gpu_aug.py (where the torchvision composition is too);
+docs/performance.md measures them.
 """
 from dataclasses import dataclass
 
@@ -23,9 +24,6 @@ from torchvision.transforms import functional as F
 
 from common.data import IMAGENET_MEAN, IMAGENET_STD, image_pixels
 from common.dist import get_rank
-
-INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
-
 
 @dataclass(frozen=True)
 class ViewRecipe:
@@ -65,22 +63,6 @@ def multi_crop(counts, sizes, scales, **view):
 
 
 # ---------------------------------------------------------------- in the data-loader workers
-
-def reference_view(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The standard torchvision composition of `recipe`, with float normalised output."""
-    ops = [T.RandomResizedCrop(recipe.size, recipe.scale, recipe.ratio,
-                               INTERPOLATION[recipe.interpolation]),
-           T.RandomHorizontalFlip(),
-           T.RandomApply([T.ColorJitter(*recipe.jitter)], p=recipe.jitter_p),
-           T.RandomGrayscale(p=recipe.gray_p)]
-    if recipe.blur_p > 0:
-        from common.gpu_aug import blur_kernel_size  # the GPU blur's kernel width
-        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(recipe.size), recipe.blur_sigma)],
-                                 p=recipe.blur_p))
-    if recipe.solarize_p > 0:
-        ops.append(T.RandomSolarize(threshold=128, p=recipe.solarize_p))
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
-
 
 def crop_and_flip(pixels, recipe):
     """Random resized crop and horizontal flip: uint8 [H, W, 3] -> uint8 [3, size, size],
@@ -156,8 +138,9 @@ class ViewPipeline:
             raise ValueError(f"unknown augmentation mode {mode!r}")
         self.recipes, self.mode, self.seed, self.rank = list(recipes), mode, seed, get_rank()
         self.channels_last = channels_last  # on CUDA, the batches in the model's memory layout
-        make = {"fast": FastView, "gpu": CropOnlyView, "torchvision": reference_view,
-                "device": None}[mode]  # "device": no per-image work in loader workers
+        make = {"fast": FastView, "gpu": CropOnlyView}.get(mode)  # "device": no work in workers
+        if mode == "torchvision":
+            from common.gpu_aug import reference_view as make  # only for --torchvision-aug
         self.views = [make(r) for r in self.recipes] if make else []
         self.images = None  # "device": every train image, uint8 [N, 3, H, W] (`hold_images`)
 
@@ -175,15 +158,9 @@ class ViewPipeline:
     def to_device(self, views, device, step=0):
         if self.mode == "torchvision":  # already normalised floats
             return [self._layout(x.to(device, non_blocking=True)) for x in views]
-        if self.mode == "device":  # views: batches of indices into the images on the device
-            if self.images.device != device:
-                self.images = self.images.to(device)  # once: the whole train set, uint8
-            from common.gpu_aug import resident_views
-            views = resident_views(self.images, views, self.recipes, self._generator(step))
-        elif self.mode == "gpu":
-            from common.gpu_aug import augment_views
-            views = augment_views([x.to(device, non_blocking=True) for x in views], self.recipes,
-                                  self._generator(step))
+        if self.mode in ("gpu", "device"):  # views made or finished on the device
+            from common.gpu_aug import device_views
+            views = device_views(self, views, device, self._generator(step))
         else:
             views = [x.to(device, non_blocking=True).float().div_(255) for x in views]
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)

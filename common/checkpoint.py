@@ -1,9 +1,7 @@
 """Atomic checkpoints, resume (and what a resume may change), backbone export and RNG state."""
 import argparse
 import copy
-import errno
 import json
-import math
 import os
 import pickle
 import random
@@ -15,7 +13,7 @@ import numpy as np
 import torch
 
 from common.dist import get_rank, get_world_size
-from common.errors import UserError
+from common.errors import DIVERGED, UserError
 from common.model import unwrap
 
 FORMAT = "cleanssl-checkpoint-v1"
@@ -44,33 +42,9 @@ def atomic_save(obj, path):
         # raised while handling the OSError: look for that cause
         cause = next((x for x in (e, e.__cause__, e.__context__) if isinstance(x, OSError)), None)
         if cause is not None:
-            raise UserError(write_failure(path, cause, tensor_bytes(obj))) from None
+            from common.failures import write_failure  # only then
+            raise UserError(write_failure(path, cause, obj)) from None
         raise
-
-
-def tensor_bytes(obj):
-    """Bytes of the tensors in a nested structure: about what its torch.save needs on disk."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def write_failure(path, error, needed=None):
-    """One line for an OSError writing `path`: what failed and, for a full disk, the space."""
-    line = f"could not write {path}: {error.strerror or error}"
-    if error.errno == errno.ENOSPC:
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        line += (f" (it needs about {needed / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free "
-                 f"there)" if needed else "")
-    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        line += " (the run directory is not writable: give another --run-dir)"
-    if os.path.exists(path):
-        line += f"; the previous {os.path.basename(path)} is intact"
-    return line
 
 
 def save_checkpoint(path, method, args, model, optimizer, scaler, epoch, batch_in_epoch,
@@ -95,7 +69,6 @@ FREE_ON_RESUME = {"workers", "log_every", "knn_every", "save_every", "checkpoint
                   "wandb_name", "wandb_group", "wandb_tags", "wandb_mode"}
 # Values that follow from settings compared themselves (peak_lr: --lr and --batch-size).
 DERIVED = {"small_images", "preset", "peak_lr", "peak_lr_given", "recipe"}
-DIVERGED = "diverged.json"  # written by a run whose loss turned non-finite (common/loop.py)
 
 
 def flag(key):
@@ -151,9 +124,8 @@ def open_run(args, method, log, free=FREE_ON_RESUME):
         raise UserError(
             f"{args.run_dir}: the run diverged with these settings ({diverged['reason']}); "
             f"resuming its checkpoint ({where}) with them would repeat it: change what caused it "
-            f"and name the change, "
-            f"e.g. a lower --lr with --allow-changes lr, or another --seed with --allow-changes "
-            f"seed (or delete {diverged_path} to retry as it is)")
+            f"and name the change, e.g. a lower --lr with --allow-changes lr, or another --seed "
+            f"with --allow-changes seed (or delete {diverged_path} to retry as it is)")
     done = ckpt["epoch"] + (ckpt["batch_in_epoch"] > 0)
     if args.epochs < done:
         raise UserError(f"--epochs {args.epochs}: {args.run_dir} has already trained {done} "
@@ -164,38 +136,10 @@ def open_run(args, method, log, free=FREE_ON_RESUME):
         log.print(f"note: {world_size} processes now, {ckpt['world_size']} before: the global "
                   f"batch and the recipe are unchanged, each process takes "
                   f"{args.batch_size // world_size} images per step")
-    if changes:
-        ckpt["changes"] = changes
-        log.print("changed settings, in effect from here on (--allow-changes): "
-                  + "; ".join(f"{flag(k)} {old} -> {new}" for k, old, new in changes))
-        for key, old, new in changes:
-            if key == "epochs":
-                log.print(schedule_change(args, ckpt["epoch"], old, new))
-            if key == "optimizer":  # LARS, SGD and AdamW states do not convert into each other
-                log.print(f"the {new} optimizer starts with a fresh state (no momentum)")
-            if key == "batch_size" and ckpt["batch_in_epoch"]:
-                ckpt["batch_in_epoch"] = ckpt["batch_in_epoch"] * old // new  # images done
-                log.print(f"the position in epoch {ckpt['epoch']} is now batch "
-                          f"{ckpt['batch_in_epoch']} of {new} images")
-        if get_rank() == 0:
-            record_changes(os.path.join(args.run_dir, "args.json"), args, where, changes,
-                           diverged)
-            if diverged:
-                os.remove(diverged_path)
+    if changes:  # accepted by --allow-changes: printed, applied, recorded (only then loaded)
+        from common.allow_changes import accept_changes
+        accept_changes(args, ckpt, changes, where, diverged, diverged_path, log)
     return ckpt
-
-
-def schedule_change(args, epoch, old_epochs, new_epochs):
-    """A line saying what a longer (or shorter) run does to the cosine at the resumed epoch."""
-    warmup = getattr(args, "warmup_epochs", 0) or 0
-
-    def cosine(epochs):  # the fraction of the way from the final value to the peak
-        progress = min(1.0, max(0.0, (epoch - warmup) / max(1e-9, epochs - warmup)))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    return (f"--epochs {old_epochs} -> {new_epochs}: every per-step schedule (learning rate, "
-            f"and momentum or temperature where the method has one) now spans {new_epochs} "
-            f"epochs; at epoch {epoch} the cosine stands at {100 * cosine(new_epochs):.0f}% of "
-            f"the way from its final value to its peak ({100 * cosine(old_epochs):.0f}% before)")
 
 
 def read_json(path):
@@ -204,19 +148,6 @@ def read_json(path):
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def record_changes(path, args, where, changes, diverged):
-    """args.json after an accepted change: the new values, and a history entry per resume."""
-    record = read_json(path) or {}
-    history = record.get("changes", [])
-    history.append({"at": where, "settings": {k: [old, new] for k, old, new in changes},
-                    **({"after_divergence": diverged} if diverged else {})})
-    record.update(vars(args), changes=history)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
 
 
 def restore(ckpt, model, optimizer, scaler):

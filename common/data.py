@@ -1,8 +1,7 @@
 """Datasets, view augmentations and loaders.
 
-`--data` is an ImageFolder root with train/ and val/ (ImageNet layout), `cifar10`, `cifar100`,
-`stl10` (torchvision, in `--data-dir`, downloaded when online) or `synthetic` (random images
-with a learnable class structure, for offline smoke runs and tests).
+`--data` is an ImageFolder root with train/ and val/ (ImageNet layout), or one of the names
+`cifar10`, `cifar100`, `stl10` and `synthetic` (common/named_data.py, loaded only for them).
 """
 import os
 import signal
@@ -18,12 +17,8 @@ from torchvision import transforms as T
 from common.dist import get_rank, get_world_size
 from common.errors import UserError
 
-TORCHVISION_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}
-DOWNLOAD_FILES = {"cifar10": "cifar-10-python.tar.gz (or its folder cifar-10-batches-py/)",
-                  "cifar100": "cifar-100-python.tar.gz (or its folder cifar-100-python/)",
-                  "stl10": "stl10_binary.tar.gz (or its folder stl10_binary/)"}
-
-
+# --data names instead of an ImageFolder root (common/named_data.py)
+NAMED_DATASETS = ("cifar10", "cifar100", "stl10", "synthetic")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -46,32 +41,6 @@ def image_pixels(img):
 
 
 # ---------------------------------------------------------------- datasets
-
-class SyntheticImages(Dataset):
-    """Deterministic random RGB images with a class structure a network can learn: each class
-    has its own colour and stripe orientation, each image a random phase and noise."""
-
-    def __init__(self, n, size, transform, num_classes=10, seed=0):
-        self.n, self.size, self.transform, self.seed = n, size, transform, seed
-        self.classes = [f"class_{c}" for c in range(num_classes)]
-        self.targets = [i % num_classes for i in range(n)]
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        c = self.targets[i]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        colour = torch.rand(3, 1, 1, generator=torch.Generator().manual_seed(c))
-        angle = torch.tensor(3.14159 * c / len(self.classes))
-        ys, xs = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
-        phase = torch.rand((), generator=g) * 6.28
-        stripes = torch.sin((xs * torch.cos(angle) + ys * torch.sin(angle)) * 0.8 + phase)
-        img = 0.5 * colour + 0.25 * stripes + 0.15 * torch.randn(3, self.size, self.size, generator=g)
-        pixels = (img.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        x = Image.fromarray(pixels)
-        return (self.transform(x) if self.transform else x), c
-
 
 class SafeImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder in which an unreadable image (truncated, corrupt) does not stop training:
@@ -113,36 +82,6 @@ def labels_of(dataset):
     return getattr(dataset, "labels", None) if labels is None else labels
 
 
-def _torchvision_dataset(name, split, transform, data_dir):
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-           "stl10": torchvision.datasets.STL10}[name]
-    if name == "stl10":
-        kwargs = {"split": {"ssl": "train+unlabeled", "train": "train", "val": "test"}[split]}
-    else:
-        kwargs = {"train": split != "val"}
-
-    def make(download):
-        return cls(data_dir, transform=transform, download=download, **kwargs)
-
-    try:
-        return make(download=False)
-    except RuntimeError:  # not there yet: rank 0 downloads, the others wait for it
-        pass
-    try:
-        if get_rank() == 0:
-            os.makedirs(data_dir, exist_ok=True)
-            make(download=True)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        return make(download=False)
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(
-            f"{TORCHVISION_DATASETS[name]} is not in {os.path.abspath(data_dir)} and could not be "
-            f"downloaded ({reason}). Put {DOWNLOAD_FILES[name]} in that folder (--data-dir), "
-            f"or use --data /path/to/imagefolder (with train/ and val/) or --data synthetic.") from None
-
-
 def _image_folder(root, split, transform):
     sub = "val" if split == "val" else "train"
     path = os.path.join(root, sub)
@@ -161,11 +100,9 @@ def _image_folder(root, split, transform):
 def build_dataset(data, split, transform, data_dir="data", synthetic_size=512, img_size=32):
     """`split`: 'ssl' (images for self-supervised training; STL-10 adds its unlabeled set),
     'train' (labelled train split, for kNN and linear evaluation) or 'val'."""
-    if data == "synthetic":
-        n = synthetic_size if split != "val" else max(synthetic_size // 4, 10)
-        return SyntheticImages(n, img_size, transform, seed=0 if split != "val" else 1)
-    if data in TORCHVISION_DATASETS:
-        return _torchvision_dataset(data, split, transform, data_dir)
+    if data in NAMED_DATASETS:
+        from common.named_data import named_dataset  # only for them
+        return named_dataset(data, split, transform, data_dir, synthetic_size, img_size)
     return _image_folder(data, split, transform)
 
 

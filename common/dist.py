@@ -5,12 +5,9 @@ reduces to the identity, so losses and tests run unchanged without `torch.distri
 """
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-
-from common.errors import UserError
 
 
 def launch_env():
@@ -41,12 +38,9 @@ def setup_distributed(timeout_minutes=30):
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        env = os.environ
-        if "RANK" not in env:  # srun: torch.distributed reads torchrun's variables
-            from common.slurm import master_addr  # only under srun
-            env.setdefault("MASTER_ADDR", master_addr())
-            env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
-            env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = map(str, (rank, world, local_rank))
+        if "RANK" not in os.environ:  # srun: torch.distributed reads torchrun's variables
+            from common.slurm import set_torchrun_env  # only under srun
+            set_torchrun_env(rank, world, local_rank)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 **({"device_id": device} if device.type == "cuda" else {}))
@@ -133,29 +127,6 @@ def all_gather_tensor(x):
     out = [torch.empty_like(x) for _ in range(get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
-
-
-def sync_bn_group(mode):
-    """The process group whose batch statistics a SyncBatchNorm shares under --sync-bn `mode`:
-    None (all processes) for "global"; for "node", the processes on this host (host names
-    gathered, so any launcher and any number of processes per node work); for a number N, N
-    consecutive ranks, as SwAV's --syncbn_process_group_size. new_group is collective: every
-    rank creates every group, in the same order, and keeps its own."""
-    if mode == "global":
-        return None
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if mode == "node":
-        hosts = [None] * world
-        dist.all_gather_object(hosts, socket.gethostname())
-        members = [[r for r in range(world) if hosts[r] == h] for h in sorted(set(hosts))]
-    else:
-        size = int(mode)
-        if world % size:
-            raise UserError(f"--sync-bn {size}: the {world} processes do not split into groups "
-                            f"of {size}")
-        members = [list(range(start, start + size)) for start in range(0, world, size)]
-    groups = [dist.new_group(ranks) for ranks in members]
-    return next(g for g, ranks in zip(groups, members) if rank in ranks)
 
 
 def broadcast_object(obj):

@@ -17,6 +17,9 @@ class Diverged(UserError):
     exit_code = 3
 
 
+DIVERGED = "diverged.json"  # what a diverged run leaves in its folder (common/failures.py)
+
+
 def exit_on_user_error(main):
     """Decorator for a script's main(): a UserError prints `error: ...` and exits with 2 (or the
     error's own `exit_code`). Under torchrun, other exceptions are also recorded (`record`) in

@@ -1,17 +1,38 @@
-"""What only linear_eval.py needs (a method script never loads it): the linear protocol's
-training crops, the labelled subsets of semi-supervised evaluation, saved linear heads (ours and
-the official releases'), top-k accuracy, and the ViT features and val transform of DINO's linear
-evaluation."""
+"""What only the evaluation scripts need (a method script never loads it): their system flags,
+the linear protocol's training crops, the labelled subsets of semi-supervised evaluation, saved
+linear heads (ours and the official releases'), top-k accuracy, and the ViT features and val
+transform of DINO's linear evaluation."""
+import argparse
 import os
 
 import torch
 import torch.nn as nn
 from torchvision import transforms as T
 
+from common.args import add_tracking_args
 from common.checkpoint import atomic_save, safe_load
 from common.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, labels_of
 from common.errors import UserError
 from common.vit import VisionTransformerBackbone
+
+
+def add_system_args(p, script, what):
+    """The system flags of linear_eval.py and finetune.py (`script`), whose run directory holds
+    one `what` (evaluation, run), and the tracking flags (common/args.py)."""
+    g = p.add_argument_group("system")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last weights and batches on CUDA (on)")
+    g.add_argument("--run-dir", help=f"output folder (default: runs/{script}/<Slurm job id or "
+                   "timestamp>); the same command with the same folder resumes its checkpoint.pt")
+    g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (50)")
+    g.add_argument("--stop-at-step", type=int, metavar="N", help="save and exit as a stop signal "
+                   "would once N steps are done (to end a job at a known point)")
+    g.add_argument("--allow-changes", nargs="+", default=[], metavar="FLAG", help="resuming: "
+                   f"accept these flags differing from the run directory's {what}")
+    g.add_argument("--out", help="also write the result JSON to this file")
+    add_tracking_args(p)
 
 
 def linear_train_transform(size):

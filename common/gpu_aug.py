@@ -1,6 +1,7 @@
 """Batched augmentation on the device: colour jitter, grayscale, blur and solarize (`--gpu-aug`),
 and, for a train set held on the device (`--data-on-device`), the images, the random resized
-crop and the flip. Imported only by those two flags (and the torchvision pipeline's blur).
+crop and the flip; and the standard torchvision composition of a view (--torchvision-aug), the
+reference the others are tested against. Imported only by these three flags.
 
 Each op takes per-sample factors and matches, image by image, torchvision's functional op on
 float images (torchvision.transforms.v2.functional). The random parameters are drawn on the
@@ -12,20 +13,37 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
-from common.data import image_pixels, labels_of
+from common.data import IMAGENET_MEAN, IMAGENET_STD, image_pixels, labels_of
 from common.dist import get_rank
 from common.errors import UserError
 
 # torchvision's rgb_to_grayscale weights (0.2989, not 0.299), so that contrast, saturation and
 # grayscale agree with it to float precision
 GRAY = (0.2989, 0.587, 0.114)
+INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
 def blur_kernel_size(size):
     """Odd kernel width of about 10% of the view (23 px at 224, 9 at 96, 3 at 32), as the
     official SimCLR and BYOL code (kernel_size = size // 10, made odd)."""
     return 2 * (size // 20) + 1
+
+
+def reference_view(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The standard torchvision composition of `recipe`, with float normalised output."""
+    ops = [T.RandomResizedCrop(recipe.size, recipe.scale, recipe.ratio,
+                               INTERPOLATION[recipe.interpolation]),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(*recipe.jitter)], p=recipe.jitter_p),
+           T.RandomGrayscale(p=recipe.gray_p)]
+    if recipe.blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(recipe.size), recipe.blur_sigma)],
+                                 p=recipe.blur_p))
+    if recipe.solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=recipe.solarize_p))
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
 
 
 def _per_sample(f, x):
@@ -283,6 +301,18 @@ def resident_views(images, index_batches, recipes, generator):
         for i, view in zip(which, x.chunk(len(which))):
             out[i] = view
     return out
+
+
+def device_views(pipeline, views, device, generator):
+    """A step's views from a ViewPipeline in mode "gpu" (the workers' uint8 crops, augmented
+    here) or "device" (batches of indices into the images it holds, moved to the device at the
+    first step) -> float [n, 3, size, size] in [0, 1], before normalisation."""
+    if pipeline.mode == "gpu":
+        return augment_views([x.to(device, non_blocking=True) for x in views], pipeline.recipes,
+                             generator)
+    if pipeline.images.device != device:
+        pipeline.images = pipeline.images.to(device)  # once: the whole train set, uint8
+    return resident_views(pipeline.images, views, pipeline.recipes, generator)
 
 
 # ---------------------------------------------------------------- the train set on the device

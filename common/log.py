@@ -17,11 +17,8 @@ from common.errors import UserError, installed
 class Logger:
     """Prints and appends JSON lines to `run_dir/log.jsonl` on rank 0; silent elsewhere.
 
-    After `start_tracking`, every record also goes to TensorBoard and W&B where they are on.
-    A record with a "step" (logged every --log-every steps) is placed at that global step under
-    train/<key>; an epoch summary (no "step"; epoch 0 holds the random-init kNN) at the step that
-    ends the epoch, epoch x steps_per_epoch, under epoch/<key>. Every number but the step itself
-    is a scalar, the "epoch" included (an x axis in W&B)."""
+    After `start_tracking`, every record also goes to TensorBoard and W&B where they are on, at
+    the global step `place` gives it (common/track.py `Sinks`: under which names)."""
 
     def __init__(self, run_dir):
         self.is_main = get_rank() == 0

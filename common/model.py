@@ -5,18 +5,10 @@ import contextlib
 import torch
 import torch.nn as nn
 import torchvision
-from torchvision.models.resnet import Bottleneck, ResNet
 
-from common.dist import sync_bn_group
 from common.errors import UserError
 
-# ResNet-50 with EVERY layer w times wider, as SimCLR and SwAV use it. google-research/simclr
-# tf2/resnet.py (`width_multiplier`): stem conv 64*w filters (7x7 stride 2, or 3x3 stride 1 with
-# cifar_stem); block groups of 64/128/256/512*w filters: each bottleneck's 1x1 and 3x3 at that
-# width, its last 1x1 and projection shortcut at 4x. facebookresearch/swav src/resnet50.py
-# (`widen`): the same (stem 64*w, planes 64..512*w, inner width = planes since the commit "fix
-# bug with wider models"; the first commit widened it by w twice). Features: 2048*w-d.
-# torchvision's wide_resnet50_2 doubles only the inner 1x1/3x3 width and stays 2048-d.
+# ResNet-50 with every layer w times wider, as SimCLR and SwAV (common/widened_resnet.py)
 WIDENED_RESNET50 = {"resnet50w2": 2, "resnet50w4": 4, "resnet50w5": 5}
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
            "wide_resnet101_2", *WIDENED_RESNET50, "resnext50_32x4d", "resnext101_32x8d",
@@ -37,22 +29,6 @@ ARCHS = RESNETS + tuple(VITS)
 def is_vit(arch):
     """Whether `arch` names a Vision Transformer (no BN, features = the class token)."""
     return arch in VITS
-
-
-def widened_resnet50(w, zero_init_residual=False):
-    """torchvision's ResNet-50 (same module names) with every width times `w`."""
-    block = type(f"Bottleneck{w}x", (Bottleneck,), {"expansion": 4 * w})  # outputs 256w..2048w
-    net = ResNet(block, [3, 4, 6, 3], width_per_group=64 * w,  # inner widths 64w..512w
-                 zero_init_residual=zero_init_residual)
-    # torchvision's stem has 64 channels at any width: widen it and what reads it
-    net.conv1 = nn.Conv2d(3, 64 * w, kernel_size=7, stride=2, padding=3, bias=False)
-    net.bn1 = nn.BatchNorm2d(64 * w)
-    first = net.layer1[0]
-    first.conv1 = nn.Conv2d(64 * w, 64 * w, kernel_size=1, bias=False)
-    first.downsample[0] = nn.Conv2d(64 * w, 256 * w, kernel_size=1, bias=False)
-    for conv in (net.conv1, first.conv1, first.downsample[0]):  # torchvision's initialisation
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    return net
 
 
 def build_backbone(arch, small_images=False, zero_init_residual=False, vit_init=None,
@@ -80,6 +56,7 @@ def resnet_backbone(arch, cifar_stem=False, zero_init_residual=False):
     features). `cifar_stem`: a 3x3 stride-1 first convolution and no max-pool, for 32 px images
     (SimCLR paper, appendix B.9)."""
     if arch in WIDENED_RESNET50:
+        from common.widened_resnet import widened_resnet50  # only for them
         net = widened_resnet50(WIDENED_RESNET50[arch], zero_init_residual)
     else:
         net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
@@ -136,6 +113,7 @@ def distribute(model, device, world_size, compile=False, sync_bn="global",
     if world_size > 1 and sync_bn != "off" and device.type == "cuda":
         # PyTorch's SyncBatchNorm runs on GPUs only: CPU processes (gloo, for testing)
         # normalise over their own part of the batch.
+        from common.sync_bn import sync_bn_group  # only for SyncBN over several GPUs
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model, sync_bn_group(sync_bn))
     model = model.to(device)
     if device.type == "cuda" and channels_last:

@@ -10,7 +10,6 @@ reach together: inside an epoch, every 10 steps with several processes (one smal
 or every step alone (`stop_agreed`); and after every epoch but the last, once its summary is
 logged (`end_epoch`). So an epoch of any length ends a stopped run at the latest when it ends.
 """
-import json
 import os
 import signal
 import time
@@ -19,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from common.args import check_batch, format_args, make_run_dir, save_args
-from common.checkpoint import (DIVERGED, export_backbone, keep_epoch_copy, open_run, restore,
-                               rng_state, save_checkpoint, seed_everything)
+from common.checkpoint import (export_backbone, keep_epoch_copy, open_run, restore, rng_state,
+                               save_checkpoint, seed_everything)
 from common.data import build_dataset, count_bad_images, make_loader
 from common.dist import (all_gather_tensor, broadcast_flag, broadcast_object, cleanup_distributed,
                          gather_objects, get_rank, get_world_size, setup_distributed)
-from common.errors import Diverged, UserError
+from common.errors import UserError
 from common.knn import knn_monitor
 from common.log import Logger, Progress
 from common.model import distribute, grad_scaler, resolve_precision
@@ -321,26 +320,8 @@ class DivergenceGuard:
             if epoch is not None:
                 self.saved = (epoch, batch_in_epoch)
             return
-        if len(bad):
-            step, loss, _ = bad[bad[:, 0].argmin()].tolist()
-            step = int(step)
-            what = (f"loss {loss:g} at step {step + 1} (epoch {step // self.steps_per_epoch + 1}"
-                    f", batch {step % self.steps_per_epoch + 1})"
-                    + (f" and the {self.patience - 1} steps after it" if self.patience > 1 else ""))
-        else:
-            name = next((k for k, t in state.items() if t.is_floating_point()
-                         and not torch.isfinite(t).all()), "on another rank")
-            what = (f"non-finite weights or BatchNorm statistics ({name}) after epoch {epoch}, "
-                    f"batch {batch_in_epoch}, though the losses so far were finite")
-        kept = (f"{self.args.run_dir}/checkpoint.pt keeps epoch {self.saved[0]}, batch "
-                f"{self.saved[1]}, the last finite state" if self.saved
-                else "no checkpoint had been saved yet")
-        if get_rank() == 0:  # with the settings that diverged, which open_run will refuse
-            with open(os.path.join(self.args.run_dir, DIVERGED), "w") as f:
-                json.dump({"reason": what, "checkpoint": self.saved, "args": vars(self.args)}, f,
-                          indent=2)
-        raise Diverged(f"{what}: the run diverged and stopped without saving; {kept} (what to "
-                       f"do: docs/training.md, \"A diverged run\")")
+        from common.failures import diverged  # only then: the line, diverged.json
+        raise diverged(self, bad, state, epoch, batch_in_epoch)
 
 
 class StopSignal:

@@ -1,8 +1,18 @@
-"""What only a Slurm job needs: the address of its first node (the master of the process group,
-under srun) and putting the job back in the queue after a stop signal."""
+"""What only a Slurm job needs: the variables torch.distributed reads, with the address of the
+job's first node as the master of the process group (under srun), and putting the job back in
+the queue after a stop signal."""
 import os
 import re
 import subprocess
+
+
+def set_torchrun_env(rank, world_size, local_rank):
+    """Under srun, the environment torchrun would give: RANK, WORLD_SIZE, LOCAL_RANK, and
+    MASTER_ADDR and MASTER_PORT unless set (the first node; a port fixed by the job id)."""
+    env = os.environ
+    env.setdefault("MASTER_ADDR", master_addr())
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = map(str, (rank, world_size, local_rank))
 
 
 def master_addr():

@@ -1,6 +1,13 @@
 """The optional monitoring sinks beside log.jsonl: TensorBoard event files and a Weights & Biases
 run. Imported by common/log.py only when one is on (their flags: common/args.py), and each
-imports its package only then, so that neither package is needed."""
+imports its package only then, so that neither package is needed.
+
+TensorBoard is on whenever the `tensorboard` package is installed (--no-tensorboard turns it
+off; --tensorboard makes a missing package an error): a researcher who has it expects
+`tensorboard --logdir runs/` to show every run, including the three-day one started without
+thinking of a flag; an event costs tens of microseconds and ~110 bytes per log record. Without
+the package nothing changes. W&B sends data to a server, so it is on only when asked
+(--wandb PROJECT)."""
 import json
 import os
 import re
@@ -23,9 +30,10 @@ class Sinks:
     A sink turned on later in a run (first --wandb, or TensorBoard newly installed) first gets
     the records log.jsonl keeps (`track(..., again=True)`).
 
-    A record with a "step" is placed at that global step under train/<key>; an epoch summary
-    at the step that ends the epoch under epoch/<key> (Logger.place). Every number but the step
-    itself is a scalar, the "epoch" included (an x axis in W&B)."""
+    A record with a "step" (logged every --log-every steps) is placed at that global step under
+    train/<key>; an epoch summary (no "step"; epoch 0 holds the random-init kNN) at the step that
+    ends the epoch, epoch x steps_per_epoch, under epoch/<key> (Logger.place). Every number but
+    the step itself is a scalar, the "epoch" included (an x axis in W&B)."""
 
     def __init__(self, args, run_dir, position, held, log, tensorboard):
         self.events = self.wandb = None

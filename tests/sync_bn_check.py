@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common.dist import get_rank, get_world_size, setup_distributed, sync_bn_group
+from common.dist import get_rank, get_world_size, setup_distributed
+from common.sync_bn import sync_bn_group
 
 if __name__ == "__main__":
     setup_distributed()

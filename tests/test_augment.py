@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from common.augment import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, CropOnlyView, FastView,
-                            ViewPipeline, crop_and_flip, image_pixels, reference_view, ssl_view)
+from common.augment import (IMAGENET_MEAN, IMAGENET_STD, CropOnlyView, FastView,
+                            ViewPipeline, crop_and_flip, image_pixels, ssl_view)
 from common.data import build_dataset
-from common.gpu_aug import load_pixels
+from common.gpu_aug import INTERPOLATION, load_pixels, reference_view
 from common.errors import UserError
 from tests.helpers import assert_same_tensors, make_image_folder, ok, read_log, run
 

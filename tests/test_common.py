@@ -17,7 +17,7 @@ from common.dist import gather_with_grad
 from common.knn import knn_predict
 from common.checkpoint import atomic_save, load_checkpoint, rng_state, save_checkpoint
 from common.augment import FastView, ssl_view
-from common.data import SyntheticImages
+from common.named_data import SyntheticImages
 
 
 def test_lars_step_by_hand():

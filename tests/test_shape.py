@@ -71,10 +71,16 @@ def test_no_line_longer_than_111_characters():
 
 def test_import_loads_neither_optional_nor_evaluation_modules():
     """Importing the method scripts loads only what every run needs: not the ViT code, the GPU
-    augmentation, the probe, the tracking sinks, Slurm's helpers, or linear_eval.py's own."""
-    optional = {"vit", "gpu_aug", "probe", "track", "slurm", "evaluation", "weights"}
+    augmentation, the probe, the tracking sinks, Slurm's helpers, the named datasets, SyncBN's
+    groups, the widened ResNet-50s, --allow-changes, the failure reports, or linear_eval.py's
+    own; and what it loads of common/ is at most 2,000 lines, what a copied script carries."""
+    optional = {"vit", "gpu_aug", "probe", "track", "slurm", "evaluation", "weights", "named_data",
+                "sync_bn", "widened_resnet", "allow_changes", "failures"}
     code = ("import sys; [__import__(m) for m in sys.argv[1:]]; "
             "print(' '.join(m.split('.')[1] for m in sys.modules if m.startswith('common.')))")
     loaded = subprocess.run([sys.executable, "-c", code, *METHODS], cwd=REPO, text=True,
                             capture_output=True, check=True).stdout.split()
     assert "run" in loaded and not optional & set(loaded), sorted(loaded)
+    lines = sum(len((REPO / "common" / f"{m}.py").read_text().splitlines())
+                for m in [*loaded, "__init__"])  # of all the scripts together, so of each too
+    assert lines <= 2000, f"the method scripts load {lines} lines of common/"

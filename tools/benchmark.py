@@ -85,9 +85,8 @@ def get_args(argv=None, p=None, need_out=True):
     args.extra = extra[1:]
     args.methods = ([m for m in METHODS if m not in FINETUNED or args.arch.startswith("vit")]
                     if args.methods == "all" else args.methods.split(","))
-    if set(args.methods) - set(METHODS):
-        p.error(f"unknown methods {sorted(set(args.methods) - set(METHODS))}; choose from "
-                f"{', '.join(METHODS)}")
+    if unknown := sorted(set(args.methods) - set(METHODS)):
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if any("=" not in f for f in args.method_flags):
         p.error("--method-flags takes METHOD=FLAGS, e.g. simclr='--warmup-epochs 1'")
     args.method_flags = dict(f.split("=", 1) for f in args.method_flags)
@@ -113,9 +112,8 @@ def subset(data, out, per_class):
 def steps(args, method):
     """(name, command, done?) of the method's steps: train, then knn and linear."""
     run_dir, evals = args.runs_dir / "runs" / method, args.runs_dir / "eval"
-    launcher = [sys.executable, *(["-m", "torch.distributed.run", "--standalone",
-                                   f"--nproc_per_node={args.nproc_per_node}"]
-                                  if args.nproc_per_node > 1 else [])]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
+    launcher = [sys.executable, *torchrun] if args.nproc_per_node > 1 else [sys.executable]
     data = ["--data", args.data]
     for name, value in (("img_size", args.img_size), ("data_dir", args.data_dir),
                         ("workers", args.workers), ("synthetic_size", args.synthetic_size)):
@@ -272,9 +270,8 @@ def finish_row(args, results, method):
     run_args = json.loads((run_dir / "args.json").read_text())
     epochs = [r for r in records if "step" not in r and r.get("epoch", 0) > 0]
     knn0 = [r["knn_top1"] for r in records if r.get("epoch") == 0 and "knn_top1" in r]
-    speeds = [r["img_per_s"] for r in epochs if "img_per_s" in r]
-    memory = [r["peak_gpu_mem_gib"] for r in epochs if "peak_gpu_mem_gib" in r]
-    times = [r["epoch_time"] for r in epochs if "epoch_time" in r]
+    speeds, memory, times = ([r[key] for r in epochs if key in r]
+                             for key in ("img_per_s", "peak_gpu_mem_gib", "epoch_time"))
     entry.update(epochs=epochs[-1]["epoch"], batch_size=run_args["batch_size"],
                  world_size=run_args["world_size"], knn_top1_init=knn0[0] if knn0 else None,
                  img_per_s=sum(speeds) / len(speeds) if speeds else None,
@@ -292,27 +289,6 @@ def finish_row(args, results, method):
     for name in ("log.jsonl", "args.json"):
         shutil.copyfile(run_dir / name, args.out / "records" / method / name)
     entry["records"] = f"records/{method}"
-
-
-def run_table(args, settings, command, stop):
-    """Fill (or resume) the table of args.out, one step after another; the exit code."""
-    results, methods = open_table(args, settings, command)
-    if results is None:
-        return 2
-    for method in methods:
-        entry = results["methods"][method]
-        for step in skip_done(method, steps(args, method)):
-            if stop.signum:
-                entry["status"] = "not started: stopped by a signal"
-                break
-            running = Step(args, method, step, dict(os.environ), stop)
-            save(args, results)
-            if not running.end(args, entry, running.proc.wait()):
-                break
-        else:
-            finish_row(args, results, method)
-        save(args, results)
-    return close_table(args, results, stop)
 
 
 def close_table(args, results, stop):
@@ -352,9 +328,8 @@ def markdown(results, folder="", methods=None):
     """results.md: the table (of `methods` only, if given), then what made it."""
     s, m = results["settings"], results["machine"]
     tuned = any("finetune_top1" in e for e in results["methods"].values())
-    data = s["data"] + "".join(f", the first {s[k]} {split} images of each class"
-                               for k, split in (("train_per_class", "train"),
-                                                ("val_per_class", "val")) if s.get(k))
+    data = s["data"] + "".join(f", the first {s[f'{split}_per_class']} {split} images of each class"
+                               for split in ("train", "val") if s.get(f"{split}_per_class"))
     details = [f"{s['img_size']} px" if s.get("img_size") else "",
                f"batch {s['batch_size']}" if s["batch_size"] else "",
                f"{s['nproc_per_node']} processes" if s["nproc_per_node"] > 1 else "",
@@ -414,12 +389,10 @@ def render_readme(page):
     the table of FOLDER/results.json (relative to the page; those rows only); FOLDER/results.md too."""
 
     def table(match):
-        folder, methods = match.group(1), match.group(2)
+        folder, methods = match.group(1), (match.group(2).split(",") if match.group(2) else None)
         results = json.loads((page.parent / folder / "results.json").read_text())
         (page.parent / folder / "results.md").write_text(markdown(results))
-        methods = methods.split(",") if methods else None
-        unknown = sorted(set(methods or []) - set(results["methods"]))
-        if unknown:
+        if unknown := sorted(set(methods or []) - set(results["methods"])):
             raise SystemExit(f"error: {page}: no {', '.join(unknown)} in {folder}/results.json")
         return (match.group(0).split("\n")[0] + "\n" + markdown(results, folder, methods)
                 + "<!-- /results -->")
@@ -431,8 +404,7 @@ def render_readme(page):
 def prepare(args):
     """OUT made; the settings results.json records; --data made the --*-per-class subset."""
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k in SETTINGS}
+    settings = {k: v for k, v in vars(args).items() if k in SETTINGS}
     if args.train_per_class or args.val_per_class:
         args.data = str(subset(args.data, args.out / "data", {"train": args.train_per_class,
                                                               "val": args.val_per_class}))
@@ -440,7 +412,7 @@ def prepare(args):
 
 
 def main(argv=None):
-    """Fill the table, or re-render the results blocks of pages; the exit code."""
+    """Fill (or resume) the table, one step after another, or re-render pages; the exit code."""
     args = get_args(argv)
     if args.render_readme:
         for page in args.render_readme:
@@ -448,9 +420,25 @@ def main(argv=None):
             print(f"rendered the results tables of {page}")
         return 0
     settings = prepare(args)
+    command = shlex.join(["python", *(sys.argv if argv is None else ["tools/benchmark.py", *argv])])
     with stopping() as stop:
-        return run_table(args, settings, shlex.join(["python", *sys.argv] if argv is None else
-                                                    ["python", "tools/benchmark.py", *argv]), stop)
+        results, methods = open_table(args, settings, command)
+        if results is None:
+            return 2
+        for method in methods:
+            entry = results["methods"][method]
+            for step in skip_done(method, steps(args, method)):
+                if stop.signum:
+                    entry["status"] = "not started: stopped by a signal"
+                    break
+                running = Step(args, method, step, dict(os.environ), stop)
+                save(args, results)
+                if not running.end(args, entry, running.proc.wait()):
+                    break
+            else:
+                finish_row(args, results, method)
+            save(args, results)
+        return close_table(args, results, stop)
 
 
 if __name__ == "__main__":

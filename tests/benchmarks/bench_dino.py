@@ -12,20 +12,17 @@ local crops of 14 px (96/224 of 32 px). No data loading: the loaders are not com
 A benchmark, not a test: pytest collects test_*.py only, so this file is never run by it.
 """
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # run as a script: the methods and `common` live at the repo root
+# run as a script: the methods, `common` and tests.benchmarks.timing are imported from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import byol  # noqa: E402
 import dino  # noqa: E402
 from common.optim import build_optimizer, param_groups, set_lr  # noqa: E402
+from tests.benchmarks import timing  # noqa: E402
 
 
 def dino_step(args, device, local_crops):
@@ -56,68 +53,16 @@ def dino_step(args, device, local_crops):
     return step
 
 
-def byol_step(args, device):
-    """byol.py's loop body with its CIFAR recipe (projector and predictor 4096 -> 256, LARS)."""
-    recipe = byol.get_args(["--data", "synthetic", "--img-size", str(args.img_size)])
-    model = byol.BYOL("resnet18", True, recipe.hidden_dim, recipe.proj_dim).to(device).train()
-    optimizer = build_optimizer(param_groups(model, recipe.weight_decay), recipe)
-    set_lr(optimizer, recipe.lr * args.batch_size / 256)
-
-    def step(x1, x2):
-        p1, p2, z1, z2 = model(x1, x2)
-        loss = byol.byol_loss(p1, p2, z1, z2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.update_target(0.996)
-    return step
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per method per round (3)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, median (5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (2)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's)")
-    p.add_argument("--json", type=Path, help="also write the result here")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    args, device = timing.start(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     views = [torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
              for _ in range(2)]
-    steps = {"byol": byol_step(args, device), "dino_2+0": dino_step(args, device, 0),
+    # byol.py's CIFAR recipe (projector and predictor 4096 -> 256, LARS)
+    steps = {"byol": timing.byol_step(args, device, "resnet18", 0.996),
+             "dino_2+0": dino_step(args, device, 0),
              "dino_2+6": dino_step(args, device, 6)}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step(*views)
-    seconds = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step(*views)
-            synchronize(device)
-            seconds[name].append((time.perf_counter() - start) / args.steps)
-    median = {name: statistics.median(s) for name, s in seconds.items()}
-    result = {"device": str(device), "threads": torch.get_num_threads(), "arch": "resnet18",
-              "img_size": args.img_size, "batch_size": args.batch_size,
-              "seconds_per_step": median, "rounds": seconds,
-              "ratio_dino_2+0_over_byol": median["dino_2+0"] / median["byol"],
-              "ratio_dino_2+6_over_byol": median["dino_2+6"] / median["byol"]}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    timing.report(args, device, "resnet18", timing.seconds_per_step(args, device, steps, views),
+                  [("dino_2+0", "byol"), ("dino_2+6", "byol")])
 
 
 if __name__ == "__main__":

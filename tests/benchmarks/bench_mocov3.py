@@ -11,20 +11,18 @@ falls on both. No data loading: the two scripts' loaders and views cost the same
 A benchmark, not a test: pytest collects test_*.py only, so this file is never run by it.
 """
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # run as a script: the methods and `common` live at the repo root
+# run as a script: the methods, `common` and tests.benchmarks.timing are imported from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import moco  # noqa: E402
 import mocov3  # noqa: E402
 from common.optim import build_optimizer, set_lr  # noqa: E402
+from tests.benchmarks import timing  # noqa: E402
 
 
 def mocov3_step(args, device):
@@ -70,49 +68,13 @@ def moco_step(args, device):
     return step
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per method per round (3)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, median (5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (2)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's)")
-    p.add_argument("--json", type=Path, help="also write the result here")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    args, device = timing.start(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     views = [torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
              for _ in range(2)]
     steps = {"mocov3": mocov3_step(args, device), "moco": moco_step(args, device)}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step(*views)
-    seconds = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step(*views)
-            synchronize(device)
-            seconds[name].append((time.perf_counter() - start) / args.steps)
-    median = {name: statistics.median(s) for name, s in seconds.items()}
-    result = {"device": str(device), "threads": torch.get_num_threads(), "arch": "resnet18",
-              "img_size": args.img_size, "batch_size": args.batch_size,
-              "seconds_per_step": median, "rounds": seconds,
-              "ratio_mocov3_over_moco": median["mocov3"] / median["moco"]}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    timing.report(args, device, "resnet18", timing.seconds_per_step(args, device, steps, views),
+                  [("mocov3", "moco")])
 
 
 if __name__ == "__main__":
