@@ -5,9 +5,10 @@ import math
 import os
 
 from common.dist import get_rank
+from common.errors import DIVERGED
 
 
-def accept_changes(args, ckpt, changes, where, diverged, diverged_path, log):
+def accept_changes(args, ckpt, changes, where, diverged, log):
     """Apply the accepted `changes` [(key, saved value, value now)] to the resumed `ckpt` (loaded
     at `where`): printed with what they do to the schedule, the optimizer and the position in
     the epoch, then recorded in args.json (rank 0), where a divergence they answer is cleared."""
@@ -23,11 +24,22 @@ def accept_changes(args, ckpt, changes, where, diverged, diverged_path, log):
             ckpt["batch_in_epoch"] = ckpt["batch_in_epoch"] * old // new  # images done
             log.print(f"the position in epoch {ckpt['epoch']} is now batch "
                       f"{ckpt['batch_in_epoch']} of {new} images")
-    if get_rank() == 0:
-        record_changes(os.path.join(args.run_dir, "args.json"), args, where, changes,
-                       diverged)
-        if diverged:
-            os.remove(diverged_path)
+    if get_rank() != 0:
+        return
+    path = os.path.join(args.run_dir, "args.json")  # the new values, a history entry per resume
+    record = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+    history = record.get("changes", [])
+    history.append({"at": where, "settings": {k: [old, new] for k, old, new in changes},
+                    **({"after_divergence": diverged} if diverged else {})})
+    record.update(vars(args), changes=history)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+    if diverged:
+        os.remove(os.path.join(args.run_dir, DIVERGED))
 
 
 def schedule_change(args, epoch, old_epochs, new_epochs):
@@ -41,19 +53,3 @@ def schedule_change(args, epoch, old_epochs, new_epochs):
             f"and momentum or temperature where the method has one) now spans {new_epochs} "
             f"epochs; at epoch {epoch} the cosine stands at {100 * cosine(new_epochs):.0f}% of "
             f"the way from its final value to its peak ({100 * cosine(old_epochs):.0f}% before)")
-
-
-def record_changes(path, args, where, changes, diverged):
-    """args.json after an accepted change: the new values, and a history entry per resume."""
-    record = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            record = json.load(f)
-    history = record.get("changes", [])
-    history.append({"at": where, "settings": {k: [old, new] for k, old, new in changes},
-                    **({"after_divergence": diverged} if diverged else {})})
-    record.update(vars(args), changes=history)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)

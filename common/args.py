@@ -24,168 +24,127 @@ def recipe_values(key, imagenet, small):
 def default_workers():
     """Loader workers per training process: the CPUs it may use (Slurm's --cpus-per-task, or the
     node's CPUs shared among torchrun's local processes) minus one for the training loop."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         cpus = int(os.environ["SLURM_CPUS_PER_TASK"])
     else:
         cpus //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, (cpus or 1) - 1)
+    return max(1, cpus - 1)
 
 
 def add_common_args(parser, method, imagenet, small, sync_bn="global"):
-    """Add the shared flags. Flags whose value depends on the recipe default to None and are
-    filled by `resolve_recipe` from the script's ImageNet, small-image or ViT recipe (the
-    optimizer included). `sync_bn`: the method's official choice, the default of --sync-bn."""
+    """Add the shared flags. Those whose value depends on the recipe default to None, for
+    `resolve_recipe` to fill. `sync_bn`: the method's official choice, the default of --sync-bn."""
     # No silent abbreviations: `--warmup 0` must fail, not quietly become --warmup-epochs 0 in one
     # script and an error in another that has no such flag.
     parser.allow_abbrev = False
     both = lambda key: recipe_values(key, imagenet, small)
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True,
-                   help="ImageFolder root with train/ and val/ (ImageNet layout), or cifar10, "
-                        "cifar100, stl10 (downloaded into --data-dir when online), or synthetic "
-                        "(random images, for offline smoke runs)")
+                   help="ImageFolder root with train/ and val/ (ImageNet layout), or cifar10, cifar100, "
+                        "stl10 (downloaded into --data-dir when online), or synthetic (random images)")
     g.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10 live (default: data)")
-    g.add_argument("--img-size", type=int, default=None,
-                   help="crop size; default 224 for an ImageFolder, 32 for CIFAR and synthetic, 96 "
-                        "for STL-10. Sizes <= 64 select the small-image (CIFAR) recipe, with a 3x3 "
-                        "stride-1 stem and no max-pool")
-    g.add_argument("--workers", type=int, default=default_workers(),
-                   help="data-loading processes per rank (default: the CPUs of this process's "
-                        "share of the node, minus one for the training loop: "
-                        f"{default_workers()} here)")
+    g.add_argument("--img-size", type=int, help="crop size (default: 224 for an ImageFolder, 32 for "
+                   "CIFAR and synthetic, 96 for STL-10); <= 64 selects the small-image recipe, with "
+                   "a 3x3 stride-1 stem and no max-pool")
+    workers = default_workers()
+    g.add_argument("--workers", type=int, default=workers, help="data-loading processes per rank "
+                   f"(default: this process's share of the node's CPUs, minus one: {workers} here)")
     aug = g.add_mutually_exclusive_group()
     aug.add_argument("--gpu-aug", dest="aug", action="store_const", const="gpu", default="fast",
-                     help="workers only decode, crop, resize and flip; colour jitter, grayscale, "
-                          "blur, solarize and normalisation run batched on the GPU (default: all "
-                          "on the CPU, with PIL's uint8 operations)")
+                     help="workers only decode, crop, resize and flip; colour jitter, grayscale, blur, "
+                          "solarize and normalisation run batched on the GPU (default: all on the CPU)")
     aug.add_argument("--torchvision-aug", dest="aug", action="store_const", const="torchvision",
                      help="the standard torchvision transforms (slower; for comparison)")
     aug.add_argument("--data-on-device", dest="aug", action="store_const", const="device",
-                     help="small datasets (CIFAR, STL-10, an ImageFolder of equal-size images): "
-                          "hold the whole train set on the device as uint8 and make the views "
-                          "there (crop, resize, flip, then --gpu-aug's colour operations), no "
-                          "loader workers")
+                     help="small datasets (CIFAR, STL-10, an ImageFolder of equal-size images) held on "
+                          "the device as uint8, the views made there, no loader workers")
     g.add_argument("--synthetic-size", type=int, default=512,
-                   help="number of training images of --data synthetic, val: a quarter (default: 512)")
+                   help="training images of --data synthetic, val: a quarter (default: 512)")
     g = parser.add_argument_group("training")
-    g.add_argument("--arch", default=None, help="the backbone, a torchvision class: ResNets "
-                   "resnet18, resnet34, resnet50, resnet101, resnet152, wide_resnet50_2, "
-                   "wide_resnet101_2 (torchvision's: only the bottleneck widened, 2048-d), "
-                   "resnet50w2/w4/w5 (every layer widened, as SimCLR and SwAV: "
-                   "4096/8192/10240-d features); ResNeXts resnext50_32x4d, resnext101_32x8d, "
-                   "resnext101_64x4d; Vision Transformers vit_tiny, vit_small, vit_base (patch "
-                   "16 at 224 px; patch 4 at 32 px for images <= 64 px), which select the "
-                   "method's ViT recipe (printed at start) " + both("arch"))
-    g.add_argument("--epochs", type=int, default=None, help="training epochs " + both("epochs"))
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--arch", help="the backbone, a torchvision class: resnet18, resnet34, resnet50, "
+                   "resnet101, resnet152, wide_resnet50_2, wide_resnet101_2 (only the bottleneck "
+                   "widened, 2048-d), resnet50w2/w4/w5 (every layer widened, as SimCLR and SwAV: "
+                   "4096/8192/10240-d), resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, or "
+                   "vit_tiny, vit_small, vit_base (patch 16 at 224 px, 4 at <= 64 px), which select "
+                   "the method's ViT recipe " + both("arch"))
+    g.add_argument("--epochs", type=int, help="training epochs " + both("epochs"))
+    g.add_argument("--batch-size", type=int,
                    help="GLOBAL batch size, split evenly over all processes " + both("batch_size"))
     rate = g.add_mutually_exclusive_group()
-    rate.add_argument("--lr", type=float, default=None,
-                      help="BASE learning rate, scaled x batch/256 as printed at start: the "
-                           "convention of the papers' recipes, whose values are base rates "
-                           + both("lr"))
-    rate.add_argument("--peak-lr", type=float, default=None,
-                      help="the learning rate the optimizer reaches, used as given (instead of "
-                           "--lr): for a rate quoted from a code base that does not scale by the "
-                           "batch, e.g. BYOL-HPC's --lr_init 2.0 at batch 512 (= --lr 1.0)")
-    g.add_argument("--weight-decay", type=float, default=None, help="weight decay " + both("weight_decay"))
-    g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default=None,
-                   help="the official code's by default " + both("optimizer") + ", AdamW for "
-                        "the ViT recipes. lars: LARS as the official SimCLR/BYOL/Barlow "
-                        "Twins/VICReg code, 1-D parameters neither decayed nor adapted (for "
-                        "every method); sgd: SGD with momentum; adamw: AdamW (with a ResNet "
-                        "recipe --lr is then yours to choose: its rates are SGD/LARS rates). "
-                        "Printed at start")
+    rate.add_argument("--lr", type=float, help="BASE learning rate, scaled x batch/256 as printed at "
+                      "start, as the papers' recipes give it " + both("lr"))
+    rate.add_argument("--peak-lr", type=float, help="the optimizer's rate as given (instead of --lr), "
+                      "e.g. BYOL-HPC's --lr_init 2.0 at batch 512 (= --lr 1.0), not scaled by the batch")
+    g.add_argument("--weight-decay", type=float, help="weight decay " + both("weight_decay"))
+    g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"],
+                   help="the official code's by default " + both("optimizer") + ", AdamW for the "
+                        "ViT recipes. lars: as the official SimCLR/BYOL/Barlow Twins/VICReg code, "
+                        "1-D parameters neither decayed nor adapted; sgd: with momentum; adamw: with "
+                        "a ResNet recipe, choose --lr (its rates are SGD/LARS rates)")
     g.add_argument("--momentum", type=float, default=0.9,
                    help="optimizer momentum; AdamW's beta1 (default: 0.9, every official recipe)")
-    g.add_argument("--lars-eta", type=float, default=None,
-                   help="LARS trust coefficient (default: 0.001, the official code's; "
-                        "solo-learn's CIFAR recipes use 0.02 with --lars-clip)")
-    g.add_argument("--lars-clip", action="store_true",
-                   help="LARC's clipping mode: each weight's adapted rate is at most --lr's "
-                        "(apex LARC clip=True; solo-learn's CIFAR setting)")
-    g.add_argument("--probe", action="store_true",
-                   help="an online linear probe: a classifier trained on the detached backbone "
-                        "features of the labelled training batches during pre-training (its own "
-                        "SGD, no gradient into the backbone), its val top-1 logged every epoch "
-                        "as probe_top1, as the official BYOL code and solo-learn do")
+    g.add_argument("--lars-eta", type=float, help="LARS trust coefficient (default: 0.001, the "
+                   "official code's; solo-learn's CIFAR recipes: 0.02 with --lars-clip)")
+    g.add_argument("--lars-clip", action="store_true", help="LARC's clipping mode: each weight's "
+                   "adapted rate is at most --lr's (apex LARC clip=True; solo-learn's CIFAR setting)")
+    g.add_argument("--probe", action="store_true", help="an online linear probe (official BYOL "
+                   "code, solo-learn): a classifier with its own SGD on the detached features of "
+                   "the labelled training batches, its val top-1 logged every epoch as probe_top1")
     g.add_argument("--probe-lr", type=float, default=0.1,
                    help="the probe's learning rate (default: 0.1, solo-learn's CIFAR setting)")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and "
-                   "augmentations (default: 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentations (0)")
     g = parser.add_argument_group("system")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto (default): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--sync-bn", default=sync_bn, metavar="{global,node,off,N}",
-                   help=f"which processes' batch statistics each BatchNorm shares on GPUs "
-                        f"(default: {sync_bn}{', its shuffled BN' if sync_bn == 'off' else ''}). "
-                        "global: all; node: the processes of one node, as SwAV's and VISSL's "
-                        "groups of 8 (about twice as fast as global in swav issue #22); N: groups "
-                        "of N consecutive ranks; off: each process its own part of the batch. "
-                        "CPU processes always normalise their own part (no SyncBN on CPUs)")
+                   help=f"which processes' batch statistics each BatchNorm shares on GPUs (default: "
+                        f"{sync_bn}{', its shuffled BN' if sync_bn == 'off' else ''}). global: all; "
+                        "node: one node's, as SwAV's groups of 8 (about twice as fast in swav issue "
+                        "#22); N: groups of N consecutive ranks; off: none. On CPUs, always off")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, hold the model's weights and the input batches in channels_last "
-                        "(NHWC) memory, the layout tensor-core convolutions run fastest in "
-                        "(default: on; --no-channels-last keeps PyTorch's NCHW)")
-    g.add_argument("--run-dir", default=None,
-                   help=f"output folder (default: runs/{method}/<Slurm job id or timestamp>); "
-                        f"running again with the same folder resumes from its checkpoint.pt")
+                   help="channels_last (NHWC) weights and batches on CUDA, the layout tensor-core "
+                        "convolutions run fastest in (default: on)")
+    g.add_argument("--run-dir", help=f"output folder (default: runs/{method}/<Slurm job id or "
+                   "timestamp>); running again with the same folder resumes from its checkpoint.pt")
     g.add_argument("--allow-changes", nargs="+", default=[], metavar="FLAG",
-                   help="resuming a run directory: accept these flags differing from the "
-                        "checkpoint's run (e.g. `--allow-changes epochs` to train a finished run "
-                        "longer, `--allow-changes lr` to resume a diverged run with a lower "
-                        "rate); they take effect from the resumed step and are recorded in "
-                        "args.json. Without it, a changed setting is refused")
+                   help="resuming: accept these flags differing from the checkpoint's run (e.g. "
+                        "epochs, to train longer), from the resumed step on; else refused")
     g.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
-                   help="write checkpoint.pt and backbone.pt after every Nth epoch (and after the "
-                        "last, and on a stop signal); a crash loses at most N epochs. Raise it when "
-                        "an epoch takes seconds and writing the checkpoint a good part of that "
-                        "(default: 1)")
-    g.add_argument("--save-every", type=int, default=0,
-                   help="also keep the checkpoint and backbone.pt of every Nth epoch, as "
-                        "checkpoint_epochN.pt and backbone_epochN.pt (default: 0, only the rolling "
-                        "checkpoint.pt and backbone.pt, which a resume reads)")
-    g.add_argument("--stop-at-step", type=int, default=None, metavar="N",
-                   help="save and exit as a stop signal would (without a Slurm requeue outside "
-                        "Slurm) once N steps of the whole run are done: to end a job at a known "
-                        "point, or to check that a resumed run continues exactly")
+                   help="write checkpoint.pt and backbone.pt every N epochs (and at the end or a "
+                        "stop signal): a crash loses at most N epochs (default: 1)")
+    g.add_argument("--save-every", type=int, default=0, help="also keep every Nth epoch's checkpoint "
+                   "as checkpoint_epochN.pt and backbone_epochN.pt (default: 0, none)")
+    g.add_argument("--stop-at-step", type=int, metavar="N", help="once N steps of the run are done, "
+                   "save and exit as a stop signal would: to end a job at a known point, or test a resume")
     g.add_argument("--knn-every", type=int, default=1,
                    help="weighted kNN top-1 on the val split every N epochs, 0: never (default: 1)")
     g.add_argument("--log-every", type=int, default=50, help="a log line every N steps (default: 50)")
     add_tracking_args(parser)  # TensorBoard, W&B
-    return parser
 
 
 def add_tracking_args(parser):
-    """TensorBoard and Weights & Biases flags, in their own group (why TensorBoard is on by
-    default and W&B only when asked: common/track.py)."""
+    """TensorBoard and Weights & Biases flags (why TensorBoard is on by default and W&B only when
+    asked: common/track.py)."""
     g = parser.add_argument_group(
         "tracking", "optional extras (pip install -r requirements-extras.txt), rank 0 only, with "
         "the same records, names and steps as log.jsonl; a resume continues them")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-                   help="TensorBoard event files in the run directory: train/<key> at every log "
-                        "step, epoch/<key> at each epoch's last step, the arguments as text; "
-                        "view with `tensorboard --logdir runs`. Default: on when the tensorboard "
-                        "package is installed")
+                   help="event files in the run directory: train/<key> every log step, epoch/<key> "
+                        "at each epoch's last, the arguments as text; view with `tensorboard "
+                        "--logdir runs` (default: on when installed)")
     g.add_argument("--wandb", metavar="PROJECT", type=wandb_project,
-                   help="also log to this Weights & Biases project. The run id is kept in the "
-                        "run directory (wandb_run_id), so a resumed or requeued run continues "
-                        "the same W&B run. Nodes without internet: --wandb-mode offline (or "
-                        "WANDB_MODE=offline), then `wandb sync RUN_DIR/wandb/offline-run-*`")
-    g.add_argument("--wandb-entity", metavar="ENTITY",
-                   help="W&B team or user (default: WANDB_ENTITY, or your default entity)")
+                   help="also log to this W&B project; a resumed run continues its W&B run "
+                        "(RUN_DIR/wandb_run_id). Offline: --wandb-mode offline, then wandb sync")
+    g.add_argument("--wandb-entity", metavar="ENTITY", help="W&B team or user (default: WANDB_ENTITY)")
     g.add_argument("--wandb-name", metavar="NAME",
-                   help="W&B run name (default: the run directory's last two parts, e.g. "
-                        "simclr/20250101-120000)")
+                   help="W&B run name (default: the run directory's last two parts, e.g. simclr/20250101)")
     g.add_argument("--wandb-group", metavar="GROUP",
-                   help="W&B group, e.g. a sweep or the pre-training and linear evaluation of "
-                        "one backbone")
+                   help="W&B group, e.g. a sweep, or one backbone's pre-training and evaluation")
     g.add_argument("--wandb-tags", nargs="+", metavar="TAG", help="W&B tags")
     g.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
-                   help="online sends as it trains; offline writes RUN_DIR/wandb/ for a later "
-                        "`wandb sync` (default: WANDB_MODE, else online)")
+                   help="offline: RUN_DIR/wandb/ for a later `wandb sync` (default: WANDB_MODE, else online)")
     return parser
 
 
@@ -210,7 +169,7 @@ def resolve_recipe(args, imagenet, small, method, vit=None):
     args.small_images = args.img_size <= 64
     recipe = small if args.small_images else imagenet
     args.recipe = "small-image" if args.small_images else "ImageNet"
-    if args.arch is not None and is_vit(args.arch) and vit:
+    if vit and is_vit(args.arch):
         recipe = {**recipe, **vit[args.small_images]}
         args.recipe = recipe.pop("recipe")
     for key, value in recipe.items():
@@ -228,8 +187,7 @@ def resolve_recipe(args, imagenet, small, method, vit=None):
     if args.optimizer != "lars" and (args.lars_eta is not None or args.lars_clip):
         raise UserError(f"--lars-eta and --lars-clip apply to --optimizer lars, not {args.optimizer}")
     args.lars_eta = 0.001 if args.lars_eta is None else args.lars_eta
-    if args.sync_bn not in ("global", "node", "off") and not (args.sync_bn.isdigit()
-                                                            and int(args.sync_bn) > 0):
+    if not (args.sync_bn in ("global", "node", "off") or args.sync_bn.isdigit() and int(args.sync_bn) > 0):
         raise UserError(f"--sync-bn {args.sync_bn}: global, node, off or a group size")
     if args.save_every < 0:
         raise UserError("--save-every must be 0 (off) or a number of epochs")
@@ -239,13 +197,12 @@ def resolve_recipe(args, imagenet, small, method, vit=None):
 
 
 def describe_lr(args):
-    """The recipe in force and the learning rate, printed at start, e.g. 'ImageNet recipe;
-    lr = 0.3 x 4096/256 = 4.8'; with --peak-lr, 'lr = 2 (--peak-lr, as given; = 1 x 512/256)'."""
-    recipe = f"recipe: {args.recipe}; " if getattr(args, "recipe", None) else ""
+    """The recipe and learning rate printed at start, e.g. 'recipe: ImageNet; lr = 0.3 x
+    4096/256 = 4.8'; with --peak-lr, 'lr = 2 (--peak-lr, as given; = 1 x 512/256)'."""
     if args.peak_lr_given:
-        return (f"{recipe}lr = {args.peak_lr:g} (--peak-lr, as given; = {args.lr:g} x "
+        return (f"recipe: {args.recipe}; lr = {args.peak_lr:g} (--peak-lr, as given; = {args.lr:g} x "
                 f"{args.batch_size}/256)")
-    return f"{recipe}lr = {args.lr:g} x {args.batch_size}/256 = {args.peak_lr:g}"
+    return f"recipe: {args.recipe}; lr = {args.lr:g} x {args.batch_size}/256 = {args.peak_lr:g}"
 
 
 def make_run_dir(path):
@@ -273,19 +230,16 @@ def check_batch(args):
 def git_revision(short=False):
     """The commit of the code being run (`+uncommitted` when tracked files differ from it), or
     None outside a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        rev = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
-                             cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, timeout=10).stdout
+    try:  # --exclude '*': the commit, never a tag's name
+        rev = subprocess.run(["git", "describe", "--always", "--exclude", "*", "--dirty=+uncommitted",
+                              *([] if short else ["--abbrev=40"])], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return rev + ("+uncommitted" if dirty.strip() else "") if rev else None
+    return rev or None
 
 
 def versions():
-    """The versions a result depends on: torch, torchvision, Python, CUDA."""
     return {"torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "cuda": torch.version.cuda}
 

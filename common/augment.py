@@ -2,17 +2,16 @@
 grayscale, blur and solarize), made by `ViewPipeline(recipes, mode)`, the loader's transform
 (image -> its views) whose `to_device` finishes them in the training step. Modes:
 
-- "fast" (default): PIL's uint8 operations in the loader workers, cropped and resized by torch's
-  antialiased uint8 interpolation (about 3x faster than PIL's), blurred by PIL's filter (about
-  5x faster than torchvision's); uint8 tensors reach the device, which normalises them. Its
-  random draws are torchvision's, in torchvision's order: for a seeded sample both pick the same
-  crop, flip, jitter, grayscale, blur and solarize; the resize rounds differently (one level on
-  about a quarter of the values) and the blur is PIL's box-pass approximation of the Gaussian.
+- "fast" (default): in the loader workers, torch's antialiased uint8 resize (about 3x faster than
+  PIL's), then PIL's uint8 colour operations and blur filter (about 5x faster than torchvision's);
+  the device normalises the uint8 views. Its random draws are torchvision's, in torchvision's
+  order (for a seeded sample the same crop, flip, jitter, grayscale, blur and solarize); the
+  resize rounds differently (one level on about a quarter of the values; bicubic up to 3) and
+  the blur is PIL's box-pass approximation of the Gaussian (tests/test_augment.py measures both).
 - "gpu" (--gpu-aug): workers only crop, resize and flip; the rest runs batched on the device.
 - "device" (--data-on-device): the train set held on the device, every view made there.
 - "torchvision" (--torchvision-aug): the standard composition, the reference.
-The last three load common/gpu_aug.py (where the torchvision composition is too);
-docs/performance.md measures them.
+The last three load common/gpu_aug.py; docs/performance.md measures them.
 """
 from dataclasses import dataclass
 
@@ -20,18 +19,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
-from torchvision.transforms import functional as F
 
 from common.data import IMAGENET_MEAN, IMAGENET_STD, image_pixels
 from common.dist import get_rank
 
+
 @dataclass(frozen=True)
 class ViewRecipe:
-    """One augmented view: a random resized crop to `size` px covering `scale` of the image
-    with aspect ratio in `ratio`, a horizontal flip (p 0.5), colour jitter (brightness,
-    contrast, saturation, hue strengths, in random order) with probability `jitter_p`,
-    grayscale with `gray_p`, Gaussian blur (sigma ~ U(blur_sigma)) with `blur_p`, solarize
-    (pixels >= 128 inverted) with `solarize_p`."""
+    """One augmented view: a random resized crop to `size` px covering `scale` of the image with
+    aspect ratio in `ratio`, a horizontal flip (p 0.5), colour jitter (strengths of brightness,
+    contrast, saturation, hue, in random order) with probability `jitter_p`, grayscale with
+    `gray_p`, blur (sigma ~ U(blur_sigma)) with `blur_p`, solarize (>= 128) with `solarize_p`."""
     size: int
     scale: tuple = (0.08, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
@@ -46,7 +44,7 @@ class ViewRecipe:
 
 def ssl_view(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
              blur_p=0.0, solarize_p=0.0, interpolation="bilinear"):
-    """The usual SSL view (crop, flip, colour jitter, grayscale, blur, solarize) as a recipe."""
+    """The usual SSL view as a recipe, from lists too (the flags' values)."""
     return ViewRecipe(size, tuple(scale), jitter=tuple(jitter), jitter_p=jitter_p, gray_p=gray_p,
                       blur_p=blur_p, solarize_p=solarize_p, interpolation=interpolation)
 
@@ -58,63 +56,24 @@ def multi_crop(counts, sizes, scales, **view):
     arguments). Returns the list of recipes, in the order of `counts`."""
     if not (len(counts) == len(sizes) == len(scales)):
         raise ValueError("multi_crop: counts, sizes and scales need one entry per crop group")
-    return [ssl_view(size, scale=tuple(scale), **view)
-            for n, size, scale in zip(counts, sizes, scales) for _ in range(n)]
+    return [ssl_view(size, scale, **view) for n, size, scale in zip(counts, sizes, scales)
+            for _ in range(n)]
 
-
-# ---------------------------------------------------------------- in the data-loader workers
 
 def crop_and_flip(pixels, recipe):
     """Random resized crop and horizontal flip: uint8 [H, W, 3] -> uint8 [3, size, size],
-    drawing from torch's generator as T.RandomResizedCrop and T.RandomHorizontalFlip do. The
-    resize is torch's antialiased uint8 interpolation (torchvision's own for tensors), about 3x
-    faster than PIL's; the two round differently, by one level on about a quarter of the values
-    (bicubic: up to 3 levels; tests/test_augment.py)."""
+    drawing from torch's generator as T.RandomResizedCrop and T.RandomHorizontalFlip do."""
     top, left, h, w = T.RandomResizedCrop.get_params(pixels.permute(2, 0, 1), list(recipe.scale),
                                                      list(recipe.ratio))
     crop = pixels[top:top + h, left:left + w].permute(2, 0, 1).unsqueeze(0)
     x = torch.nn.functional.interpolate(crop.contiguous(memory_format=torch.channels_last),
                                         size=(recipe.size, recipe.size),
                                         mode=recipe.interpolation, antialias=True)[0]
-    if torch.rand(1) < 0.5:
-        x = x.flip(-1)
-    return x
-
-
-class FastView:
-    """`recipe` on an image (PIL or its pixels): the crop on the pixels, then colour jitter,
-    grayscale, blur and solarize with PIL's uint8 operations -> uint8 tensor [3, size, size]."""
-
-    def __init__(self, recipe):
-        self.recipe = recipe
-        self.jitter = T.ColorJitter(*recipe.jitter)  # on PIL images: PIL's ImageEnhance ops
-
-    def __call__(self, pixels):
-        if isinstance(pixels, Image.Image):
-            pixels = image_pixels(pixels)
-        r = self.recipe
-        img = Image.fromarray(np.ascontiguousarray(crop_and_flip(pixels, r).permute(1, 2, 0)))
-        if not r.jitter_p < torch.rand(1):  # the draws of T.RandomApply, T.RandomGrayscale, ...
-            img = self.jitter(img)
-        if torch.rand(1) < r.gray_p:
-            img = F.rgb_to_grayscale(img, num_output_channels=3)
-        if r.blur_p > 0 and not r.blur_p < torch.rand(1):
-            sigma = torch.empty(1).uniform_(*r.blur_sigma).item()
-            # PIL's Gaussian filter (box passes, radius sigma) is ~5x faster than torchvision's
-            # exact kernel; tests/test_augment.py measures the difference
-            img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
-        if r.solarize_p > 0 and torch.rand(1).item() < r.solarize_p:
-            img = ImageOps.solarize(img, 128)
-        return to_uint8_tensor(img)
-
-
-def to_uint8_tensor(img):
-    """PIL RGB image -> uint8 tensor [3, H, W], without a float conversion."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+    return x.flip(-1) if torch.rand(1) < 0.5 else x
 
 
 class CropOnlyView:
-    """The workers' part of --gpu-aug: crop, resize and flip -> uint8 tensor [3, size, size]."""
+    """The workers' part of --gpu-aug: image (PIL or its pixels) -> uint8 [3, size, size]."""
 
     def __init__(self, recipe):
         self.recipe = recipe
@@ -125,7 +84,27 @@ class CropOnlyView:
         return crop_and_flip(pixels, self.recipe)
 
 
-# ---------------------------------------------------------------- the pipeline
+class FastView(CropOnlyView):
+    """The whole recipe: the crop, then PIL's uint8 colour jitter, grayscale, blur and solarize."""
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.jitter = T.ColorJitter(*recipe.jitter)  # on PIL images: PIL's ImageEnhance ops
+
+    def __call__(self, pixels):
+        r = self.recipe
+        img = Image.fromarray(np.ascontiguousarray(super().__call__(pixels).permute(1, 2, 0)))
+        if not r.jitter_p < torch.rand(1):  # the draws of T.RandomApply, T.RandomGrayscale, ...
+            img = self.jitter(img)
+        if torch.rand(1) < r.gray_p:
+            img = img.convert("L").convert("RGB")
+        if r.blur_p > 0 and not r.blur_p < torch.rand(1):
+            sigma = torch.empty(1).uniform_(*r.blur_sigma).item()
+            img = img.filter(ImageFilter.GaussianBlur(radius=sigma))  # box passes, radius sigma
+        if r.solarize_p > 0 and torch.rand(1).item() < r.solarize_p:
+            img = ImageOps.solarize(img, 128)
+        return image_pixels(img).permute(2, 0, 1)
+
 
 class ViewPipeline:
     """`pipeline(img)` -> [view_1, ..., view_k] (the dataset transform, in the workers);
@@ -137,7 +116,7 @@ class ViewPipeline:
         if mode not in ("fast", "gpu", "torchvision", "device"):
             raise ValueError(f"unknown augmentation mode {mode!r}")
         self.recipes, self.mode, self.seed, self.rank = list(recipes), mode, seed, get_rank()
-        self.channels_last = channels_last  # on CUDA, the batches in the model's memory layout
+        self.channels_last = channels_last
         make = {"fast": FastView, "gpu": CropOnlyView}.get(mode)  # "device": no work in workers
         if mode == "torchvision":
             from common.gpu_aug import reference_view as make  # only for --torchvision-aug
@@ -156,26 +135,20 @@ class ViewPipeline:
         return ResidentImages(dataset, self, workers)
 
     def to_device(self, views, device, step=0):
-        if self.mode == "torchvision":  # already normalised floats
-            return [self._layout(x.to(device, non_blocking=True)) for x in views]
-        if self.mode in ("gpu", "device"):  # views made or finished on the device
+        if self.mode in ("gpu", "device"):  # views made or finished on the device, in [0, 1]
             from common.gpu_aug import device_views
-            views = device_views(self, views, device, self._generator(step))
+            # the step's random parameters are fixed by (seed, step, rank): a resumed run's too
+            seed = ((self.seed * 1_000_003 + step) * 10_007 + self.rank) % 2**63
+            views = device_views(self, views, device, torch.Generator().manual_seed(seed))
         else:
-            views = [x.to(device, non_blocking=True).float().div_(255) for x in views]
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device, non_blocking=True)
-        return [self._layout(x.sub_(mean).div_(std)) for x in views]
-
-    def _generator(self, step):
-        """The CPU generator of a step's random parameters: (seed, step, rank) fix them."""
-        return torch.Generator().manual_seed(
-            ((self.seed * 1_000_003 + step) * 10_007 + self.rank) % 2**63)
-
-    def _layout(self, x):
-        if self.channels_last and x.is_cuda:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def __repr__(self):
-        return f"ViewPipeline({self.mode}, " + ", ".join(map(repr, self.recipes)) + ")"
+            views = [x.to(device, non_blocking=True) for x in views]
+        if self.mode == "fast":
+            views = [x.float().div_(255) for x in views]
+        if self.mode != "torchvision":  # its views are normalised already
+            mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)
+            std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device, non_blocking=True)
+            views = [x.sub_(mean).div_(std) for x in views]
+        if self.channels_last:  # on CUDA, the batches in the model's memory layout
+            views = [x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+                     for x in views]
+        return views

@@ -49,18 +49,14 @@ def atomic_save(obj, path):
 
 def save_checkpoint(path, method, args, model, optimizer, scaler, epoch, batch_in_epoch,
                     rng_states, **method_state):
-    """Everything needed to continue exactly: the unwrapped model, optimizer, GradScaler, the
-    position (`epoch` epochs done plus `batch_in_epoch` batches of the next), the arguments and
-    the number of processes, every process's RNG states (`rng_states`, in rank order: a
-    resumed process continues its own), and the method's own state (queue, ...) as keywords."""
+    """Everything needed to continue exactly, at `epoch` epochs plus `batch_in_epoch` batches
+    done: `rng_states` holds every process's, in rank order, so that each continues its own."""
     atomic_save({"format": FORMAT, "method": method, "args": vars(args),
                  "world_size": get_world_size(), "model": unwrap(model).state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_states,
                  **method_state}, path)
 
-
-# ------------------------------------------------------------------------------- resuming
 
 # Settings that do not change what a run learns: a resume may give them other values.
 FREE_ON_RESUME = {"workers", "log_every", "knn_every", "save_every", "checkpoint_every", "run_dir",
@@ -75,27 +71,26 @@ def flag(key):
     return "--" + key.replace("_", "-")
 
 
-def changed_settings(saved, args, free=FREE_ON_RESUME):
-    """[(key, saved value, value now)] for the settings of `args` that differ from the `saved`
-    arguments, leaving out the `free` ones and derived values."""
+def changed_settings(saved, args):
+    """[(key, saved value, value now)] for the settings that differ from the `saved` ones."""
     def same(key, old, new):
         if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
             return list(old) == list(new)
         if key == "data" and old != new and os.path.exists(old) and os.path.exists(new):
             return os.path.samefile(old, new)  # ./imagenet and /abs/path/imagenet
         return old == new
-    return [(key, saved[key], value) for key, value in sorted(vars(args).items())
-            if key in saved and key not in free | DERIVED and not same(key, saved[key], value)]
+    compared = {key: value for key, value in vars(args).items() if key in saved
+                and key not in FREE_ON_RESUME | DERIVED}
+    return [(key, saved[key], value) for key, value in sorted(compared.items())
+            if not same(key, saved[key], value)]
 
 
-def open_run(args, method, log, free=FREE_ON_RESUME):
-    """The checkpoint.pt of args.run_dir (loaded on the CPU), or None for a new run.
-
-    A run directory holds one run. Refused in one line: a checkpoint (or, before the first one,
-    an args.json) of another method; settings that change the training (every flag but `free`)
-    unless --allow-changes names each changed flag; the same command again after the run
-    diverged (it would diverge again). Accepted changes are printed and recorded in args.json,
-    and take effect from the resumed step. The same settings without a checkpoint start again.
+def open_run(args, method, log):
+    """The checkpoint.pt of args.run_dir (loaded on the CPU), or None for a new run. A run
+    directory holds one run. Refused in one line: a checkpoint (or, before the first one, an
+    args.json) of another method; settings that change the training unless --allow-changes
+    names each changed flag; the same command again after the run diverged (it would diverge
+    again). The same settings without a checkpoint start again.
     """
     path = os.path.join(args.run_dir, "checkpoint.pt")
     diverged_path = os.path.join(args.run_dir, DIVERGED)
@@ -107,7 +102,7 @@ def open_run(args, method, log, free=FREE_ON_RESUME):
         raise UserError(f"{args.run_dir} holds a {saved['method']} run, which {method} cannot "
                         f"resume: give another --run-dir")
     where = f"epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']}" if ckpt else "its start"
-    changes = changed_settings(saved, args, free) if saved else []
+    changes = changed_settings(saved, args) if saved else []
     allowed = {name.lstrip("-").replace("-", "_") for name in args.allow_changes}
     if refused := [(k, old, new) for k, old, new in changes if k not in allowed]:
         raise UserError(
@@ -120,7 +115,7 @@ def open_run(args, method, log, free=FREE_ON_RESUME):
             raise UserError(f"{args.run_dir} holds a run that diverged before its first "
                             f"checkpoint ({diverged['reason']}): start again in a new --run-dir")
         return None
-    if diverged and not changed_settings(diverged["args"], args, free):
+    if diverged and not changed_settings(diverged["args"], args):
         raise UserError(
             f"{args.run_dir}: the run diverged with these settings ({diverged['reason']}); "
             f"resuming its checkpoint ({where}) with them would repeat it: change what caused it "
@@ -138,12 +133,11 @@ def open_run(args, method, log, free=FREE_ON_RESUME):
                   f"{args.batch_size // world_size} images per step")
     if changes:  # accepted by --allow-changes: printed, applied, recorded (only then loaded)
         from common.allow_changes import accept_changes
-        accept_changes(args, ckpt, changes, where, diverged, diverged_path, log)
+        accept_changes(args, ckpt, changes, where, diverged, log)
     return ckpt
 
 
 def read_json(path):
-    """The JSON in `path`, or None where there is no such file."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -151,9 +145,9 @@ def read_json(path):
 
 
 def restore(ckpt, model, optimizer, scaler):
-    """Load a checkpoint of `open_run` into the model, optimizer, GradScaler and RNGs, and return
-    where to continue: (epochs done, batches done of the next); (0, 0) for a new run. The
-    optimizer keeps this command's hyperparameters (those of the checkpoint unless changed)."""
+    """Load `open_run`'s checkpoint and return (epochs done, batches done of the next); (0, 0)
+    for a new run. The optimizer keeps this command's hyperparameters (the checkpoint's unless
+    changed)."""
     if ckpt is None:
         return 0, 0
     try:
@@ -171,7 +165,12 @@ def restore(ckpt, model, optimizer, scaler):
     scaler.load_state_dict(ckpt["scaler"])
     states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank
     if len(states) == get_world_size():
-        set_rng_state(states[get_rank()])
+        state = states[get_rank()]
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
     else:  # another number of processes: a state of its own for each, fixed by the position
         step = ckpt["epoch"] * 1_000_003 + ckpt["batch_in_epoch"]
         seed_everything((ckpt["args"]["seed"] * 1_000_003 + step) * 10_007 + get_rank())
@@ -190,27 +189,24 @@ SAFE_GLOBALS = [_numpy_core.multiarray._reconstruct, np.ndarray, np.dtype,
 
 
 def safe_load(path):
-    """torch.load on the CPU without arbitrary unpickling (weights_only=True, plus the numpy
-    arrays above). A missing file, a file that is not a PyTorch checkpoint, or one that would
-    need code to be unpickled (a class, a function call) is a UserError."""
+    """torch.load on the CPU without arbitrary unpickling (weights_only=True, plus the globals
+    above). A missing file, not a PyTorch checkpoint, or one needing code is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))  # a function or class to import and call
-        if found:
+    except Exception as e:
+        found = isinstance(e, pickle.UnpicklingError) and re.search(r"GLOBAL (\S+)", str(e))
+        if found:  # a function or class to import and call
             raise UserError(f"{path}: refused, loading it would run code (it contains "
                             f"`{found.group(1)}`); only tensors, containers and plain values "
                             f"are read") from None
-        raise UserError(f"{path}: not a PyTorch checkpoint (UnpicklingError)") from None
-    except Exception as e:
         raise UserError(f"{path}: not a PyTorch checkpoint ({type(e).__name__})") from None
 
 
 def load_checkpoint(path):
-    """Load one of our checkpoints on the CPU (see `safe_load`); anything else is a UserError."""
+    """`safe_load` of one of our checkpoints; anything else is a UserError."""
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a cleanssl checkpoint.pt (no '{FORMAT}' marker)")
@@ -218,12 +214,11 @@ def load_checkpoint(path):
 
 
 def export_backbone(backbone, path):
-    """Save the backbone as a plain torchvision state dict (no `fc.*`): with the ImageNet stem,
-    `torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only fc.
-
-    A ViT's number of heads shows in no weight's shape: it goes into the state dict's
-    `_metadata` (where PyTorch keeps each module's version, ignored by load_state_dict), so that
-    a MoCo v3 ViT-S (12 heads, not DeiT's 6) fine-tuned and saved again loads back as itself."""
+    """The backbone as a plain torchvision state dict (no `fc.*`): with the ImageNet stem,
+    `torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only fc. A ViT's
+    number of heads shows in no weight's shape: it goes into the state dict's `_metadata`
+    (ignored by load_state_dict), so that a MoCo v3 ViT-S (12 heads, not DeiT's 6) fine-tuned
+    and saved again loads back as itself."""
     state = backbone.state_dict()
     sd = OrderedDict((k, v.detach().cpu()) for k, v in state.items() if not k.startswith("fc."))
     sd._metadata = copy.deepcopy(state._metadata)
@@ -233,10 +228,9 @@ def export_backbone(backbone, path):
 
 
 def keep_epoch_copy(run_dir, epoch):
-    """--save-every: checkpoint.pt and backbone.pt as they are after `epoch`, kept as
-    checkpoint_epoch{epoch}.pt and backbone_epoch{epoch}.pt. A hard link costs no disk and stays
-    valid, since the rolling files are replaced (atomic_save), never rewritten in place; where
-    the file system has no links, an atomic copy."""
+    """--save-every: checkpoint.pt and backbone.pt kept as checkpoint_epoch{epoch}.pt and
+    backbone_epoch{epoch}.pt. A hard link costs no disk and stays valid, since the rolling files
+    are replaced (atomic_save), never rewritten in place; without links, an atomic copy."""
     for name in ("checkpoint", "backbone"):
         src, dst = (os.path.join(run_dir, f"{name}{tag}.pt") for tag in ("", f"_epoch{epoch}"))
         tmp = f"{dst}.tmp.{os.getpid()}"
@@ -251,14 +245,6 @@ def rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed):

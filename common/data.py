@@ -1,4 +1,4 @@
-"""Datasets, view augmentations and loaders.
+"""Datasets, evaluation transforms and loaders.
 
 `--data` is an ImageFolder root with train/ and val/ (ImageNet layout), or one of the names
 `cifar10`, `cifar100`, `stl10` and `synthetic` (common/named_data.py, loaded only for them).
@@ -10,14 +10,12 @@ import sys
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from common.dist import get_rank, get_world_size
 from common.errors import UserError
 
-# --data names instead of an ImageFolder root (common/named_data.py)
 NAMED_DATASETS = ("cifar10", "cifar100", "stl10", "synthetic")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -25,8 +23,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def default_img_size(data):
     return {"cifar10": 32, "cifar100": 32, "synthetic": 32, "stl10": 96}.get(data, 224)
 
-
-# ---------------------------------------------------------------- evaluation transforms
 
 def eval_transform(size):
     """Resize + centre crop (ImageNet: 256 -> 224); small images are only resized."""
@@ -40,8 +36,6 @@ def image_pixels(img):
     return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB")))
 
 
-# ---------------------------------------------------------------- datasets
-
 class SafeImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder in which an unreadable image (truncated, corrupt) does not stop training:
     it is reported on stderr, its path appended to `bad_log` (one line per failure, from any
@@ -51,11 +45,9 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
 
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            path, target = self.samples[i]
+            path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
-                with open(path, "rb") as f:
-                    img = Image.open(f).convert("RGB")
+                img = self.loader(path)
                 break
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
                 print(f"warning: unreadable image {path} ({type(e).__name__}: {e}); "
@@ -70,7 +62,7 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
 
 def count_bad_images(log_path):
     """How many image reads have failed so far (lines of SafeImageFolder's `bad_log`)."""
-    if not log_path or not os.path.exists(log_path):
+    if not os.path.exists(log_path):
         return 0
     with open(log_path) as f:
         return sum(1 for _ in f)
@@ -82,31 +74,24 @@ def labels_of(dataset):
     return getattr(dataset, "labels", None) if labels is None else labels
 
 
-def _image_folder(root, split, transform):
-    sub = "val" if split == "val" else "train"
-    path = os.path.join(root, sub)
-    if not os.path.isdir(root):
-        raise UserError(f"--data {root}: no such directory (expected an ImageFolder root with "
-                        f"train/ and val/, or one of cifar10, cifar100, stl10, synthetic)")
-    if not os.path.isdir(path):
-        raise UserError(f"--data {root}: no {sub}/ folder in it (expected the ImageNet layout "
-                        f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg)")
-    try:
-        return SafeImageFolder(path, transform=transform)
-    except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise UserError(f"--data {root}: {e}") from None
-
-
 def build_dataset(data, split, transform, data_dir="data", synthetic_size=512, img_size=32):
     """`split`: 'ssl' (images for self-supervised training; STL-10 adds its unlabeled set),
     'train' (labelled train split, for kNN and linear evaluation) or 'val'."""
     if data in NAMED_DATASETS:
         from common.named_data import named_dataset  # only for them
         return named_dataset(data, split, transform, data_dir, synthetic_size, img_size)
-    return _image_folder(data, split, transform)
+    sub = "val" if split == "val" else "train"
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data}: no such directory (expected an ImageFolder root with "
+                        f"train/ and val/, or one of cifar10, cifar100, stl10, synthetic)")
+    if not os.path.isdir(os.path.join(data, sub)):
+        raise UserError(f"--data {data}: no {sub}/ folder in it (expected the ImageNet layout "
+                        f"{data}/train/<class>/*.jpg and {data}/val/<class>/*.jpg)")
+    try:
+        return SafeImageFolder(os.path.join(data, sub), transform=transform)
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        raise UserError(f"--data {data}: {e}") from None
 
-
-# ---------------------------------------------------------------- loaders
 
 class SeededSamples(Dataset):
     """Wraps a dataset so that item (index, seed) is transformed under `torch.manual_seed(seed)`:
@@ -131,10 +116,9 @@ class ResumableSampler(DistributedSampler):
     entered part-way: `set_epoch(epoch, skip_batches)` drops the batches already trained on.
     With `seeded`, it yields (index, seed) pairs for `SeededSamples`."""
 
-    def __init__(self, dataset, batch_size, rank=0, world_size=1, shuffle=True, seed=0,
-                 drop_last=True, seeded=False):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
+    def __init__(self, dataset, batch_size, shuffle, seed, drop_last, seeded):
+        super().__init__(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
         self.batch_size, self.skip, self.seeded = batch_size, 0, seeded
 
     def set_epoch(self, epoch, skip_batches=0):
@@ -152,7 +136,7 @@ class ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self.skip)
 
 
-def ignore_stop_signals(worker_id=None):
+def ignore_stop_signals(worker_id):
     """Loader workers leave SIGUSR1 and SIGTERM to the main process, which saves at a step
     boundary. Slurm signals every process of a job step, workers included, and a worker killed by
     one (the default action; with the spawn or forkserver start methods workers do not inherit
@@ -164,14 +148,14 @@ def ignore_stop_signals(worker_id=None):
 def make_loader(dataset, batch_size, workers, shuffle=True, seed=0, drop_last=True, seeded=False):
     """A DataLoader over this process's shard (its rank's share of a DistributedSampler's order,
     resumable part-way through an epoch); `batch_size` is per process. `seeded`: each sample's
-    augmentation is seeded from (seed, epoch, index), see SeededSamples. A dataset whose
-    transform holds the train set on the device (`--data-on-device`, common/gpu_aug.py) is read
-    as batches of indices, with no workers."""
-    sampler = ResumableSampler(dataset, batch_size, get_rank(), get_world_size(), shuffle, seed,
-                               drop_last, seeded and not on_device(dataset))
-    if on_device(dataset):  # the views' ViewPipeline holds the images (common/gpu_aug.py)
+    augmentation is seeded from (seed, epoch, index), see SeededSamples."""
+    # --data-on-device: the views' ViewPipeline holds the images (common/gpu_aug.py) and the
+    # loader reads whole batches of indices (`__getitems__`), with no workers
+    on_device = getattr(getattr(dataset, "transform", None), "mode", None) == "device"
+    sampler = ResumableSampler(dataset, batch_size, shuffle, seed, drop_last, seeded and not on_device)
+    if on_device:
         return DataLoader(dataset.transform.hold_images(dataset, workers), batch_size=batch_size,
-                          sampler=sampler, drop_last=drop_last, collate_fn=whole_batch)
+                          sampler=sampler, drop_last=drop_last, collate_fn=lambda batch: batch)
     # A generator of its own for the workers' base seed, which a DataLoader otherwise draws from
     # the global generator at every epoch: a resumed run's global random numbers (stochastic
     # depth, dropout) then continue as an uninterrupted run's
@@ -180,13 +164,3 @@ def make_loader(dataset, batch_size, workers, shuffle=True, seed=0, drop_last=Tr
                       drop_last=drop_last, persistent_workers=workers > 0,
                       worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(seed))
-
-
-def whole_batch(batch):
-    """The collate function of a dataset that fetches a whole batch at once (`__getitems__`)."""
-    return batch
-
-
-def on_device(dataset):
-    """Whether `dataset`'s views are made on the device from images held there."""
-    return getattr(getattr(dataset, "transform", None), "mode", None) == "device"

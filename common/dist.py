@@ -1,8 +1,6 @@
-"""Distributed setup from torchrun or Slurm, and the collectives the losses need.
-
-A plain `python script.py` is one process with no process group: every helper here then
-reduces to the identity, so losses and tests run unchanged without `torch.distributed`.
-"""
+"""Distributed setup from torchrun or Slurm, and the collectives the losses need. A plain
+`python script.py` is one process with no process group: every helper here then reduces to the
+identity, so losses and tests run unchanged without `torch.distributed`."""
 import datetime
 import os
 
@@ -11,10 +9,9 @@ import torch.distributed as dist
 
 
 def launch_env():
-    """(rank, world size, local rank) as the launcher gave them: torchrun's RANK, WORLD_SIZE and
-    LOCAL_RANK, or srun's SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; (0, 1, 0) for a plain
-    `python script.py`. Known before the process group exists, so that arguments can be checked
-    against the number of processes before any work starts."""
+    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK or srun's
+    SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; (0, 1, 0) for a plain `python script.py`.
+    Known before the process group exists, so that arguments can be checked early."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
@@ -23,11 +20,10 @@ def launch_env():
     return 0, 1, 0
 
 
-def setup_distributed(timeout_minutes=30):
-    """Join the process group of the launch (none for one process) and return this process's
-    device; a second call only returns the device. Under srun, the master is the first host of
-    the job's node list. NCCL on CUDA, gloo on CPU. The timeout turns a dead peer into an error
-    instead of a hang. Afterwards `get_rank()` and `get_world_size()` tell where a process is."""
+def setup_distributed():
+    """Join the launch's process group (none for one process; under srun the master is the
+    job's first host) and return this process's device; a second call only returns the device.
+    NCCL on CUDA, gloo on CPU; the timeout turns a dead peer into an error instead of a hang."""
     rank, world, local_rank = launch_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -41,9 +37,9 @@ def setup_distributed(timeout_minutes=30):
         if "RANK" not in os.environ:  # srun: torch.distributed reads torchrun's variables
             from common.slurm import set_torchrun_env  # only under srun
             set_torchrun_env(rank, world, local_rank)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        cuda = device.type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(minutes=30))
     return device
 
 
@@ -61,42 +57,33 @@ def get_world_size():
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums each slice's gradient over ranks and keeps its own.
-
-    Every rank's loss depends on every rank's embeddings, so the gradient reaching rank r's
-    slice is the sum of d(loss_s)/d(slice_r) over all ranks s: an all_reduce(SUM) of the
-    stacked gradients, then rank r keeps slice r. (A backward that returns only the local
-    slice of the local gradient silently drops the other ranks' terms.)
-    """
+    """all_gather whose backward sums each slice's gradient over ranks and keeps its own: every
+    rank's loss depends on every rank's embeddings, so rank r's slice gets the sum over ranks s
+    of d(loss_s)/d(slice_r). (A backward that returns only the local slice of the local gradient
+    silently drops the other ranks' terms.)"""
 
     @staticmethod
     def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.stack(out)
+        return all_gather_tensor(x)
 
     @staticmethod
-    def backward(ctx, grad):  # grad: [world, n, ...]
+    def backward(ctx, grad):  # grad: [world * n, ...]
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[dist.get_rank()]
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def gather_with_grad(x):
     """Concatenate `x` [n, ...] from all ranks in rank order -> [world * n, ...], with gradients."""
-    if get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x).flatten(0, 1)
+    return x if get_world_size() == 1 else _GatherWithGrad.apply(x)
 
 
 class _AllReduceWithGrad(torch.autograd.Function):
-    """all_reduce(SUM) whose backward is an all_reduce(SUM) of the gradients.
-
-    When every rank computes the same loss from y = sum_r x_r, the gradient reaching x_r must
-    be sum_s d(loss_s)/dy = world x dL/dy, so that DDP's average over ranks gives the gradient of
-    the one global loss. An in-place `dist.all_reduce` in the forward is invisible to autograd
-    and gives gradients 1/world too small (the Barlow Twins bug of a peer library).
-    """
+    """all_reduce(SUM) whose backward is an all_reduce(SUM) of the gradients. When every rank
+    computes the same loss from y = sum_r x_r, the gradient reaching x_r must be sum_s
+    d(loss_s)/dy = world x dL/dy, so that DDP's average over ranks gives the gradient of the one
+    global loss. An in-place `dist.all_reduce` in the forward is invisible to autograd and gives
+    gradients 1/world too small (the Barlow Twins bug of a peer library)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -106,17 +93,12 @@ class _AllReduceWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        return _AllReduceWithGrad.forward(ctx, grad)
 
 
 def all_reduce_with_grad(x):
-    """Sum of `x` over all ranks (same shape on every rank), differentiable as explained above;
-    `x` itself when torch.distributed is not initialised."""
-    if get_world_size() == 1:
-        return x
-    return _AllReduceWithGrad.apply(x)
+    """Sum of `x` over all ranks (same shape on every rank), differentiable as explained above."""
+    return x if get_world_size() == 1 else _AllReduceWithGrad.apply(x)
 
 
 @torch.no_grad()
@@ -131,10 +113,9 @@ def all_gather_tensor(x):
 
 def broadcast_object(obj):
     """Rank 0's value of a picklable object, on every rank (e.g. a timestamped run directory)."""
-    if get_world_size() == 1:
-        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    if get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -151,6 +132,6 @@ def broadcast_flag(flag, device):
     """True on every rank if `flag` is true on any rank (e.g. a stop signal that reached one)."""
     if get_world_size() == 1:
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([float(bool(flag))], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

@@ -21,10 +21,9 @@ DIVERGED = "diverged.json"  # what a diverged run leaves in its folder (common/f
 
 
 def exit_on_user_error(main):
-    """Decorator for a script's main(): a UserError prints `error: ...` and exits with 2 (or the
-    error's own `exit_code`). Under torchrun, other exceptions are also recorded (`record`) in
-    the error file torchrun gives each worker, so that its failure summary shows the failing
-    rank's traceback, not only its exit code."""
+    """Decorator for a script's main(): a UserError prints `error: ...` and exits with 2 (or its
+    `exit_code`). Under torchrun, other exceptions are `record`ed in the worker's error file, so
+    that torchrun's failure summary shows the failing rank's traceback, not only its exit code."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
@@ -36,8 +35,8 @@ def exit_on_user_error(main):
 
 
 def installed(package, flag=None):
-    """Whether the optional `package` can be imported, without importing it. Asked for by a flag
-    and missing: a UserError with the install command."""
+    """Whether the optional `package` can be imported, without importing it; if `flag` asked for
+    it and it is missing, a UserError with the install command."""
     if importlib.util.find_spec(package) is not None:
         return True
     if flag:

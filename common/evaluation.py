@@ -1,7 +1,5 @@
-"""What only the evaluation scripts need (a method script never loads it): their system flags,
-the linear protocol's training crops, the labelled subsets of semi-supervised evaluation, saved
-linear heads (ours and the official releases'), top-k accuracy, and the ViT features and val
-transform of DINO's linear evaluation."""
+"""What only the evaluation scripts need (a method script never loads it): system flags, labelled
+subsets, saved linear heads (ours and the official releases'), DINO's linear-evaluation features."""
 import argparse
 import os
 
@@ -46,8 +44,7 @@ def dino_eval_transform(size):
     evaluations resize with interpolation=3, PIL's bicubic (eval_linear.py:65-70,
     eval_knn.py:33), where main_lincls.py and ours use the default, bilinear."""
     transform = eval_transform(size)
-    transform.transforms[0] = T.Resize(transform.transforms[0].size,
-                                       interpolation=T.InterpolationMode.BICUBIC)
+    transform.transforms[0].interpolation = T.InterpolationMode.BICUBIC
     return transform
 
 
@@ -57,14 +54,11 @@ def accuracy(logits, y, k):
     return 100.0 * (logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean().item()
 
 
-# ---------------------------------------------------------------- labelled subsets
-
 def class_balanced_indices(targets, percent, seed=0):
     """Sorted indices of a seeded, class-balanced floor(N * percent / 100) of the items, built as
-    the published 1% and 10% ImageNet lists are (12 or 13 images of each class for 1%, 128 or
-    129 for 10%): every class gets the same count L (all its images if it has fewer), and a
-    seeded choice of the classes one more, to reach the total exactly; within a class, the
-    images are drawn at random."""
+    the published 1% and 10% ImageNet lists are: every class gets the same count L (all its
+    images if it has fewer), a seeded choice of the classes one more, to reach the total
+    exactly; within a class, the images are drawn at random."""
     targets = torch.as_tensor(targets)
     labels, counts = targets.unique(return_counts=True)
     total = int(len(targets) * percent / 100)
@@ -105,8 +99,7 @@ def listed_indices(dataset, path):
 
 def labelled_subset(dataset, percent=None, list_file=None, seed=0):
     """The labelled training images of semi-supervised evaluation: those listed in `list_file`,
-    else a class-balanced `percent` (`class_balanced_indices`), else all. The same on every rank
-    and in every run with the same arguments."""
+    else a class-balanced `percent`, else all; the same on every rank and in every run."""
     if list_file is None and percent is None:
         return dataset
     targets = labels_of(dataset)
@@ -116,8 +109,6 @@ def labelled_subset(dataset, percent=None, list_file=None, seed=0):
     subset.classes, subset.targets = dataset.classes, [int(targets[i]) for i in idx]
     return subset
 
-
-# ---------------------------------------------------------------- linear heads
 
 HEAD_FORMAT = "cleanssl-linear-head-v1"
 # The official linear heads, which carry no class names: (where their weights are, the features
@@ -138,8 +129,8 @@ def save_head(head, path, classes, **info):
 
 
 def read_head(path):
-    """The contents of a linear_head.pt (see `save_head`), or of an official head in the same
-    form, `classes` None and `protocol` naming it (OFFICIAL_HEADS)."""
+    """The contents of a linear_head.pt, or of an official head in the same form, `classes`
+    None and `protocol` naming it."""
     saved = safe_load(path)
     if isinstance(saved, dict) and saved.get("format") == HEAD_FORMAT:
         return saved
@@ -154,22 +145,20 @@ def read_head(path):
 
 def head_layer(saved, path, feature_dim, classes):
     """The nn.Linear of a read linear_head.pt, checked against the features and class names."""
-    if saved["classes"] is None and len(saved["weight"]) != len(classes):  # an official head
-        raise UserError(f"{path}: a head for {len(saved['weight'])} classes, --data has "
-                        f"{len(classes)}")
-    if saved["classes"] is not None and saved["classes"] != list(classes):
+    if saved["classes"] not in (None, list(classes)):
         raise UserError(f"{path}: trained on {len(saved['classes'])} classes "
                         f"({', '.join(saved['classes'][:3])}, ...), not those of --data "
                         f"({len(classes)}: {', '.join(classes[:3])}, ...)")
+    if len(saved["weight"]) != len(classes):  # an official head's, which names no classes
+        raise UserError(f"{path}: a head for {len(saved['weight'])} classes, --data has "
+                        f"{len(classes)}")
     if saved["weight"].shape[1] != feature_dim:
         raise UserError(f"{path}: a head for {saved['weight'].shape[1]}-d features, the "
                         f"backbone gives {feature_dim}-d")
-    head = torch.nn.Linear(feature_dim, len(classes))
+    head = nn.Linear(feature_dim, len(classes))
     head.load_state_dict({"weight": saved["weight"], "bias": saved["bias"]})
     return head
 
-
-# ---------------------------------------------------------------- DINO's ViT features
 
 class DinoLinearFeatures(nn.Module):
     """A ViT whose features are what DINO's linear evaluation reads (eval_linear.py:160-170;

@@ -1,6 +1,5 @@
 """The one line a failed run ends with, and what it leaves: a write that failed (which file, the
-space it needs) and a loss that diverged (diverged.json, which `open_run` reads). Loaded only
-when one happens."""
+space it needs) and a loss that diverged (diverged.json). Loaded only when one happens."""
 import errno
 import json
 import os
@@ -15,11 +14,9 @@ from common.errors import DIVERGED, Diverged
 def tensor_bytes(obj):
     """Bytes of the tensors in a nested structure: about what its torch.save needs on disk."""
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
+        return obj.nbytes
+    if isinstance(obj, (dict, list, tuple)):
+        return sum(map(tensor_bytes, obj.values() if isinstance(obj, dict) else obj))
     return 0
 
 
@@ -28,10 +25,9 @@ def write_failure(path, error, obj=None):
     much space the file needs and how much is free."""
     line = f"could not write {path}: {error.strerror or error}"
     needed = tensor_bytes(obj)
-    if error.errno == errno.ENOSPC:
+    if error.errno == errno.ENOSPC and needed:
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        line += (f" (it needs about {needed / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free "
-                 f"there)" if needed else "")
+        line += f" (it needs about {needed / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free there)"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         line += " (the run directory is not writable: give another --run-dir)"
     if os.path.exists(path):
@@ -40,12 +36,11 @@ def write_failure(path, error, obj=None):
 
 
 def diverged(guard, bad, state, epoch=None, batch_in_epoch=None):
-    """The Diverged error of a DivergenceGuard (common/run.py) whose check found `bad` ranks
-    ([first non-finite step, its loss, model finite], none when only the weights are not) or
-    non-finite weights in `state`, at the save of (`epoch`, `batch_in_epoch`) if any; rank 0
-    writes diverged.json with the settings that diverged, which `open_run` then refuses."""
+    """The Diverged error of a DivergenceGuard's check: `bad` [ranks, (first non-finite step, its
+    loss)], or none and non-finite tensors in `state` at the save of (`epoch`, `batch_in_epoch`).
+    Rank 0 writes diverged.json with the settings that diverged, which `open_run` refuses."""
     if len(bad):
-        step, loss, _ = bad[bad[:, 0].argmin()].tolist()
+        step, loss = bad[bad[:, 0].argmin()].tolist()
         step = int(step)
         what = (f"loss {loss:g} at step {step + 1} (epoch {step // guard.steps_per_epoch + 1}"
                 f", batch {step % guard.steps_per_epoch + 1})"
@@ -58,7 +53,7 @@ def diverged(guard, bad, state, epoch=None, batch_in_epoch=None):
     kept = (f"{guard.args.run_dir}/checkpoint.pt keeps epoch {guard.saved[0]}, batch "
             f"{guard.saved[1]}, the last finite state" if guard.saved
             else "no checkpoint had been saved yet")
-    if get_rank() == 0:  # with the settings that diverged, which open_run will refuse
+    if get_rank() == 0:
         with open(os.path.join(guard.args.run_dir, DIVERGED), "w") as f:
             json.dump({"reason": what, "checkpoint": guard.saved, "args": vars(guard.args)}, f,
                       indent=2)

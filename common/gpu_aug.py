@@ -1,14 +1,13 @@
-"""Batched augmentation on the device: colour jitter, grayscale, blur and solarize (`--gpu-aug`),
-and, for a train set held on the device (`--data-on-device`), the images, the random resized
-crop and the flip; and the standard torchvision composition of a view (--torchvision-aug), the
-reference the others are tested against. Imported only by these three flags.
+"""Batched augmentation on the device, imported only by three flags: the colour jitter,
+grayscale, blur and solarize of --gpu-aug; also the images, random resized crop and flip of
+--data-on-device; and --torchvision-aug's composition, which the others are tested against.
 
 Each op takes per-sample factors and matches, image by image, torchvision's functional op on
 float images (torchvision.transforms.v2.functional). The random parameters are drawn on the
 CPU, as torchvision's transforms draw them per image, so that a seeded generator reproduces a
-step's augmentations exactly (resume) and selecting samples needs no device-to-host sync.
-"""
+step's augmentations exactly (resume) and selecting samples needs no device-to-host sync."""
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ def blur_kernel_size(size):
     return 2 * (size // 20) + 1
 
 
-def reference_view(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def reference_view(recipe):
     """The standard torchvision composition of `recipe`, with float normalised output."""
     ops = [T.RandomResizedCrop(recipe.size, recipe.scale, recipe.ratio,
                                INTERPOLATION[recipe.interpolation]),
@@ -43,13 +42,12 @@ def reference_view(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD):
                                  p=recipe.blur_p))
     if recipe.solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=recipe.solarize_p))
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def _per_sample(f, x):
-    """Factors [n] -> [n, 1, 1, 1] on x's device and dtype, to broadcast over the images."""
-    # non_blocking: the host queues the copy and goes on, no wait for the device's queue
-    return f.to(device=x.device, non_blocking=True).to(x.dtype).view(-1, 1, 1, 1)
+    # [n] -> [n, 1, 1, 1]; non_blocking: the host queues the copy, no wait for the device's queue
+    return f.to(x.device, x.dtype, non_blocking=True).view(-1, 1, 1, 1)
 
 
 def _luma(x):
@@ -74,33 +72,21 @@ def adjust_saturation(x, f):
     return _blend(x, _luma(x), f)
 
 
-def _rgb_to_hsv(x):
-    r, g, b = x.unbind(1)
-    v, lo = x.amax(1), x.amin(1)
+def adjust_hue(x, shift):
+    r, g, b = x.split(1, dim=1)
+    v, lo = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
     d = v - lo
     # gray pixels (d == 0) get hue 0 and saturation 0; the divisors are made safe rather than
     # the NaNs cleaned up afterwards. Where two channels tie for the maximum, both branches
     # give the same hue.
     s = d / torch.where(v > 0, v, 1.0)
     dd = torch.where(d > 0, d, 1.0)
-    h = torch.where(v == r, (g - b) / dd,
-                    torch.where(v == g, 2 + (b - r) / dd, 4 + (r - g) / dd))
-    return torch.remainder(h / 6, 1.0), s, v
-
-
-def _hsv_to_rgb(h, s, v):
-    # closed form, one channel at a time (n = 5, 3, 1 for r, g, b): no sector lookup needed
-    channels = []
-    for n in (5, 3, 1):
-        k = torch.remainder(n + 6 * h, 6.0)
-        channels.append(v - v * s * torch.minimum(k, 4 - k).clamp(0, 1))
-    return torch.stack(channels, 1)
-
-
-def adjust_hue(x, shift):
-    h, s, v = _rgb_to_hsv(x)
-    h = torch.remainder(h + _per_sample(shift, x).squeeze(1), 1.0)
-    return _hsv_to_rgb(h, s, v)
+    h = torch.where(v == r, (g - b) / dd, torch.where(v == g, 2 + (b - r) / dd, 4 + (r - g) / dd))
+    h = torch.remainder(torch.remainder(h / 6, 1.0) + _per_sample(shift, x), 1.0)
+    # back to RGB in closed form, n = 5, 3, 1 for r, g, b: no sector lookup needed
+    k = torch.remainder(torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+                        + 6 * h, 6.0)
+    return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def grayscale(x):
@@ -130,18 +116,13 @@ def solarize(x, mask):
     return torch.where(mask & (x >= 0.5), 1 - x, x)
 
 
-JITTER = (("brightness", adjust_brightness), ("contrast", adjust_contrast),
-          ("saturation", adjust_saturation), ("hue", adjust_hue))
-
-
 def sample_params(n, recipe, generator):
     """Per-sample random parameters for n images, drawn on the CPU from `generator`, as
     torchvision draws them per image: *_on [n] bool masks, brightness / contrast / saturation
     [n] ~ U(max(0, 1 - s), 1 + s), hue [n] ~ U(-h, h), order [n, 4] a random permutation of the
     four jitter ops (ColorJitter's randperm(4)), sigma [n] ~ U(blur_sigma). A dict of CPU
     tensors; every entry is always drawn, so the generator's stream does not depend on p."""
-    def rand(*shape):
-        return torch.rand(*shape, generator=generator)
+    rand = partial(torch.rand, generator=generator)
 
     def uniform(lo, hi):
         return lo + (hi - lo) * rand(n)
@@ -162,8 +143,8 @@ def sample_params(n, recipe, generator):
 
 
 def _on_subset(x, mask, fn, *factors):
-    """x with fn(x[mask], factors[mask]) written back. The mask is read on the CPU (no sync),
-    and only the selected images are computed."""
+    """x with fn(x[mask], factors[mask]) written back, in place. The mask is read on the CPU
+    (no sync), and only the selected images are computed."""
     idx = mask.nonzero().squeeze(1)
     if len(idx) == 0:
         return x
@@ -171,26 +152,25 @@ def _on_subset(x, mask, fn, *factors):
     if len(idx) == len(x):
         return fn(x, *factors)
     idx_dev = idx.to(x.device, non_blocking=True)
-    return x.index_copy_(0, idx_dev, fn(x[idx_dev], *factors))  # x is ours: in place
+    return x.index_copy_(0, idx_dev, fn(x[idx_dev], *factors))
 
 
-def apply_params(x, params, recipe, inplace=False):
-    """x: float [n, 3, H, W] in [0, 1] on any device -> the augmented images, float in [0, 1]:
-    colour jitter (each sample's ops in its own order), grayscale, Gaussian blur (kernel size
-    from the image's width), solarize, each where its mask is on. `inplace`: x may be
-    overwritten (saves a copy of the batch)."""
-    x = x if inplace else x.clone()
-    p = {k: v.cpu() for k, v in params.items()}
+def apply_params(x, params, recipe):
+    """x: float [n, 3, H, W] in [0, 1] on any device, overwritten -> the augmented images, float
+    in [0, 1]: colour jitter (each sample's ops in its own order), grayscale, Gaussian blur
+    (kernel size from the image's width), solarize, each where its (CPU) mask is on."""
+    jitter = (("brightness", adjust_brightness), ("contrast", adjust_contrast),
+              ("saturation", adjust_saturation), ("hue", adjust_hue))
     for slot in range(4):
-        for j, (name, op) in enumerate(JITTER):
+        for j, (name, op) in enumerate(jitter):
             if recipe.jitter[j] == 0:  # ColorJitter leaves out an op of strength 0
                 continue
-            x = _on_subset(x, p["jitter_on"] & (p["order"][:, slot] == j), op, p[name])
-    x = _on_subset(x, p["gray_on"], grayscale)
+            x = _on_subset(x, params["jitter_on"] & (params["order"][:, slot] == j), op, params[name])
+    x = _on_subset(x, params["gray_on"], grayscale)
     k = blur_kernel_size(x.shape[-1])
-    x = _on_subset(x, p["blur_on"], lambda y, s: gaussian_blur(y, s, k), p["sigma"])
-    if p["solarize_on"].any():
-        x = solarize(x, p["solarize_on"])
+    x = _on_subset(x, params["blur_on"], lambda y, s: gaussian_blur(y, s, k), params["sigma"])
+    if params["solarize_on"].any():
+        x = solarize(x, params["solarize_on"])
     return x
 
 
@@ -198,21 +178,7 @@ def gpu_augment(x_uint8, recipe, generator):
     """uint8 [n, 3, H, W] (on the device) -> augmented float [n, 3, H, W] in [0, 1], not
     normalised; a new tensor, safe to modify in place."""
     params = sample_params(len(x_uint8), recipe, generator)
-    return apply_params(x_uint8.float().div(255), params, recipe, inplace=True)
-
-
-# ---------------------------------------------------------------- crop and flip (--data-on-device)
-
-def augment_views(views, recipes, generator):
-    """--gpu-aug: the colour operations of each view's recipe on its uint8 batch; the views of
-    one recipe (SwAV's crops of one size) are augmented as one batch."""
-    out = [None] * len(views)
-    for recipe in dict.fromkeys(recipes):
-        idx = [i for i, r in enumerate(recipes) if r == recipe]
-        batch = gpu_augment(torch.cat([views[i] for i in idx]), recipe, generator)
-        for i, x in zip(idx, batch.chunk(len(idx))):
-            out[i] = x
-    return out
+    return apply_params(x_uint8.float().div(255), params, recipe)
 
 
 def crop_boxes(n, height, width, recipe, generator):
@@ -220,9 +186,7 @@ def crop_boxes(n, height, width, recipe, generator):
     them (up to 10 tries of an area in `recipe.scale` and a log-uniform aspect in `recipe.ratio`,
     the first that fits wins, else the central crop of the ratio nearest the image's), and n
     horizontal flips (p 0.5). CPU tensors: top, left, h, w [n] (integral floats), flip [n]."""
-    def rand(*shape):
-        return torch.rand(*shape, generator=generator)
-
+    rand = partial(torch.rand, generator=generator)
     lo, hi = math.log(recipe.ratio[0]), math.log(recipe.ratio[1])
     area = height * width * (recipe.scale[0] + (recipe.scale[1] - recipe.scale[0]) * rand(n, 10))
     aspect = torch.exp(lo + (hi - lo) * rand(n, 10))
@@ -241,38 +205,31 @@ def crop_boxes(n, height, width, recipe, generator):
     return top, left, h, w, rand(n) < 0.5
 
 
-def _filter(x, mode):
-    """The interpolation kernels of torch's antialiased resize (and PIL's): the triangle, or
-    the cubic with a = -0.5."""
-    x = x.abs()
-    if mode == "bilinear":
-        return (1 - x).clamp(min=0)
-    a = -0.5
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
-
-
 def _resize_weights(start, length, size, extent, mode):
-    """[n, size, extent]: row i holds the weights over the `extent` pixels of an image axis with
-    which output pixel i of box [start, start + length) resized to `size` is made, as torch's
-    antialiased interpolation of the cropped image computes them: the kernel centred at
-    (i + 0.5) * length / size, widened by that ratio when shrinking, cut at the box's edges
-    and normalised."""
+    """[n, size, extent]: row i the weights over an image axis of output pixel i of the box
+    [start, start + length) resized to `size`, as torch's (and PIL's) antialiased resize: the
+    triangle, or the cubic with a = -0.5, centred at (i + 0.5) * length / size, widened by that
+    ratio when shrinking, cut at the box's edges and normalised."""
     ratio = (length / size).clamp(min=1)[:, None, None]                       # [n, 1, 1]
     centre = (torch.arange(size, device=start.device) + 0.5) * (length / size)[:, None]
     j = torch.arange(extent, device=start.device) - start[:, None, None]      # [n, 1, extent]
-    w = _filter((j + 0.5 - centre[:, :, None]) / ratio, mode)                  # [n, size, extent]
+    x = ((j + 0.5 - centre[:, :, None]) / ratio).abs()                         # [n, size, extent]
+    if mode == "bilinear":
+        w = (1 - x).clamp(min=0)
+    else:
+        a = -0.5
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        w = torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
     w = w * ((j >= 0) & (j < length[:, None, None]))
     return w / w.sum(-1, keepdim=True)
 
 
 def crop_resize_flip(images, boxes, size, mode="bilinear"):
     """uint8 [n, 3, H, W] on the device and crop_boxes' (top, left, h, w, flip) -> float
-    [n, 3, size, size] in [0, 1]: each box resized with the weights of torch's antialiased
-    interpolation (bilinear or bicubic, shrinking or enlarging: the CPU pipeline's resize, to
-    one level after rounding), as two batched matrix products, then flipped where asked, and
-    rounded to 1/255 as the CPU pipeline's uint8 result."""
+    [n, 3, size, size] in [0, 1]: each box resized as the CPU pipeline's resize (to one level
+    after rounding), as two batched matrix products, then flipped where asked, and rounded to
+    1/255 as the CPU pipeline's uint8 result."""
     _, _, height, width = images.shape
     top, left, h, w, flip = (t.to(images.device, non_blocking=True) for t in boxes)
     rows = _resize_weights(top, h, size, height, mode)                          # [n, size, H]
@@ -285,22 +242,29 @@ def crop_resize_flip(images, boxes, size, mode="bilinear"):
     return x.clamp_(0, 255).round_().div_(255)
 
 
-def resident_views(images, index_batches, recipes, generator):
-    """Views of the images held on the device: for each view, its batch of indices [n] ->
-    crop, resize, flip, then the colour operations of its recipe -> float [n, 3, size, size]
-    in [0, 1]. Views with the same recipe are made as one batch."""
-    out = [None] * len(index_batches)
-    height, width = images.shape[-2:]
+def _per_recipe(recipes, make):
+    """The views of each recipe (SwAV's crops of one size) made as one batch, make(recipe,
+    which) for the views `which`, and split back into the views."""
+    out = [None] * len(recipes)
     for recipe in dict.fromkeys(recipes):
         which = [i for i, r in enumerate(recipes) if r == recipe]
+        for i, x in zip(which, make(recipe, which).chunk(len(which))):
+            out[i] = x
+    return out
+
+
+def resident_views(images, index_batches, recipes, generator):
+    """Views of the images held on the device: for each view, its batch of indices [n] -> crop,
+    resize, flip, then its recipe's colour operations -> float [n, 3, size, size] in [0, 1]."""
+    height, width = images.shape[-2:]
+
+    def make(recipe, which):
         idx = torch.cat([index_batches[i] for i in which])
         boxes = crop_boxes(len(idx), height, width, recipe, generator)
         x = crop_resize_flip(images[idx.to(images.device, non_blocking=True)], boxes,
                              recipe.size, recipe.interpolation)
-        x = apply_params(x, sample_params(len(idx), recipe, generator), recipe, inplace=True)
-        for i, view in zip(which, x.chunk(len(which))):
-            out[i] = view
-    return out
+        return apply_params(x, sample_params(len(idx), recipe, generator), recipe)
+    return _per_recipe(recipes, make)
 
 
 def device_views(pipeline, views, device, generator):
@@ -308,14 +272,13 @@ def device_views(pipeline, views, device, generator):
     here) or "device" (batches of indices into the images it holds, moved to the device at the
     first step) -> float [n, 3, size, size] in [0, 1], before normalisation."""
     if pipeline.mode == "gpu":
-        return augment_views([x.to(device, non_blocking=True) for x in views], pipeline.recipes,
-                             generator)
+        views = [x.to(device, non_blocking=True) for x in views]
+        return _per_recipe(pipeline.recipes, lambda recipe, which: gpu_augment(
+            torch.cat([views[i] for i in which]), recipe, generator))
     if pipeline.images.device != device:
         pipeline.images = pipeline.images.to(device)  # once: the whole train set, uint8
     return resident_views(pipeline.images, views, pipeline.recipes, generator)
 
-
-# ---------------------------------------------------------------- the train set on the device
 
 def load_pixels(dataset, workers=0):
     """Every image of `dataset` (its transform bypassed) as one uint8 tensor [N, 3, H, W] and
@@ -323,27 +286,25 @@ def load_pixels(dataset, workers=0):
     other datasets are decoded once, by `workers` processes. All images must have one size."""
     data = getattr(dataset, "data", None)
     if hasattr(data, "ndim") and data.ndim == 4:  # CIFAR: [N, H, W, 3]; STL-10: [N, 3, H, W]
-        pixels = torch.as_tensor(data)
-        pixels = pixels.permute(0, 3, 1, 2) if pixels.shape[-1] == 3 else pixels
-        return pixels.contiguous(), torch.as_tensor(labels_of(dataset))
-    transform, dataset.transform = dataset.transform, image_pixels
-    try:
-        batches = list(DataLoader(dataset, batch_size=256, num_workers=workers))
-    except RuntimeError as e:  # the default collate stacks: images of several sizes
-        raise UserError(f"--data-on-device needs images of one size ({str(e).splitlines()[0]}); "
-                        f"resize them, or leave the flag out") from None
-    finally:
-        dataset.transform = transform
-    return (torch.cat([x for x, _ in batches]).permute(0, 3, 1, 2).contiguous(),
-            torch.cat([y for _, y in batches]))
+        pixels, labels = torch.as_tensor(data), torch.as_tensor(labels_of(dataset))
+    else:
+        transform, dataset.transform = dataset.transform, image_pixels
+        try:
+            pixels, labels = zip(*DataLoader(dataset, batch_size=256, num_workers=workers))
+        except RuntimeError as e:  # the default collate stacks: images of several sizes
+            raise UserError(f"--data-on-device needs images of one size ({str(e).splitlines()[0]}); "
+                            f"resize them, or leave the flag out") from None
+        finally:
+            dataset.transform = transform
+        pixels, labels = torch.cat(pixels), torch.cat(labels)
+    return (pixels.permute(0, 3, 1, 2) if pixels.shape[-1] == 3 else pixels).contiguous(), labels
 
 
 class ResidentImages(Dataset):
-    """What the DataLoader of `--data-on-device` reads: each batch of indices of the same seeded,
-    sharded, resumable sampler as the usual DataLoader's, fetched at once (`__getitems__`) as
-    ([indices] * views, labels). The images themselves go to the ViewPipeline `pipeline`, which
-    holds them on the device and makes each step's views there. No loader workers, no per-image
-    Python work in the epoch."""
+    """What the DataLoader of `--data-on-device` reads: each batch of indices of the usual seeded,
+    sharded, resumable sampler, fetched at once (`__getitems__`) as ([indices] * views, labels).
+    The images go to the ViewPipeline `pipeline`, which holds them on the device and makes each
+    step's views there: no loader workers, no per-image Python work in the epoch."""
 
     def __init__(self, dataset, pipeline, workers=0):
         self.views = len(pipeline.recipes)

@@ -13,10 +13,9 @@ from common.model import autocast
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, workers, device, precision="fp32",
                      normalize=True, progress=None):
-    """Features [N, D] (L2-normalised unless `normalize` is False) and labels [N] of `dataset`
-    in its own order, on every rank, each rank computing a shard; every item counts once. The
-    model must already be in eval mode. `progress`: a description, to show a progress bar or
-    lines (rank 0)."""
+    """Features [N, D] (L2-normalised if `normalize`) and labels [N] of `dataset` in its own
+    order, on every rank, each rank computing a shard; every item counts once. The model must
+    already be in eval mode. `progress`: a description, to show a progress bar or lines (rank 0)."""
     loader = make_loader(dataset, batch_size, workers, shuffle=False, drop_last=False)
     loader.sampler.set_epoch(0)
     order = torch.tensor(list(iter(loader.sampler)), device=device)  # padded to equal shards
@@ -32,10 +31,8 @@ def extract_features(backbone, dataset, batch_size, workers, device, precision="
             f = backbone(x).float()
         feats.append(F.normalize(f, dim=1) if normalize else f)
         labels.append(y.to(device))
-    feats, labels = all_gather_tensor(torch.cat(feats)), all_gather_tensor(torch.cat(labels))
-    order = all_gather_tensor(order)
-    out_f = torch.empty(len(dataset), feats.shape[1], device=device)
-    out_y = torch.empty(len(dataset), dtype=labels.dtype, device=device)
+    feats, labels, order = map(all_gather_tensor, (torch.cat(feats), torch.cat(labels), order))
+    out_f, out_y = feats.new_empty(len(dataset), feats.shape[1]), labels.new_empty(len(dataset))
     out_f[order], out_y[order] = feats, labels  # padding repeats indices with equal values
     return out_f, out_y
 
@@ -55,38 +52,45 @@ def knn_predict(train_f, train_y, test_f, num_classes, k=200, temperature=0.07, 
     return torch.cat(scores)
 
 
-def knn_accuracy(backbone, train_set, val_set, num_classes, batch_size, workers, device,
-                 precision="fp32", k=200, temperature=0.07):
-    """Weighted-kNN top-1 accuracy (%) of `backbone` (switched to eval mode and back)."""
-    was_training = backbone.training
-    backbone.eval()
-    args = (batch_size, workers, device, precision)
-    train_f, train_y = extract_features(backbone, train_set, *args)
-    val_f, val_y = extract_features(backbone, val_set, *args)
-    backbone.train(was_training)
-    pred = knn_predict(train_f, train_y, val_f, num_classes, k, temperature).argmax(1)
-    return 100.0 * (pred == val_y).float().mean().item()
-
-
-def capped(dataset, cap, seed=0):
+def capped(dataset, cap):
     """A fixed random subset of at most `cap` items (keeps kNN monitoring cheap on ImageNet)."""
     if len(dataset) <= cap:
         return dataset
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:cap]
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:cap]
     subset = torch.utils.data.Subset(dataset, idx.sort().values.tolist())
     labels = labels_of(dataset)  # STL-10's are `labels`, not `targets`
     subset.targets = [int(labels[i]) for i in subset.indices]
     return subset
 
 
-def knn_monitor(args, device, max_train=100_000, max_val=10_000):
-    """The training scripts' kNN monitor: a function backbone -> top-1 (%) on the val split,
-    with the labelled train split (centre crops, at most `max_train` images) as memory."""
-    kw = dict(data_dir=args.data_dir, synthetic_size=args.synthetic_size, img_size=args.img_size)
-    train = build_dataset(args.data, "train", eval_transform(args.img_size), **kw)
-    val = build_dataset(args.data, "val", eval_transform(args.img_size), **kw)
-    num_classes = len(train.classes)
-    train, val = capped(train, max_train), capped(val, max_val)
-    batch = max(1, args.batch_size // get_world_size())
-    return lambda backbone: knn_accuracy(backbone, train, val, num_classes, batch, args.workers,
-                                         device, args.precision)
+def monitor_split(args, split, cap):
+    """The training scripts' monitors' images of `split` (centre crops, at most `cap` of them)
+    and its number of classes."""
+    dataset = build_dataset(args.data, split, eval_transform(args.img_size), args.data_dir,
+                            args.synthetic_size, args.img_size)
+    return capped(dataset, cap), len(dataset.classes)
+
+
+def monitor_features(backbone, dataset, args, device, normalize=True):
+    """`extract_features` for the training scripts' monitors: in eval mode (then back), with
+    the per-rank share of --batch-size."""
+    was_training = backbone.training
+    backbone.eval()
+    features = extract_features(backbone, dataset, max(1, args.batch_size // get_world_size()),
+                                args.workers, device, args.precision, normalize)
+    backbone.train(was_training)
+    return features
+
+
+def knn_monitor(args, device):
+    """The training scripts' kNN monitor: a function backbone -> top-1 (%) on the val split
+    (at most 10,000 images), with the labelled train split (at most 100,000) as memory."""
+    train, num_classes = monitor_split(args, "train", 100_000)
+    val, _ = monitor_split(args, "val", 10_000)
+
+    def top1(backbone):
+        train_f, train_y = monitor_features(backbone, train, args, device)
+        val_f, val_y = monitor_features(backbone, val, args, device)
+        pred = knn_predict(train_f, train_y, val_f, num_classes).argmax(1)
+        return 100.0 * (pred == val_y).float().mean().item()
+    return top1

@@ -12,18 +12,15 @@ from common.dist import get_rank
 from common.errors import UserError, installed
 
 
-# ------------------------------------------------------------------------------- logger
-
 class Logger:
-    """Prints and appends JSON lines to `run_dir/log.jsonl` on rank 0; silent elsewhere.
-
-    After `start_tracking`, every record also goes to TensorBoard and W&B where they are on, at
-    the global step `place` gives it (common/track.py `Sinks`: under which names)."""
+    """Prints and appends JSON lines to `run_dir/log.jsonl` on rank 0; silent elsewhere. After
+    `start_tracking`, every record also goes to TensorBoard and W&B where they are on, at the
+    global step `place` gives it (common/track.py `Sinks`: under which names)."""
 
     def __init__(self, run_dir):
         self.is_main = get_rank() == 0
         self.run_dir = run_dir
-        self.path = os.path.join(run_dir, "log.jsonl") if run_dir else None
+        self.path = os.path.join(run_dir, "log.jsonl")
         self.steps_per_epoch = None
         self.sinks = None  # TensorBoard and W&B, when on (common/track.py)
 
@@ -45,12 +42,11 @@ class Logger:
             return
         # 7 significant digits: short lines, and small learning rates keep their precision
         record = {k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in record.items()}
-        if self.path:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:  # a full disk, a run directory gone read-only: one line
-                raise UserError(f"could not write {self.path}: {e.strerror or e}") from None
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk, a run directory gone read-only: one line
+            raise UserError(f"could not write {self.path}: {e.strerror or e}") from None
         if self.sinks:
             self.sinks.track(*self.place(record), record)
 
@@ -61,12 +57,10 @@ class Logger:
         return "epoch", record.get("epoch", 0) * self.steps_per_epoch
 
     def start_tracking(self, args, steps_per_epoch, resume=None):
-        """Call once, when the run's position is known and before its first record: `resume`
-        is (epoch, batch_in_epoch) of the checkpoint resumed, None for a new run. log.jsonl is
-        rewritten (atomically) without the records past that position, which a crash or a stop
-        after the checkpoint left and which the run now logs again. Then TensorBoard and W&B
-        start where they are on (common/track.py: how they, too, hold each step once). Rank 0
-        only; tracking flags absent from `args` are off."""
+        """Call once, before the run's first record: `resume` is (epoch, batch_in_epoch) of the
+        checkpoint resumed, None for a new run. log.jsonl loses (atomically) the records past that
+        position, which the run logs again; then TensorBoard and W&B start where they are on
+        (common/track.py). Rank 0 only; tracking flags absent from `args` are off."""
         # flags checked on every rank, so that all of them stop together
         wandb_flags = [f"--{k.replace('_', '-')}" for k in ("wandb_entity", "wandb_name",
                        "wandb_group", "wandb_tags", "wandb_mode") if getattr(args, k, None)]
@@ -74,7 +68,7 @@ class Logger:
             raise UserError(f"{' '.join(wandb_flags)}: give the W&B project too (--wandb PROJECT)")
         asked = getattr(args, "tensorboard", None)  # None: when installed
         tensorboard = asked is not False and installed("tensorboard", asked and "--tensorboard")
-        if not (self.is_main and self.path):
+        if not self.is_main:
             return
         self.steps_per_epoch = steps_per_epoch
         position = resume[0] * steps_per_epoch + resume[1] if resume else -1
@@ -100,8 +94,6 @@ class Logger:
                 rec = json.loads(line)
             except ValueError:  # a line cut short by a crash
                 continue
-            if not isinstance(rec, dict):
-                continue
             kind, step = self.place(rec)
             held[kind] = max(held[kind], step)
             if step <= position:
@@ -117,7 +109,6 @@ class Logger:
         return kept, held
 
     def close(self):
-        """At the end of a run: close the event file and finish the W&B run."""
         if self.sinks:
             self.sinks.close()
             self.sinks = None
@@ -128,21 +119,18 @@ class Progress:
     when stderr is a file (Slurm logs). `update(record)` shows a log record's metrics."""
 
     def __init__(self, iterable, total, desc):
-        self.iterable, self.total, self.desc = iterable, total, desc
-        self.bar, is_main = None, get_rank() == 0
+        is_main = get_rank() == 0
         self.plain = is_main and not sys.stderr.isatty()
+        self.bar = None
         if is_main and not self.plain:
-            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+            self.bar = iterable = tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
+        self.iterable, self.total, self.desc = iterable, total, desc
         self.start, self.step = time.time(), 0
 
     def __iter__(self):
         for item in self.iterable:
             self.step += 1  # counted when handed out: an `update` during a step includes it
             yield item
-            if self.bar is not None:
-                self.bar.update(1)
-        if self.bar is not None:
-            self.bar.close()
 
     def update(self, metrics):
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

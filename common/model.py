@@ -1,6 +1,7 @@
 """Backbones (ResNet, ResNeXt, Vision Transformer, all torchvision classes), mixed precision,
 and wrapping a model for the device (SyncBN, DDP, channels_last, torch.compile)."""
 import contextlib
+import itertools
 
 import torch
 import torch.nn as nn
@@ -33,12 +34,10 @@ def is_vit(arch):
 
 def build_backbone(arch, small_images=False, zero_init_residual=False, vit_init=None,
                    heads=None):
-    """The backbone `arch` (one of ARCHS), returning pooled features [N, feature_dim]. ResNets
-    and ResNeXts: `resnet_backbone`, with torchvision's initialisation. ViTs (common/vit.py,
-    imported only for them): patch 16 for 224 px, or patch 4 for images <= 64 px
-    (`small_images`); `zero_init_residual` has no meaning there (no BN) and is ignored;
-    `vit_init="mocov3"`: MoCo v3's initialisation (`mocov3_vit_init`), else torchvision's;
-    `heads`: a ViT's attention heads if not the width's in VITS (MoCo v3's ViT-S: 12)."""
+    """The backbone `arch` (one of ARCHS), returning pooled features [N, feature_dim]. A ViT
+    (common/vit.py, imported only then) ignores `zero_init_residual` (no BN); `vit_init="mocov3"`
+    gives it MoCo v3's initialisation instead of torchvision's; `heads`: its attention heads if
+    not VITS's (MoCo v3's ViT-S: 12)."""
     if arch not in ARCHS:
         raise UserError(f"--arch {arch}: not supported (choose from {', '.join(ARCHS)})")
     if not is_vit(arch):
@@ -52,9 +51,9 @@ def build_backbone(arch, small_images=False, zero_init_residual=False, vit_init=
 
 
 def resnet_backbone(arch, cifar_stem=False, zero_init_residual=False):
-    """A torchvision ResNet or ResNeXt with `fc` replaced by the identity (it returns pooled
-    features). `cifar_stem`: a 3x3 stride-1 first convolution and no max-pool, for 32 px images
-    (SimCLR paper, appendix B.9)."""
+    """A torchvision ResNet or ResNeXt whose `fc` is the identity (it returns pooled features).
+    `cifar_stem`: a 3x3 stride-1 first convolution and no max-pool, for 32 px images (SimCLR
+    paper, appendix B.9)."""
     if arch in WIDENED_RESNET50:
         from common.widened_resnet import widened_resnet50  # only for them
         net = widened_resnet50(WIDENED_RESNET50[arch], zero_init_residual)
@@ -73,14 +72,8 @@ def features_by_resolution(backbone, crops):
     """Backbone features [C*n, F] of C crops [n, 3, h, w], crop-major: consecutive crops of the
     same size go through the backbone in ONE pass (multi-crop, SwAV's official code), so BN
     takes its statistics per resolution group; two views of one size are one pass of 2n."""
-    features, start = [], 0
-    while start < len(crops):
-        end = start
-        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-            end += 1
-        features.append(backbone(torch.cat(crops[start:end])))  # [(end - start) * n, F]
-        start = end
-    return torch.cat(features)
+    runs = itertools.groupby(crops, key=lambda crop: crop.shape[-2:])  # consecutive, same size
+    return torch.cat([backbone(torch.cat(list(same))) for _, same in runs])
 
 
 def resolve_precision(precision, device):
@@ -107,23 +100,21 @@ def grad_scaler(precision, device):
 
 def distribute(model, device, world_size, compile=False, sync_bn="global",
                channels_last=True):
-    """Move `model` to `device`, with SyncBatchNorm over the processes `sync_bn` names (GPU; see
-    --sync-bn) and DDP when world > 1, channels_last on CUDA unless turned off, and
-    torch.compile if asked. Returns the wrapped model; `unwrap` gives it back."""
-    if world_size > 1 and sync_bn != "off" and device.type == "cuda":
+    """`model` on `device`, with SyncBatchNorm over the processes `sync_bn` names (see
+    --sync-bn), DDP when world > 1, channels_last on CUDA unless turned off, and torch.compile if
+    asked. Returns the wrapped model; `unwrap` gives it back."""
+    cuda = device.type == "cuda"
+    if world_size > 1 and sync_bn != "off" and cuda:
         # PyTorch's SyncBatchNorm runs on GPUs only: CPU processes (gloo, for testing)
         # normalise over their own part of the batch.
         from common.sync_bn import sync_bn_group  # only for SyncBN over several GPUs
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model, sync_bn_group(sync_bn))
     model = model.to(device)
-    if device.type == "cuda" and channels_last:
+    if cuda and channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile:
-        model = torch.compile(model)
-    return model
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    return torch.compile(model) if compile else model
 
 
 def unwrap(model):

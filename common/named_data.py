@@ -17,13 +17,40 @@ DOWNLOAD_FILES = {"cifar10": "cifar-10-python.tar.gz (or its folder cifar-10-bat
                   "stl10": "stl10_binary.tar.gz (or its folder stl10_binary/)"}
 
 
-def named_dataset(data, split, transform, data_dir="data", synthetic_size=512, img_size=32):
-    """`data` (one of common/data.py's NAMED_DATASETS) for `split` ('ssl', 'train' or 'val', as
-    `build_dataset`); synthetic: `synthetic_size` training images, a quarter of them for val."""
+def named_dataset(data, split, transform, data_dir, synthetic_size, img_size):
+    """`data` (one of common/data.py's NAMED_DATASETS) for `split`, as `build_dataset`;
+    synthetic: `synthetic_size` training images, a quarter of them for val."""
     if data == "synthetic":
         n = synthetic_size if split != "val" else max(synthetic_size // 4, 10)
         return SyntheticImages(n, img_size, transform, seed=0 if split != "val" else 1)
-    return _torchvision_dataset(data, split, transform, data_dir)
+    if data == "stl10":
+        kwargs = {"split": {"ssl": "train+unlabeled", "train": "train", "val": "test"}[split]}
+    else:
+        kwargs = {"train": split != "val"}
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "stl10": torchvision.datasets.STL10}[data]
+
+    def make(download):
+        return cls(data_dir, transform=transform, download=download, **kwargs)
+
+    try:
+        return make(download=False)
+    except RuntimeError:  # not there yet: rank 0 downloads, the others wait for it
+        pass
+    try:
+        if get_rank() == 0:
+            os.makedirs(data_dir, exist_ok=True)
+            make(download=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return make(download=False)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"{TORCHVISION_DATASETS[data]} is not in {os.path.abspath(data_dir)} and could not be "
+            f"downloaded ({reason}). Put {DOWNLOAD_FILES[data]} in that folder (--data-dir), "
+            f"or use --data /path/to/imagefolder (with train/ and val/) or --data synthetic.") from None
 
 
 class SyntheticImages(Dataset):
@@ -47,39 +74,8 @@ class SyntheticImages(Dataset):
         phase = torch.rand((), generator=g) * 6.28
         stripes = torch.sin((xs * torch.cos(angle) + ys * torch.sin(angle)) * 0.8 + phase)
         img = 0.5 * colour + 0.25 * stripes + 0.15 * torch.randn(3, self.size, self.size, generator=g)
-        pixels = (img.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        x = Image.fromarray(pixels)
+        x = Image.fromarray((img.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy())
         return (self.transform(x) if self.transform else x), c
-
-
-def _torchvision_dataset(name, split, transform, data_dir):
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-           "stl10": torchvision.datasets.STL10}[name]
-    if name == "stl10":
-        kwargs = {"split": {"ssl": "train+unlabeled", "train": "train", "val": "test"}[split]}
-    else:
-        kwargs = {"train": split != "val"}
-
-    def make(download):
-        return cls(data_dir, transform=transform, download=download, **kwargs)
-
-    try:
-        return make(download=False)
-    except RuntimeError:  # not there yet: rank 0 downloads, the others wait for it
-        pass
-    try:
-        if get_rank() == 0:
-            os.makedirs(data_dir, exist_ok=True)
-            make(download=True)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        return make(download=False)
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(
-            f"{TORCHVISION_DATASETS[name]} is not in {os.path.abspath(data_dir)} and could not be "
-            f"downloaded ({reason}). Put {DOWNLOAD_FILES[name]} in that folder (--data-dir), "
-            f"or use --data /path/to/imagefolder (with train/ and val/) or --data synthetic.") from None
 
 
 def stl10_recipe_note(args):

@@ -6,13 +6,10 @@ import torch
 
 
 def param_groups(model, weight_decay):
-    """Two groups: weights (decayed, LARS-adapted) and every 1-D parameter (biases, BN/LN
-    scales and shifts) with no weight decay and no LARS adaptation, as the official SimCLR,
-    BYOL, Barlow Twins and VICReg code do. `lars_exclude` is a plain flag LARS reads."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+    """The trainable parameters as `lars_split` groups them, as the official SimCLR, BYOL, Barlow
+    Twins and VICReg code do."""
+    return lars_split({"params": [p for p in model.parameters() if p.requires_grad],
+                       "weight_decay": weight_decay})
 
 
 class LARS(torch.optim.Optimizer):
@@ -51,12 +48,10 @@ class LARS(torch.optim.Optimizer):
                 if group["clip"] and group["lr"] > 0:
                     trust = torch.clamp(trust / group["lr"], max=1.0)
                 torch._foreach_mul_(d, trust.unbind(0))
-            buffers = []
             for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buffers.append(state["momentum_buffer"])
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(buffers, group["momentum"])
             torch._foreach_add_(buffers, d)
             torch._foreach_add_(params, buffers, alpha=-group["lr"])
@@ -65,7 +60,8 @@ class LARS(torch.optim.Optimizer):
 
 def lars_split(group):
     """A group without a `lars_exclude` flag, split into its weights (as given) and its 1-D
-    parameters (no weight decay, no LARS adaptation); empty parts are dropped."""
+    parameters (biases, BN/LN scales and shifts: no weight decay, no LARS adaptation); empty parts
+    are dropped."""
     if "lars_exclude" in group:
         return [group]
     weights = [p for p in group["params"] if p.ndim > 1]
@@ -76,10 +72,9 @@ def lars_split(group):
 
 
 def build_optimizer(groups, args):
-    """The optimizer of --optimizer over `groups` (dicts holding their own weight decay; LARS
-    reads `lars_exclude`; LARS and AdamW never decay 1-D parameters), with --momentum (AdamW:
-    beta1) and LARS's --lars-eta and --lars-clip.
-    Its learning rate starts at 0: every script sets it at every step."""
+    """The optimizer of --optimizer over `groups` (dicts with their own weight decay), with
+    --momentum (AdamW: beta1) and LARS's --lars-eta and --lars-clip. Its learning rate starts
+    at 0: every script sets it at every step."""
     if args.optimizer in ("lars", "adamw"):
         # LARS as every official LARS recipe runs it: 1-D parameters neither decayed nor adapted,
         # also for the groups of a method whose SGD recipe decays everything (MoCo, SimSiam);

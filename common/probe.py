@@ -14,26 +14,25 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import build_dataset, eval_transform
 from common.dist import get_world_size
-from common.knn import capped, extract_features
+from common.knn import monitor_features, monitor_split
 
 
 class OnlineProbe:
-    def __init__(self, backbone, args, device, max_val=10_000):
-        val = build_dataset(args.data, "val", eval_transform(args.img_size), args.data_dir,
-                            args.synthetic_size, args.img_size)
-        self.val, self.num_classes = capped(val, max_val), len(val.classes)
-        self.eval_args = (max(1, args.batch_size // get_world_size()), args.workers, device,
-                          args.precision)
+    def __init__(self, backbone, args, device, ckpt=None):
+        self.val, num_classes = monitor_split(args, "val", 10_000)
+        self.args, self.device = args, device
         generator = torch.Generator().manual_seed(args.seed)  # same on every rank; the global
-        self.head = nn.Linear(backbone.feature_dim, self.num_classes)  # RNG is left untouched
+        self.head = nn.Linear(backbone.feature_dim, num_classes)  # RNG is left untouched
         with torch.no_grad():
             bound = backbone.feature_dim ** -0.5  # nn.Linear's default initialisation
             for p in self.head.parameters():
                 p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound)
         self.head.to(device)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=args.probe_lr, momentum=0.9)
+        if ckpt and ckpt.get("probe"):  # resumed
+            self.head.load_state_dict(ckpt["probe"]["head"])
+            self.optimizer.load_state_dict(ckpt["probe"]["optimizer"])
         self.features = None
         backbone.register_forward_hook(self._catch)
 
@@ -58,26 +57,14 @@ class OnlineProbe:
 
     @torch.no_grad()
     def top1(self, backbone):
-        """Val top-1 (%) of the classifier on the backbone's features (eval mode, centre crops)."""
-        was_training = backbone.training
-        backbone.eval()
-        features, labels = extract_features(backbone, self.val, *self.eval_args, normalize=False)
-        backbone.train(was_training)
+        """Val top-1 (%) of the classifier on the backbone's features (centre crops)."""
+        features, labels = monitor_features(backbone, self.val, self.args, self.device, False)
         return 100.0 * (self.head(features).argmax(1) == labels).float().mean().item()
 
     def state_dict(self):
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state):
-        self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
 
 def online_probe(args, backbone, device, ckpt=None):
     """The OnlineProbe of --probe (restored from a resumed checkpoint `ckpt`), None without it."""
-    if not args.probe:
-        return None
-    probe = OnlineProbe(backbone, args, device)
-    if ckpt and ckpt.get("probe"):
-        probe.load_state_dict(ckpt["probe"])
-    return probe
+    return OnlineProbe(backbone, args, device, ckpt) if args.probe else None

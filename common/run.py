@@ -1,14 +1,13 @@
-"""A training run from start to end, around the method's own step: the processes, the run
-directory (one run per folder), the log, the checkpoint, and stopping (a signal, a diverged
-loss). main() calls, in this order: `Run(args, method)`, `train_loader`, `distribute`,
-`restore`, then per epoch `epoch` and per step `step_done` and `stop_agreed` (`stop`), then
-`end_epoch`, and at last `finish`. A call that is a collective (every rank must make it at the
-same point) says so.
+"""A training run around the method's own step: the processes, the run directory (one run per
+folder), the log, the checkpoint, and stopping (a signal, a diverged loss). main() calls
+`Run(args, method)`, `train_loader`, `distribute`, `restore`, then per epoch `epoch`, per step
+`step_done` and `stop_agreed` (`stop`), then `end_epoch`, and at last `finish`; a collective
+(every rank must make it at the same point) says so.
 
-A stop signal (SIGUSR1, SIGTERM) is acted on at the first of two kinds of points that all ranks
-reach together: inside an epoch, every 10 steps with several processes (one small collective)
-or every step alone (`stop_agreed`); and after every epoch but the last, once its summary is
-logged (`end_epoch`). So an epoch of any length ends a stopped run at the latest when it ends.
+A stop signal (SIGUSR1, SIGTERM) is acted on where all ranks meet: inside an epoch, every 10 steps
+with several processes (one small collective) or every step alone (`stop_agreed`); after every
+epoch but the last, once its summary is logged (`end_epoch`). So an epoch of any length ends a
+stopped run at the latest when it ends.
 """
 import os
 import signal
@@ -36,16 +35,14 @@ COLLAPSE_FRACTION = 0.2
 
 
 def embedding_std(z):
-    """The collapse monitor of the SimSiam paper (section 4.1): the std over the batch of each
-    dimension of z / ||z||, averaged over the dimensions. z: [n, d]; no gradient, no host sync."""
+    """The collapse monitor of the SimSiam paper: the std over the batch of each dimension of
+    z / ||z||, averaged over the dimensions. z: [n, d]; no gradient, no host sync."""
     return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
 class Run:
-    """`Run(args, method)` joins the processes of the launch, picks the device and precision,
-    opens args.run_dir before any data is read (refusing a folder that holds another run, or
-    this run with other settings: common/checkpoint.py `open_run`), and seeds this process
-    (--seed + rank)."""
+    """Joins the processes, picks the device and precision, opens args.run_dir before any data
+    is read (`open_run`), and seeds this process (--seed + rank)."""
 
     def __init__(self, args, method):
         self.args, self.method = args, method
@@ -69,9 +66,8 @@ class Run:
         self.log.print(*lines)
 
     def train_loader(self, views):
-        """The training images of --data as the views `views` (a ViewPipeline) makes: this
-        process's share of each global batch, seeded by (seed, epoch, image), resumable
-        mid-epoch (common/data.py). Unreadable images are listed in bad_images.txt."""
+        """This process's share of each global batch of the training images as `views` makes
+        them, seeded by (seed, epoch, image), resumable mid-epoch (common/data.py)."""
         args = self.args
         dataset = build_dataset(args.data, "ssl", views, args.data_dir, args.synthetic_size,
                                 args.img_size)
@@ -85,19 +81,14 @@ class Run:
 
     def distribute(self, model):
         """The model on the device, with SyncBN, DDP, channels_last, --compile (common/model.py)."""
-        args = self.args
-        return distribute(model, self.device, get_world_size(), args.compile, args.sync_bn,
-                          args.channels_last)
+        return distribute(model, self.device, get_world_size(), self.args.compile,
+                          self.args.sync_bn, self.args.channels_last)
 
     def restore(self, model, optimizer, backbone=None, extra_state=None):
-        """Continue the run directory's checkpoint, or start a new run; returns (epochs done,
-        batches done of the next). Resumed: the whole model (a target network, a queue buffer),
-        optimizer, grad scaler, this rank's random state, the epoch's running sums. New: the
-        settings printed and saved (args.json), the kNN top-1 of the random `backbone` logged
-        as epoch 0. Then TensorBoard and W&B, the divergence guard and --probe start.
-        `backbone`: what the kNN monitor, --probe and backbone.pt read (None: none of them).
-        `extra_state()`: the method's state beyond the model, a dict saved in each checkpoint;
-        called on every rank at each save (it may be a collective)."""
+        """Resume the checkpoint or start a new run (args.json; the random `backbone`'s kNN top-1
+        as epoch 0); returns (epochs done, batches done of the next). `backbone`: what kNN,
+        --probe and backbone.pt read (None: none). `extra_state()`: the method's state beyond
+        the model, for each checkpoint; called on every rank at each save (may be a collective)."""
         args, ckpt = self.args, self.ckpt
         self.model, self.optimizer, self.backbone = model, optimizer, backbone
         self.extra_state = extra_state
@@ -133,13 +124,10 @@ class Run:
         return enumerate(self.progress, start=first)
 
     def step_done(self, step, labels=None, embedding=None, **values):
-        """After the optimizer step of global step `step` (0-based): the divergence guard
-        watches the loss; --probe trains on this step's features and `labels`; the collapse
-        monitor reads `embedding` [n, d], the method's output (`embedding_std`). Tensors in
-        `values` (the loss, the method's monitors) are summed for the epoch's means, with no
-        host sync; other values (the lr, a momentum) are reported as they are. Every
-        --log-every steps: a log record (a host sync), the divergence check (a collective), and
-        one line of warning when the embedding starts collapsing."""
+        """After the optimizer step of global step `step` (0-based): --probe trains on `labels`,
+        `embedding` [n, d] feeds the collapse monitor. Tensors in `values` are summed for the
+        epoch's means with no host sync. Every --log-every steps: a log record (a host sync),
+        the divergence check (a collective), a collapse warning."""
         self.guard.watch(values["loss"], step)
         if self.probe:
             self.probe.step(labels)
@@ -174,8 +162,7 @@ class Run:
         return broadcast_flag(self.stop_signal.requested, self.device)
 
     def stop(self, epoch, batch_in_epoch):
-        """Save the position inside the epoch (a collective), requeue the Slurm job, leave the
-        process group."""
+        """Save the position (a collective), requeue the Slurm job, leave the process group."""
         self.save(epoch, batch_in_epoch)
         self.print(f"stop signal: saved {self.ckpt_path} at epoch {epoch}, batch {batch_in_epoch}")
         self.log.close()  # TensorBoard events and W&B, when on
@@ -185,13 +172,11 @@ class Run:
         cleanup_distributed()
 
     def end_epoch(self, **values):
-        """After an epoch (collectives): the summary logged (the means of the steps' tensors
-        over the epoch and the ranks, the last step's other values, `values`, time,
-        throughput, unreadable images, peak GPU memory, the kNN top-1 every --knn-every epochs,
-        --probe's); then checkpoint.pt and backbone.pt every --checkpoint-every epochs and
-        after the last (`save`). True when a stop signal ends the run here, saved."""
+        """After an epoch (collectives): the summary logged (with `values`), then `save` every
+        --checkpoint-every epochs and after the last. True when a stop signal ends the run here."""
         args, epoch, elapsed = self.args, self.current_epoch + 1, time.time() - self.epoch_start
-        record = {"epoch": epoch, **self.reported({**self.values, **self.epoch_means()}), **values,
+        means = {k: v / self.steps_per_epoch for k, v in self.mean_over_ranks(self.sums).items()}
+        record = {"epoch": epoch, **self.reported({**self.values, **means}), **values,
                   "epoch_time": elapsed, "img_per_s": (self.steps_per_epoch - self.first_batch)
                   * args.batch_size / elapsed}
         if bad_images := count_bad_images(self.bad_log):
@@ -207,9 +192,8 @@ class Run:
         if epoch < args.epochs and broadcast_flag(self.stop_signal.requested, self.device):
             self.stop(epoch, 0)
             return True
-        every = getattr(args, "checkpoint_every", 1)
-        keep = bool(getattr(args, "save_every", 0) and epoch % args.save_every == 0)
-        if epoch % every == 0 or keep or epoch == args.epochs:
+        every, keep = getattr(args, "checkpoint_every", 1), getattr(args, "save_every", 0)
+        if epoch % every == 0 or (keep and epoch % keep == 0) or epoch == args.epochs:
             self.save(epoch, 0)
         return False
 
@@ -220,10 +204,8 @@ class Run:
         cleanup_distributed()
 
     def watch_collapse(self, key, low=None, high=None, why=""):
-        """Warn, in one line, when the logged value `key` leaves [low, high], the range of a
-        healthy run (a collapse monitor: `embedding_std`, set by `step_done`, or the method's
-        own, e.g. DINO's teacher entropy); again after it has come back and left again. A
-        warning: the run goes on. `why`: what the bound is, for the warning."""
+        """Warn in one line when the logged `key` (e.g. DINO's teacher entropy) leaves [low, high],
+        a healthy run's range; again after it came back and left again. `why`: what the bound is."""
         self.bounds[key] = (low, high, why)
 
     def warn_if_collapsing(self, record):
@@ -255,16 +237,11 @@ class Run:
                 if getattr(self.args, "save_every", 0) and epoch % self.args.save_every == 0:
                     keep_epoch_copy(self.args.run_dir, epoch)
 
-    def epoch_means(self):
-        """The epoch's mean of each summed value, over its steps and the ranks (a collective)."""
-        return {k: v / self.steps_per_epoch for k, v in self.mean_over_ranks(self.sums).items()}
-
     @staticmethod
-    def mean_over_ranks(sums):
-        if get_world_size() == 1 or not sums:
+    def mean_over_ranks(sums):  # a collective
+        if not sums:
             return sums
-        stacked = all_gather_tensor(torch.stack(list(sums.values()))[None]).mean(0)
-        return dict(zip(sums, stacked))
+        return dict(zip(sums, all_gather_tensor(torch.stack(list(sums.values()))[None]).mean(0)))
 
     @staticmethod
     def reported(values):
@@ -275,18 +252,14 @@ class Run:
 
 
 class DivergenceGuard:
-    """Stops a run whose loss turned non-finite (NaN or inf) before it saves over its last good
-    checkpoint, as DINO's and MAE's training loops stop on a non-finite loss. `watch` every step
-    (no host sync); `check()` at the log interval and `check(epoch, batch)` in every save (then
-    weights and buffers must be finite too): a collective, so that all ranks stop together.
-    A diverged run ends with one line (the first non-finite step, its loss, the checkpoint
-    kept), exit code 3 (no requeue) and diverged.json, by which `open_run` refuses the same
-    command again.
+    """Stops a run whose loss turned non-finite before it saves over its last good checkpoint,
+    as DINO's and MAE's loops do. `watch` every step (no host sync); `check()` at the log
+    interval and `check(epoch, batch)` in every save (the weights too): a collective, so that
+    all ranks stop together, with exit code 3 (no requeue) and diverged.json (common/failures.py).
 
     fp16: GradScaler skips the update of a step whose gradients overflow (the loss is finite:
     normal, ignored here) or whose loss is non-finite (a forward overflow; the weights stay as
-    they were). Only FP16_PATIENCE such steps in a row stop the run.
-    """
+    they were). Only FP16_PATIENCE such steps in a row stop the run."""
     FP16_PATIENCE = 20
 
     def __init__(self, args, model, steps_per_epoch, device, ckpt=None):
@@ -309,14 +282,11 @@ class DivergenceGuard:
         """Raise Diverged on every rank if any rank diverged. Given the position of a save
         (`epoch` epochs and `batch_in_epoch` batches done), the model must be finite too."""
         state = self.model.state_dict() if epoch is not None else {}
-        finite = [torch.isfinite(t).all() for t in state.values() if t.is_floating_point()]
-        finite_model = torch.stack(finite).all().float() if finite else torch.ones(
-            (), device=self.first_loss.device)
-        mine = torch.stack([self.first_step.double(), self.first_loss.double(),
-                            finite_model.double()])
-        ranks = all_gather_tensor(mine[None]).cpu()  # [world, 3]: one host sync
-        bad = ranks[ranks[:, 0] >= 0]
-        if len(bad) == 0 and bool(ranks[:, 2].all()):
+        finite = [torch.isfinite(t).all().double() for t in state.values() if t.is_floating_point()]
+        mine = torch.stack([self.first_step.double(), self.first_loss.double(), *finite])
+        ranks = all_gather_tensor(mine[None]).cpu()  # [world, 2 + float tensors]: one host sync
+        bad = ranks[ranks[:, 0] >= 0, :2]
+        if len(bad) == 0 and bool(ranks[:, 2:].all()):
             if epoch is not None:
                 self.saved = (epoch, batch_in_epoch)
             return
@@ -326,8 +296,9 @@ class DivergenceGuard:
 
 class StopSignal:
     """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption, Ctrl-C from a
-    launcher) set `requested`; the training loop checks it between steps, saves and exits.
-    `at_step` (--stop-at-step): the same request once that many steps are done."""
+    launcher) set `requested`, and so does --stop-at-step (`at_step`) once that many steps are
+    done. Not a method of Run: a handler bound to the Run would keep its loader's workers alive
+    until the interpreter's exit, which then waits on them forever."""
 
     def __init__(self, at_step=None):
         self.requested, self.at_step = False, at_step

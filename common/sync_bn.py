@@ -8,14 +8,13 @@ from common.errors import UserError
 
 
 def sync_bn_group(mode):
-    """The process group whose batch statistics a SyncBatchNorm shares under --sync-bn `mode`:
-    None (all processes) for "global"; for "node", the processes on this host (host names
-    gathered, so any launcher and any number of processes per node work); for a number N, N
-    consecutive ranks, as SwAV's --syncbn_process_group_size. new_group is collective: every
-    rank creates every group, in the same order, and keeps its own."""
+    """This rank's process group under --sync-bn `mode`: None (all processes) for "global"; for
+    "node", the processes on this host (host names gathered, so any launcher and any number of
+    processes per node work); for a number N, N consecutive ranks, as SwAV's
+    --syncbn_process_group_size. A collective: every rank creates every group, in one order."""
     if mode == "global":
         return None
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     if mode == "node":
         hosts = [None] * world
         dist.all_gather_object(hosts, socket.gethostname())
@@ -26,5 +25,4 @@ def sync_bn_group(mode):
             raise UserError(f"--sync-bn {size}: the {world} processes do not split into groups "
                             f"of {size}")
         members = [list(range(start, start + size)) for start in range(0, world, size)]
-    groups = [dist.new_group(ranks) for ranks in members]
-    return next(g for g, ranks in zip(groups, members) if rank in ranks)
+    return dist.new_subgroups_by_enumeration(members)[0]

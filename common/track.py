@@ -1,53 +1,46 @@
 """The optional monitoring sinks beside log.jsonl: TensorBoard event files and a Weights & Biases
-run. Imported by common/log.py only when one is on (their flags: common/args.py), and each
-imports its package only then, so that neither package is needed.
+run, rank 0 only. Imported by common/log.py only when one is on, and each imports its package
+only then, so that neither package is needed.
 
-TensorBoard is on whenever the `tensorboard` package is installed (--no-tensorboard turns it
-off; --tensorboard makes a missing package an error): a researcher who has it expects
-`tensorboard --logdir runs/` to show every run, including the three-day one started without
-thinking of a flag; an event costs tens of microseconds and ~110 bytes per log record. Without
-the package nothing changes. W&B sends data to a server, so it is on only when asked
-(--wandb PROJECT)."""
+TensorBoard is on whenever its package is installed (--no-tensorboard: off; --tensorboard: a
+missing package is an error): a researcher who has it expects `tensorboard --logdir runs/` to
+show every run, the three-day one started without a flag included; an event costs tens of
+microseconds and ~110 bytes per record. W&B sends data to a server: on only when asked."""
 import json
 import os
 import re
 import secrets
 import time
+from pathlib import Path
 
 from common.errors import UserError, installed
 
 
 class Sinks:
-    """TensorBoard events and a W&B run that receive log.jsonl's records (Logger.log), rank 0
-    only. A resumed run logs again the steps after its checkpoint's position; both sinks then
-    hold each step once:
-    - TensorBoard: a new event file whose purge_step (the first step after the position) makes
-      TensorBoard drop the older files' later events (the step-based preemption of
-      TensorBoard's fast loader drops them too, as the new values arrive);
-    - W&B keeps a step's first values, so steps it already holds are not sent again: those
-      before the server's step when it resumed the run online, otherwise those that log.jsonl
-      held before the resume (`held`, sent by the earlier processes).
-    A sink turned on later in a run (first --wandb, or TensorBoard newly installed) first gets
-    the records log.jsonl keeps (`track(..., again=True)`).
-
-    A record with a "step" (logged every --log-every steps) is placed at that global step under
-    train/<key>; an epoch summary (no "step"; epoch 0 holds the random-init kNN) at the step that
-    ends the epoch, epoch x steps_per_epoch, under epoch/<key> (Logger.place). Every number but
-    the step itself is a scalar, the "epoch" included (an x axis in W&B)."""
+    """Receive log.jsonl's records (Logger.log): a record with a "step" at that global step as
+    train/<key>, an epoch summary at the step ending the epoch as epoch/<key> (Logger.place); every
+    number but the step is a scalar, "epoch" included (an x axis in W&B). A resumed run logs again
+    the steps after its checkpoint's position, and both sinks still hold each step once:
+    - TensorBoard: a new event file whose purge_step (the first step after the position) drops
+      the older files' later events (TensorBoard's fast loader also drops them by step);
+    - W&B keeps a step's first values, so steps it holds are not sent again: those before the
+      server's step when it resumed the run online, else those log.jsonl held (`held`).
+    A sink new to the run first gets the records log.jsonl keeps (`track(..., again=True)`)."""
 
     def __init__(self, args, run_dir, position, held, log, tensorboard):
         self.events = self.wandb = None
         self.had_events = any(f.startswith("events.out.tfevents.") for f in os.listdir(run_dir))
+        config = json.loads(json.dumps(vars(args), default=str))  # paths and others as strings
         if tensorboard:
             try:
-                self.events = event_writer(run_dir, position + 1, config_values(args))
+                self.events = event_writer(run_dir, position + 1, config)
                 log.print(f"TensorBoard: events in {run_dir}")
             except ImportError as e:  # installed but broken: an error only if asked for
                 if getattr(args, "tensorboard", None):
                     raise UserError(f"--tensorboard: {e}") from None
                 log.print(f"TensorBoard off: {e}")
         if getattr(args, "wandb", None):
-            self.wandb, self.wandb_from = start_wandb(args, run_dir, held)
+            self.wandb, self.wandb_from = start_wandb(args, run_dir, held, config)
 
     def track(self, kind, step, record, again=False):
         values = {f"{kind}/{k}": v for k, v in record.items() if k != "step"
@@ -72,15 +65,9 @@ class Sinks:
         self.events = self.wandb = None
 
 
-def config_values(args):
-    """The arguments as plain JSON values (paths and other objects as strings)."""
-    return json.loads(json.dumps(vars(args), default=str))
-
-
 def event_writer(run_dir, purge_step, config):
-    """A TensorBoard SummaryWriter in `run_dir` whose first event, at `purge_step`, makes
-    TensorBoard drop the events of older files at that step and after (a resumed run logs them
-    again), with the arguments as a text table at that step."""
+    """A TensorBoard SummaryWriter in `run_dir` whose first event is at `purge_step`, with the
+    arguments as a text table."""
     from torch.utils.tensorboard import SummaryWriter
     # Readers take a run's files in name order, and a name starts with its creation second:
     # a resumed run's file must come after the earlier ones for its purge to apply to them.
@@ -96,26 +83,24 @@ def event_writer(run_dir, purge_step, config):
     return writer
 
 
-def start_wandb(args, run_dir, held):
+def start_wandb(args, run_dir, held, config):
     """wandb.init for the run in `run_dir`, resuming the W&B run whose id the folder keeps.
     Returns the run and, per kind, the first step to send (see Sinks)."""
     installed("wandb", "--wandb")
     import wandb
-    id_path = os.path.join(run_dir, "wandb_run_id")
-    known = os.path.exists(id_path)
+    id_path = Path(run_dir, "wandb_run_id")
+    known = id_path.exists()
     if known:
-        with open(id_path) as f:
-            run_id = f.read().strip()
+        run_id = id_path.read_text().strip()
     else:
         run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], as W&B's own ids
-        with open(id_path, "w") as f:
-            f.write(run_id + "\n")
+        id_path.write_text(run_id + "\n")
     flag = lambda key: getattr(args, f"wandb_{key}", None)
     name = flag("name") or "/".join(os.path.abspath(run_dir).split(os.sep)[-2:])
     try:
         run = wandb.init(project=args.wandb, entity=flag("entity"), name=name,
                          group=flag("group"), tags=flag("tags"), mode=flag("mode"), dir=run_dir,
-                         id=run_id, resume="allow", config=config_values(args))
+                         id=run_id, resume="allow", config=config)
     except wandb.errors.Error as e:
         raise UserError(f"--wandb: {str(e).strip().splitlines()[0]} (without internet: "
                         f"--wandb-mode offline, then wandb sync)") from None

@@ -1,5 +1,5 @@
-"""Vision Transformers (ViT-Ti/S/B) from torchvision's VisionTransformer, and MoCo v3's way of
-initialising them; imported only when --arch names a ViT (common/model.py `build_backbone`)."""
+"""Vision Transformers (ViT-Ti/S/B) from torchvision's VisionTransformer, with DINO's and MoCo v3's
+initialisations; imported only when --arch names a ViT (common/model.py `build_backbone`)."""
 import math
 
 import torch
@@ -11,21 +11,14 @@ from common.errors import UserError
 
 
 class VisionTransformerBackbone(VisionTransformer):
-    """torchvision's VisionTransformer, unchanged but for its classifier (`heads` = identity, so
-    the state dict has no `heads.*`) and its forward, which returns the class token after the
-    final LayerNorm (`encoder.ln`) for images of any size divisible by the patch size.
-
-    That token is the representation MoCo v3 and DINO evaluate: MoCo v3's linear probe puts its
-    classifier in place of timm's `head` (main_lincls.py:156-189), which reads the class token
-    after the final norm (timm 0.4.9 vision_transformer.py:291-302), and DINO's kNN uses its
-    forward, the same token (dino vision_transformer.py:209-214). DINO's linear probe reads more
-    (common/evaluation.py `DinoLinearFeatures`).
-
-    Position embeddings are laid out for `image_size`; another size (multi-crop: 96 px crops of a
-    224 px model) interpolates them bicubically as DINO does (vision_transformer.py:174-194).
-
-    `drop_path_rate` > 0: stochastic depth (`add_stochastic_depth`), which torchvision's
-    EncoderBlock lacks; at 0 the network is exactly torchvision's (no module added)."""
+    """torchvision's VisionTransformer with no classifier (`heads` = identity, no `heads.*` in the
+    state dict), whose forward returns the class token after the final LayerNorm (`encoder.ln`):
+    what MoCo v3's linear probe reads in place of timm's `head` (main_lincls.py:156-189; timm
+    0.4.9 vision_transformer.py:291-302) and DINO's kNN (dino vision_transformer.py:209-214);
+    DINO's linear probe reads more (common/evaluation.py `DinoLinearFeatures`). Images of another
+    size than `image_size` (multi-crop: 96 px crops of a 224 px model) get bicubically
+    interpolated position embeddings, as DINO's (vision_transformer.py:174-194). `drop_path_rate`
+    > 0: stochastic depth (`add_stochastic_depth`); at 0 the network is exactly torchvision's."""
 
     def __init__(self, image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim=None,
                  drop_path_rate=0.0):
@@ -50,8 +43,7 @@ class VisionTransformerBackbone(VisionTransformer):
         return torch.cat([embedding[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
 
     def embed(self, images):
-        """Images [N, 3, H, W] -> tokens [N, 1 + H/p * W/p, D] that enter the first block: the
-        class token and the patch projections, plus their position embeddings."""
+        """Images [N, 3, H, W] -> the tokens [N, 1 + H/p * W/p, D] entering the first block."""
         n, _, h, w = images.shape
         p = self.patch_size
         if h % p or w % p:
@@ -61,15 +53,14 @@ class VisionTransformerBackbone(VisionTransformer):
         return self.encoder.dropout(tokens + self.position_embedding(h // p, w // p))
 
     def forward(self, images):
-        tokens = self.encoder.ln(self.encoder.layers(self.embed(images)))
-        return tokens[:, 0]  # [N, D]
+        return self.encoder.ln(self.encoder.layers(self.embed(images)))[:, 0]  # [N, D]
 
 
 class DropPath(nn.Module):
-    """Stochastic depth (Huang et al. 2016) on a residual branch: in training, each sample's
-    branch output is dropped with probability `p` and the kept ones scaled by 1 / (1 - p), so
-    the expectation is unchanged; in eval mode the identity. As DINO's DropPath
-    (vision_transformer.py:27-46: one Bernoulli draw per sample, floor(1 - p + U(0, 1)))."""
+    """Stochastic depth (Huang et al. 2016) on a residual branch, as DINO's DropPath
+    (vision_transformer.py:27-46): in training, each sample's branch is dropped with probability
+    `p` and the kept ones divided by 1 - p; the identity in eval mode. (torchvision's
+    StochasticDepth multiplies by 1 / (1 - p) rounded to the input's dtype: biased in bf16.)"""
 
     def __init__(self, p):
         super().__init__()
@@ -86,17 +77,13 @@ class DropPath(nn.Module):
 
 
 def add_stochastic_depth(vit, rate):
-    """Stochastic depth in every block of a torchvision ViT, the rate rising linearly from 0 in
-    the first block to `rate` in the last, DINO's rule (vision_transformer.py:150:
-    linspace(0, rate, depth)); DINO trains its student with rate 0.1 (main_dino.py:105, :162-165).
-    torchvision's EncoderBlock computes x = input + dropout(attention(ln_1(input))) and returns
-    x + mlp(ln_2(x)): both residual branches end in a module (`dropout`, `mlp`, a Sequential),
-    so a DropPath after each drops the branch as DINO's Block does (:111-112). DropPath holds no
-    weights: the state dict is unchanged. Blocks at rate 0 are left as they are (rate 0: the
-    whole network). Returns vit."""
-    blocks = list(vit.encoder.layers)
-    for i, block in enumerate(blocks):
-        p = rate * i / (len(blocks) - 1) if len(blocks) > 1 else rate
+    """Stochastic depth in the blocks of a torchvision ViT at rates linspace(0, rate, depth), DINO's
+    rule (vision_transformer.py:150; its student trains with 0.1, main_dino.py:105, :162-165).
+    torchvision's EncoderBlock computes x = input + dropout(attention(ln_1(input))), then x +
+    mlp(ln_2(x)): a DropPath after `dropout` and `mlp` drops each branch as DINO's Block does
+    (:111-112). No weights are added; blocks at rate 0 stay as they are. Returns vit."""
+    blocks = vit.encoder.layers
+    for block, p in zip(blocks, torch.linspace(0, rate, len(blocks), device="cpu").tolist()):
         if p > 0:
             block.dropout = nn.Sequential(block.dropout, DropPath(p))
             block.mlp.append(DropPath(p))
@@ -106,9 +93,8 @@ def add_stochastic_depth(vit, rate):
 def dino_vit_init(vit):
     """DINO's initialisation of a torchvision-keyed ViT (dino vision_transformer.py:161-172):
     position embedding, class token and every linear weight (q, k, v as one matrix, timm's
-    `qkv`) truncated normal with std 0.02, biases 0, LayerNorms weight 1 and bias 0; the patch
-    projection keeps PyTorch's default Conv2d initialisation, which DINO's `_init_weights`
-    (Linear and LayerNorm only) does not touch. Returns vit."""
+    `qkv`) truncated normal with std 0.02, biases 0, LayerNorms 1 and 0; the patch projection
+    keeps PyTorch's Conv2d default, which DINO's `_init_weights` does not touch. Returns vit."""
     def trunc_normal(tensor):  # DINO's trunc_normal_(std=.02): bounds -2, 2 in absolute value
         nn.init.trunc_normal_(tensor, std=0.02, a=-2.0, b=2.0)
     trunc_normal(vit.encoder.pos_embedding)
@@ -127,14 +113,14 @@ def dino_vit_init(vit):
     return vit
 
 
-def sincos_position_embedding(grid_size, width, temperature=10000.0):
+def sincos_position_embedding(grid_size, width):
     """MoCo v3's fixed 2D sin-cos position embedding [1, 1 + grid_size**2, width] (moco-v3
     vits.py:53-69): zeros for the class token; for the patch in row r, column c (tokens in
-    row-major order), [sin(r w), cos(r w), sin(c w), cos(c w)] with w_k = temperature**(-k/q),
-    k < q = width/4. MoCo v3 calls the row part `w`: meshgrid's default 'ij' indexing makes its
-    first grid vary along the rows of the flattened token order."""
+    row-major order), [sin(r w), cos(r w), sin(c w), cos(c w)] with w_k = 10000**(-k/q), k < q =
+    width/4. MoCo v3 calls the row part `w`: meshgrid's default 'ij' indexing makes its first
+    grid vary along the rows of the flattened token order."""
     quarter = width // 4
-    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # [q]
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # [q]
     index = torch.arange(grid_size, dtype=torch.float32)
     rows = index.repeat_interleave(grid_size)[:, None] * omega  # [G*G, q]: token m, row m // G
     cols = index.repeat(grid_size)[:, None] * omega  # column m % G
@@ -147,9 +133,8 @@ def mocov3_vit_init(vit, freeze_patch_projection=True):
     sin-cos position embedding, frozen (:29, :68-69); every linear xavier-uniform with zero bias,
     q, k and v each as its own matrix (:32-40); class token N(0, 1e-6) (:41); patch projection
     uniform with the xavier bound of a 3*p*p -> width linear map, zero bias (:43-47), frozen with
-    `freeze_patch_projection` (`--stop-grad-conv1`, :49-51; the random patch projection that
-    the MoCo v3 paper, section 4.2, finds to make ViT training stable). LayerNorms keep weight 1,
-    bias 0, as in timm. Returns vit."""
+    `freeze_patch_projection` (`--stop-grad-conv1`, :49-51: the random patch projection that the
+    MoCo v3 paper, section 4.2, finds to stabilise training). LayerNorms keep 1 and 0, as timm's."""
     if vit.hidden_dim % 4:
         raise UserError(f"MoCo v3's sin-cos position embedding needs a width divisible by 4, "
                         f"not {vit.hidden_dim}")

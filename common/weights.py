@@ -1,21 +1,16 @@
-"""The backbone inside a checkpoint: ours, or an official release of another codebase.
-
-`load_backbone(path)` reads the file without arbitrary unpickling (`checkpoint.safe_load`),
-finds the backbone's weights in it (a ResNet, or a ViT with torchvision's or timm's keys),
-strips their prefix, drops what is not the backbone (projection heads, predictors, prototypes,
-the momentum encoder, a queue) and returns a torchvision backbone (`fc` / `heads` = identity),
-its architecture and stem or patch size inferred from the weights, and a ViT's number of heads,
-which no shape shows, as `vit_heads_of` tells it (or --vit-heads names it).
-Each official layout, what is evaluated in it and where its training script writes it (file:line):
-docs/evaluation.md, "Checkpoints it reads"; `KNOWN_PREFIXES` below lists them in code.
+"""The backbone inside a checkpoint, ours or an official release of another codebase
+(docs/evaluation.md, "Checkpoints it reads": each layout, what is evaluated in it, where its
+training script writes it (file:line); `KNOWN_PREFIXES`): read without arbitrary unpickling,
+found by its prefix, the rest (projection heads, predictors, prototypes, the momentum encoder, a
+queue) dropped, its architecture and stem or patch size inferred from the weights.
 
 timm-style keys, as DINO's and MoCo v3's ViTs write them, map one to one onto torchvision's
-VisionTransformer (`TIMM_TO_TORCHVISION`): `qkv` is the [3D, D] stack of the q, k and v
-projections in that order (timm reshapes its output to 3 x heads x D/heads, dino
-vision_transformer.py:82), as `nn.MultiheadAttention.in_proj_weight` is; both scale by
-(D/heads)**-0.5. Both use LayerNorm eps 1e-6 (dino vision_transformer.py:239-253, moco-v3
-vits.py:118-125; torchvision's default, vision_transformer.py:175) and the exact (erf) GELU,
-nn.GELU (dino Block, :96-105; timm 0.4.9 vision_transformer.py:222; torchvision MLPBlock, :46).
+VisionTransformer: `qkv` is the [3D, D] stack of the q, k and v projections in that order (timm
+reshapes its output to 3 x heads x D/heads, dino vision_transformer.py:82), as
+`nn.MultiheadAttention.in_proj_weight` is; both scale by (D/heads)**-0.5, use LayerNorm eps 1e-6
+(dino vision_transformer.py:239-253, moco-v3 vits.py:118-125; torchvision's default,
+vision_transformer.py:175) and the exact (erf) GELU, nn.GELU (dino Block, :96-105; timm 0.4.9
+vision_transformer.py:222; torchvision MLPBlock, :46).
 """
 import math
 
@@ -31,7 +26,6 @@ from common.vit import VisionTransformerBackbone, sincos_position_embedding
 MARKERS = {"resnet": ("conv1.weight", "layer1.0.conv1.weight"),
            "vit": ("class_token", "conv_proj.weight"),
            "timm_vit": ("cls_token", "patch_embed.proj.weight")}
-KIND_NAMES = {"resnet": "ResNet", "vit": "ViT", "timm_vit": "ViT"}
 
 # (layout, kind, prefix of the evaluated backbone), tried in this order: a MoCo checkpoint also
 # holds the key / momentum encoder, which the generic search would find as well.
@@ -56,14 +50,12 @@ KNOWN_LAYOUTS = ("a cleanssl checkpoint.pt or backbone.pt, a torchvision ResNet 
                  "or one ResNet or ViT under any single prefix")
 
 # MoCo v3 builds every ViT with 12 heads (vits.py:115-127); the others follow DeiT / DINO.
-# No weight's shape shows the heads: a MoCo v3 ViT is recognised by its layout or by its
-# position embedding, MoCo v3's fixed 2-D sin-cos one, frozen (vits.py:28-29, 53-69), where
-# DINO's and DeiT's are learned.
+# No weight's shape shows the heads: a MoCo v3 ViT is recognised by its layout or, in a
+# timm-keyed file (its DeiT conversion, its linear checkpoint), by its position embedding, MoCo
+# v3's fixed 2-D sin-cos one, frozen (vits.py:28-29, 53-69), where DINO's and DeiT's are learned.
 MOCOV3_VIT_HEADS = 12
-HEADS_BY_WIDTH = {width: heads for width, heads in VITS.values()}
-# MoCo v3's vit_conv_small / vit_conv_base (vits.py:72-112, 129-143): a convolutional stem, 4
-# conv-BN-ReLU layers and a 1x1 conv, in place of the patch projection; timm keys
-# patch_embed.proj.N.*.
+HEADS_BY_WIDTH = dict(VITS.values())
+# MoCo v3's ConvStem ViTs (vits.py:72-112, 129-143), refused in find_backbone: timm keys patch_embed.proj.N.*
 CONV_STEM_MARKER = "patch_embed.proj.0.weight"
 
 # timm / DINO / MoCo v3 ViT keys -> torchvision's; within block N, BLOCK_KEYS.
@@ -78,11 +70,17 @@ BLOCK_KEYS = {"norm1": "ln_1", "attn.qkv.weight": "self_attention.in_proj_weight
 
 
 def infer_arch(state_dict):
-    """(arch, small_images) of a bare backbone state dict with torchvision's keys (ResNet,
-    ResNeXt or ViT), from its shapes alone, so that a `backbone.pt` is enough for linear
-    evaluation. small_images: the 3x3 stem of a ResNet, patch 4 at 32 px of a ViT."""
+    """(arch, small_images) of a torchvision-keyed ResNet, ResNeXt or ViT state dict (a
+    `backbone.pt`), from its shapes alone; small_images: a ResNet's 3x3 stem, a ViT's patch 4 at 32 px."""
     if "class_token" in state_dict:
-        return _infer_vit(state_dict)
+        layout = vit_layout(state_dict)
+        for arch, (width, _) in VITS.items():
+            for small, (patch_size, image_size) in VIT_PATCH.items():
+                if layout == dict(hidden_dim=width, num_layers=VIT_DEPTH, mlp_dim=VIT_MLP_RATIO * width,
+                                  patch_size=patch_size, image_size=image_size):
+                    return arch, small
+        raise UserError("unrecognised ViT layout ({hidden_dim} wide, {num_layers} blocks, MLP "
+                        "{mlp_dim}, patch {patch_size} at {image_size} px)".format(**layout))
     if "conv1.weight" not in state_dict:
         raise UserError("neither a ResNet (no conv1.weight) nor a ViT (no class_token)")
     blocks = tuple(1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith(f"layer{i}.")),
@@ -129,21 +127,9 @@ def vit_layout(state_dict):
     return layout | {"image_size": grid * layout["patch_size"]}
 
 
-def _infer_vit(state_dict):
-    layout = vit_layout(state_dict)
-    for arch, (width, _) in VITS.items():
-        for small, (patch_size, image_size) in VIT_PATCH.items():
-            if layout == dict(hidden_dim=width, num_layers=VIT_DEPTH, mlp_dim=VIT_MLP_RATIO * width,
-                              patch_size=patch_size, image_size=image_size):
-                return arch, small
-    raise UserError("unrecognised ViT layout ({hidden_dim} wide, {num_layers} blocks, MLP "
-                    "{mlp_dim}, patch {patch_size} at {image_size} px)".format(**layout))
-
-
 def torchvision_vit_key(timm_key):
-    """torchvision's name of a timm-style ViT weight, or None where it has none (`head.*`, a
-    distillation token, ...): `blocks.3.mlp.fc1.weight` ->
-    `encoder.layers.encoder_layer_3.mlp.0.weight`."""
+    """torchvision's name of a timm-style ViT weight (`blocks.3.mlp.fc1.weight` ->
+    `encoder.layers.encoder_layer_3.mlp.0.weight`), None where it has none (`head.*`, ...)."""
     if timm_key in TIMM_TO_TORCHVISION:
         return TIMM_TO_TORCHVISION[timm_key]
     if not timm_key.startswith("blocks."):
@@ -155,44 +141,41 @@ def torchvision_vit_key(timm_key):
     return None
 
 
-def backbone_prefixes(state, kind):
-    """Every prefix p under which `state` holds both marker keys of `kind`."""
-    first, second = MARKERS[kind]
-    return sorted(k[:-len(first)] for k in state
-                  if k.endswith(first) and k[:-len(first)] + second in state)
+def _prefixes(state, key, other):
+    """Every prefix p under which `state` holds both p + key and p + other."""
+    return sorted(k[:-len(key)] for k in state if k.endswith(key) and k[:-len(key)] + other in state)
 
 
 def find_backbone(state):
     """(layout name, kind, prefix) of the backbone in a flat state dict."""
-    found = {kind: backbone_prefixes(state, kind) for kind in MARKERS}
+    found = {kind: _prefixes(state, *markers) for kind, markers in MARKERS.items()}
     for layout, kind, prefix in KNOWN_PREFIXES:
         if prefix in found[kind]:
             return layout, kind, prefix
     candidates = [(kind, prefix) for kind, prefixes in found.items() for prefix in prefixes]
-    stems = [k[:-len(CONV_STEM_MARKER)] for k in state if k.endswith(CONV_STEM_MARKER)
-             and k[:-len(CONV_STEM_MARKER)] + "cls_token" in state]
+    stems = _prefixes(state, CONV_STEM_MARKER, "cls_token")
     if stems and not candidates:
         raise UserError(f"a ViT with a convolutional stem under '{stems[0]}' (MoCo v3's "
                         f"vit_conv_small / vit_conv_base: 4 conv-BN-ReLU layers and a 1x1 conv "
                         f"in place of the patch projection, 11 blocks; moco-v3 vits.py:72-143): "
                         f"not supported, torchvision's ViT has a one-convolution patch "
                         f"projection; evaluate it with MoCo v3's main_lincls.py")
+    names = sorted({"ResNet" if kind == "resnet" else "ViT" for kind, _ in candidates})
     if len(candidates) == 1:
         kind, prefix = candidates[0]
-        return f"a {KIND_NAMES[kind]} under '{prefix}'", kind, prefix
+        return f"a {names[0]} under '{prefix}'", kind, prefix
     if candidates:
-        kinds = sorted({KIND_NAMES[kind] for kind, _ in candidates})
         prefixes = ", ".join(sorted(repr(prefix) for _, prefix in candidates))
-        raise UserError(f"several {kinds[0] if len(kinds) == 1 else 'backbone'}s in it (prefixes "
+        raise UserError(f"several {names[0] if len(names) == 1 else 'backbone'}s in it (prefixes "
                         f"{prefixes}): save the one to evaluate as a plain state dict")
     raise UserError(f"no ResNet or ViT found in it; known layouts: {KNOWN_LAYOUTS}")
 
 
 def load_backbone(path, vit_heads=None):
     """(backbone, info) from any checkpoint described above; info holds `arch`, `small_images`,
-    `vit`, `layout`, `dropped` (names of what was not the backbone), a one-line `description`
-    and, for our checkpoints, the training arguments under `train_args`. `vit_heads`: a ViT's
-    number of heads as given (--vit-heads), over what the checkpoint says (`vit_heads_of`)."""
+    `vit`, `layout`, `prefix`, `dropped` (names of what was not the backbone), a one-line
+    `description` and, for our checkpoints, the training arguments `train_args`. `vit_heads`
+    (--vit-heads): a ViT's number of heads, over what the checkpoint says (`vit_heads_of`)."""
     obj = safe_load(path)
     try:
         return _backbone_from(obj, vit_heads)
@@ -200,7 +183,7 @@ def load_backbone(path, vit_heads=None):
         raise UserError(f"--ckpt {path}: {e}") from None
 
 
-def _backbone_from(obj, vit_heads=None):
+def _backbone_from(obj, vit_heads):
     if not isinstance(obj, dict):
         raise UserError(f"a {type(obj).__name__}, not a dict of weights; known layouts: "
                         f"{KNOWN_LAYOUTS}")
@@ -216,13 +199,32 @@ def _backbone_from(obj, vit_heads=None):
         state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         layout, kind, prefix = find_backbone(state)
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    sources = {k: k for k in weights}  # torchvision's key -> the key under the prefix
     if kind == "resnet":
-        backbone, arch, small, kept, details = _resnet(weights, prefix)
+        arch, small = infer_arch(weights)
+        backbone = resnet_backbone(arch, cifar_stem=small)
+        details = f"{'small-image' if small else 'ImageNet'} stem"
     else:  # export_backbone records a ViT's heads in the metadata, mocov3.py in its arguments
         metadata = getattr(obj, "_metadata", {}).get("", {}) if not prefix else {}
         recorded = train_args.get("vit_heads") if train_args else metadata.get("num_heads")
-        backbone, arch, small, kept, details = _vit(weights, prefix, kind, layout, container,
-                                                    vit_heads or recorded, vit_heads)
+        if kind == "timm_vit":
+            renamed = {k: torchvision_vit_key(k) for k in weights}
+            foreign = [k for k, name in renamed.items() if name is None and not k.startswith("head.")]
+            if foreign:  # a distillation token, a pooled-token norm, a convolutional stem, ...
+                raise UserError(f"timm-style ViT keys under '{prefix}' that torchvision's ViT has "
+                                f"no place for: {', '.join(foreign[:3])}")
+            sources = {name: k for k, name in renamed.items() if name}
+            weights = {name: weights[k] for name, k in sources.items()}
+        backbone, arch, small, details = _vit(weights, kind, layout, container, vit_heads, recorded)
+    expected = backbone.state_dict()  # to load exactly: every tensor present and shaped alike
+    # BN's step counters matter only with momentum=None; releases from old PyTorch lack them
+    missing = [k for k in expected if k not in weights and not k.endswith("num_batches_tracked")]
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or wrong:
+        raise UserError(f"the weights under '{prefix}' do not fit {arch} (missing {missing[:3]}, "
+                        f"other shapes {wrong[:3]})")
+    backbone.load_state_dict({k: weights.get(k, v) for k, v in expected.items()})
+    kept = {prefix + sources[k] for k in expected}
     depth = max(1, prefix.count("."))  # name what was dropped at the prefix's depth
     dropped = sorted({prefix + k[len(prefix):].split(".")[0] if k.startswith(prefix)
                       else ".".join(k.split(".")[:depth]) for k in state if k not in kept})
@@ -233,49 +235,17 @@ def _backbone_from(obj, vit_heads=None):
                       "train_args": train_args, "description": description}
 
 
-def _load_exactly(backbone, weights, prefix, arch):
-    """Load `weights` (torchvision keys) into `backbone`, every tensor present and shaped alike."""
-    expected = backbone.state_dict()
-    # BN's step counters matter only with momentum=None; releases from old PyTorch lack them
-    missing = [k for k in expected if k not in weights and not k.endswith("num_batches_tracked")]
-    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    if missing or wrong:
-        raise UserError(f"the weights under '{prefix}' do not fit {arch} (missing {missing[:3]}, "
-                        f"other shapes {wrong[:3]})")
-    backbone.load_state_dict({k: weights.get(k, v) for k, v in expected.items()})
-    return expected
-
-
-def _resnet(weights, prefix):
-    arch, small = infer_arch(weights)
-    backbone = resnet_backbone(arch, cifar_stem=small)
-    expected = _load_exactly(backbone, weights, prefix, arch)
-    return (backbone, arch, small, {prefix + k for k in expected},
-            f"{'small-image' if small else 'ImageNet'} stem")
-
-
-def _vit(weights, prefix, kind, layout, container=None, heads=None, given=None):
-    """A VisionTransformerBackbone of the layout the weights have (any depth, patch and image
-    size; the heads, which no shape shows: `heads` as given or recorded, else `vit_heads_of`)."""
-    if kind == "timm_vit":
-        renamed = {k: torchvision_vit_key(k) for k in weights}
-        foreign = [k for k, name in renamed.items() if name is None and not k.startswith("head.")]
-        if foreign:  # a distillation token, a pooled-token norm, a convolutional stem, ...
-            raise UserError(f"timm-style ViT keys under '{prefix}' that torchvision's ViT has no "
-                            f"place for: {', '.join(foreign[:3])}")
-        sources = {name: k for k, name in renamed.items() if name}
-        weights = {name: weights[k] for name, k in sources.items()}
-    else:
-        sources = {k: k for k in weights}
+def _vit(weights, kind, layout, container, given, recorded):
+    """(backbone, arch, small_images, details) of torchvision-keyed ViT weights, of any depth,
+    patch and image size, with `given` heads (--vit-heads), else `recorded`, else `vit_heads_of`."""
     sizes = vit_layout(weights)
     width = sizes["hidden_dim"]
-    why = "--vit-heads" if given else None
+    heads, why = given or recorded, "--vit-heads" if given else None
     if not heads:
         heads, why = vit_heads_of(weights, width, layout, container, foreign=kind == "timm_vit")
     if width % heads:
         raise UserError(f"a ViT {width} wide cannot have {heads} heads (--vit-heads)")
-    backbone = VisionTransformerBackbone(sizes["image_size"], sizes["patch_size"],
-                                         sizes["num_layers"], heads, width, sizes["mlp_dim"])
+    backbone = VisionTransformerBackbone(num_heads=heads, **sizes)
     try:
         arch, _ = infer_arch(weights)
     except UserError:  # not one of ARCHS, e.g. DINO's ViT-S/8: "vit_small/8", or by its sizes
@@ -283,20 +253,17 @@ def _vit(weights, prefix, kind, layout, container=None, heads=None, given=None):
                      if (w, VIT_DEPTH, VIT_MLP_RATIO * w) ==
                      (width, sizes["num_layers"], sizes["mlp_dim"])),
                     f"ViT {width} wide, {sizes['num_layers']} blocks, MLP {sizes['mlp_dim']}")
-    expected = _load_exactly(backbone, weights, prefix, arch)
     small = sizes["image_size"] <= 64  # the rule --img-size follows
     details = (f"patch {sizes['patch_size']} at {sizes['image_size']} px, {heads} heads"
                + (f", by {why}" if why else ""))
-    return backbone, arch, small, {prefix + sources[k] for k in expected}, details
+    return backbone, arch, small, details
 
 
 def vit_heads_of(weights, width, layout, container, foreign):
-    """(heads, why or None) of a ViT whose checkpoint records none: MoCo v3's 12 for its layout
-    or, in a foreign (timm-keyed) checkpoint, for MoCo v3's fixed sin-cos position embedding
-    (e.g. its ViT converted by convert_to_deit.py, or its linear-probe checkpoint); else DeiT's
-    and DINO's count for the width. DeiT's layout ({'model': timm keys}) with a learned embedding
-    at a width where DeiT's count is not 12 is refused: DeiT's own ViT-S (6 heads) and a MoCo v3
-    ViT-S fine-tuned in DeiT (12, moco-v3 README.md:177) look alike."""
+    """(heads, why or None) of a ViT whose checkpoint records none (see MOCOV3_VIT_HEADS). DeiT's
+    layout ({'model': timm keys}) with a learned embedding at a width where DeiT's count is not
+    12 is refused: DeiT's own ViT-S (6 heads) and a MoCo v3 ViT-S fine-tuned in DeiT (12,
+    moco-v3 README.md:177) look alike."""
     if layout == "MoCo v3":
         return MOCOV3_VIT_HEADS, None
     position = weights["encoder.pos_embedding"]

@@ -1,11 +1,9 @@
 """ResNet-50 with EVERY layer w times wider (--arch resnet50w2, resnet50w4, resnet50w5), as SimCLR
-and SwAV use it; loaded only for them (common/model.py `resnet_backbone`). google-research/simclr
-tf2/resnet.py (`width_multiplier`): stem conv 64*w filters (7x7 stride 2, or 3x3 stride 1 with
-cifar_stem); block groups of 64/128/256/512*w filters: each bottleneck's 1x1 and 3x3 at that
-width, its last 1x1 and projection shortcut at 4x. facebookresearch/swav src/resnet50.py
-(`widen`): the same (stem 64*w, planes 64..512*w, inner width = planes since the commit "fix
-bug with wider models"; the first commit widened it by w twice). Features: 2048*w-d.
-torchvision's wide_resnet50_2 doubles only the inner 1x1/3x3 width and stays 2048-d."""
+and SwAV use it; loaded only for them. google-research/simclr tf2/resnet.py (`width_multiplier`)
+and facebookresearch/swav src/resnet50.py (`widen`, since the commit "fix bug with wider models";
+the first commit widened the inner width by w twice): a stem of 64*w filters, block groups of
+64/128/256/512*w filters at each bottleneck's 1x1 and 3x3, 4x that at its last 1x1 and projection
+shortcut; 2048*w-d features. torchvision's wide_resnet50_2 widens only the inner 1x1/3x3 (2048-d)."""
 import torch.nn as nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
