@@ -2,7 +2,8 @@
 class-balanced subset of CIFAR-10 as JPEG files) ends with a weighted-kNN top-1 on the val split
 above the randomly initialised network's (the run's epoch-0 monitor), and without the collapse
 monitor's warning. A recipe that collapses or does not learn fails here, whatever its exit code
-(four are known not to rise within this budget: SLOW, below).
+(four are known not to rise within this budget: SLOW, below; for them only the rise is an
+expected failure, the collapse checks stay strict).
 
 Shortened how: 16 px crops (a quarter of 32 px's cost), batch 32 (the recipe's base rate scaled
 x 32/256, as every run scales it), EPOCHS epochs of TRAIN_PER_CLASS x 10 images, and each
@@ -30,14 +31,16 @@ MARGIN = 2.0  # kNN top-1 points above the random initialisation's
 # has no zero-initialised residual branches (zero_init_residual off, as in their official code)
 # do not rise within it: their random network already scores about 3 points more (25.4 against 22.35 for
 # zero-initialised residuals), and 186 steps at the recipe's rate scaled to batch 32 do not
-# reach it again. They run, strictly, when asked (CLEANSSL_LEARNING_STRICT=1), expected to fail
-# (xfail) otherwise:
+# reach it again. Their rise is checked strictly when asked (CLEANSSL_LEARNING_STRICT=1), an
+# expected failure (xfail) otherwise; their collapse checks are strict always:
 SLOW = {
-    # 25.4 -> 25.35 (on 500 val and 1,000 memory images, 22.0 -> 24.8: within that set's noise);
-    # SGD at 0.03 x 32/256 = 0.00375 moves the network little in 186 steps
+    # 25.4 -> 25.35; SGD at 0.03 x 32/256 = 0.00375 moves the network little in 186 steps (at
+    # the square-root rate 0.0106: 26.1; held at its peak: 26.65; 4 epochs: 26.45); built with
+    # zero-initialised residuals it would pass, 22.35 -> 25.75 (docs/training.md)
     "moco": "MoCo's SGD rate scaled to batch 32 does not lift the kNN in 186 steps",
-    # 25.4 -> 22.0, the loss falling without a collapse warning; with BYOL's own short-run
-    # momenta (--tau-base 0.97: 20.9 -> 19.9; 0.99 and 620 steps: 23.0, +2.1) not either
+    # 25.4 -> 22.0, the loss falling without a collapse warning; at the square-root rate (--lr
+    # 2.83) 24.7; with BYOL's own short-run momenta (--tau-base 0.97: 20.9 -> 19.9; 0.99 and 620
+    # steps: 23.0, +2.1) not either
     "byol": "BYOL's bootstrap does not lift the kNN in a few hundred steps of batch 32",
     # 25.4 -> 24.75: the Sinkhorn codes of 32 near-identical embeddings are near uniform, the
     # loss sits near ln K. On 1,000 training images (random: 20.9) neither a queue of 480 (20.1)
@@ -79,10 +82,8 @@ def subset(module_tmp):
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=[pytest.mark.xfail(reason=SLOW[m], strict=False)] if m in SLOW and not
-                 os.environ.get("CLEANSSL_LEARNING_STRICT") else [])
-    for m in ("simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg", "mocov3", "dino")])
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "simsiam", "swav", "barlow", "vicreg",
+                                    "mocov3", "dino"])
 def test_the_small_image_recipe_learns(method, cifar10_dir, subset, tmp_path):
     run_dir = tmp_path / "run"
     start = time.time()
@@ -99,8 +100,11 @@ def test_the_small_image_recipe_learns(method, cifar10_dir, subset, tmp_path):
     if os.environ.get("CLEANSSL_LEARNING_LOG"):  # where docs/training.md's figures come from
         with open(os.environ["CLEANSSL_LEARNING_LOG"], "a") as f:
             f.write(figures + "\n")
+    # no collapse, for every method (the four SLOW ones included: only their rise is excused)
     assert "collapsing" not in proc.stdout, proc.stdout
-    assert after > before + MARGIN, (before, after)
     if method == "dino":  # away from one output taking all (0) and from a uniform teacher (ln K)
         ln_k = math.log(json.loads((run_dir / "args.json").read_text())["out_dim"])
         assert 0.05 * ln_k < log[-1]["teacher_entropy"] < ln_k - 0.05, log[-1]
+    if method in SLOW and after <= before + MARGIN and not os.environ.get("CLEANSSL_LEARNING_STRICT"):
+        pytest.xfail(f"{SLOW[method]}: kNN top-1 {before} -> {after}")
+    assert after > before + MARGIN, (before, after)
