@@ -401,6 +401,36 @@ def test_each_rank_resumes_its_own_random_state(tmp_path):
     assert not torch.equal(ranks[0]["continued"], ranks[1]["continued"])
 
 
+def test_the_embedding_monitor_warns_at_a_collapse_not_at_a_healthy_dip(tmp_path, capsys):
+    """What a run logs after `step_done(embedding=...)`: MoCo's 128-d queries bunched as its
+    healthy run's were at step 50 (embedding_std about 0.1/sqrt(d), docs/moco.md) say nothing;
+    bunched as its collapsing run's (about 0.01/sqrt(d)) warn once, with the step and the bound."""
+    from common.data import make_loader
+    from common.run import embedding_std
+    from tests.rng_resume_check import run_args
+    run = Run(run_args(str(tmp_path / "run")), "collapse_check")
+    model = nn.Linear(2, 2)
+    loader = make_loader(torch.utils.data.TensorDataset(torch.zeros(6, 1)), 2, 0)
+    run.steps_per_epoch = len(loader)
+    run.restore(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    g = torch.Generator().manual_seed(0)
+    centre = torch.randn(128, generator=g)
+
+    def bunched(fraction):  # 64 vectors around one direction, embedding_std about fraction/sqrt(d)
+        spread = torch.randn(64, 128, generator=g)
+        z = centre / centre.norm() + fraction * spread / spread.norm(dim=1, keepdim=True)
+        assert 0.8 < embedding_std(z).item() * 128 ** 0.5 / fraction < 1.2
+        return z
+    embeddings = [bunched(0.1), bunched(0.01), bunched(0.1)]
+    capsys.readouterr()
+    for i, _ in run.epoch(0, loader):
+        run.step_done(i, embedding=embeddings[i], loss=torch.tensor(1.0))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "collapsing" in line]
+    assert len(lines) == 1 and "collapsing at step 2: embedding_std" in lines[0], lines
+    assert "1/sqrt(128)" in lines[0]
+    run.finish()
+
+
 def test_a_collapse_is_said_once_per_episode(tmp_path, capsys):
     """The collapse monitor warns in one line when a watched value leaves its healthy range,
     not again while it stays out, and again after it came back and left again; values inside
