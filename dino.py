@@ -369,11 +369,13 @@ def main(argv=None):
     # resume from the run directory's checkpoint (teacher and centre are part of the model);
     # the kNN monitor, --probe and backbone.pt read the TEACHER's backbone, as DINO evaluates it
     start_epoch, start_batch = run.restore(model, optimizer, dino.backbone)
+    teacher_temp = (f"{args.warmup_teacher_temp:g} -> {args.teacher_temp:g} over "
+                    f"{args.warmup_teacher_temp_epochs} epochs" if args.warmup_teacher_temp_epochs
+                    else f"{args.teacher_temp:g}, no warmup")
     run.print(f"{describe_lr(args)} ({describe_optimizer(args)}; {args.warmup_epochs} warmup "
               f"epochs, cosine to {args.min_lr:g}); weight decay {args.weight_decay:g} -> "
               f"{args.weight_decay_end:g}; tau {args.tau_base} -> 1; teacher temperature "
-              f"{args.warmup_teacher_temp:g} -> {args.teacher_temp:g} over "
-              f"{args.warmup_teacher_temp_epochs} epochs; crops 2 x {args.img_size} + "
+              f"{teacher_temp}; crops 2 x {args.img_size} + "
               f"{args.local_crops} x {args.local_crop_size} px; last layer frozen for "
               f"{freeze_steps} steps; {run.steps_per_epoch} steps per epoch")
 
