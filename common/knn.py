@@ -12,15 +12,16 @@ from common.model import autocast
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, workers, device, precision="fp32",
-                     normalize=True, progress=None):
+                     normalize=True, progress=None, leave=True):
     """Features [N, D] (L2-normalised if `normalize`) and labels [N] of `dataset` in its own
     order, on every rank, each rank computing a shard; every item counts once. The model must
-    already be in eval mode. `progress`: a description, to show a progress bar or lines (rank 0)."""
+    already be in eval mode. `progress`: a description, to show a progress bar or lines (rank 0;
+    `leave`: as Progress's)."""
     loader = make_loader(dataset, batch_size, workers, shuffle=False, drop_last=False)
     loader.sampler.set_epoch(0)
     order = torch.tensor(list(iter(loader.sampler)), device=device)  # padded to equal shards
     feats, labels = [], []
-    bar = Progress(loader, len(loader), progress) if progress else None
+    bar = Progress(loader, len(loader), progress, leave) if progress else None
     for i, (x, y) in enumerate(bar or loader):
         if bar and (i + 1) % max(1, len(loader) // 10) == 0:
             bar.update({})  # a plain line every tenth of the way in a log file
@@ -71,13 +72,13 @@ def monitor_split(args, split, cap):
     return capped(dataset, cap), len(dataset.classes)
 
 
-def monitor_features(backbone, dataset, args, device, normalize=True):
+def monitor_features(backbone, dataset, args, device, normalize=True, progress=None):
     """`extract_features` for the training scripts' monitors: in eval mode (then back), with
-    the per-rank share of --batch-size."""
+    the per-rank share of --batch-size; on a terminal, a bar while it lasts."""
     was_training = backbone.training
     backbone.eval()
     features = extract_features(backbone, dataset, max(1, args.batch_size // get_world_size()),
-                                args.workers, device, args.precision, normalize)
+                                args.workers, device, args.precision, normalize, progress, leave=False)
     backbone.train(was_training)
     return features
 
@@ -89,8 +90,8 @@ def knn_monitor(args, device):
     val, _ = monitor_split(args, "val", 10_000)
 
     def top1(backbone):
-        train_f, train_y = monitor_features(backbone, train, args, device)
-        val_f, val_y = monitor_features(backbone, val, args, device)
+        train_f, train_y = monitor_features(backbone, train, args, device, progress="kNN monitor: train")
+        val_f, val_y = monitor_features(backbone, val, args, device, progress="kNN monitor: val")
         pred = knn_predict(train_f, train_y, val_f, num_classes).argmax(1)
         return 100.0 * (pred == val_y).float().mean().item()
     return top1

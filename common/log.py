@@ -116,14 +116,15 @@ class Logger:
 
 class Progress:
     """Iterate a loader with a tqdm bar on a terminal (rank 0), or a plain line per `update`
-    when stderr is a file (Slurm logs). `update(record)` shows a log record's metrics."""
+    when stderr is a file (Slurm logs). `update(record)` shows a log record's metrics.
+    `leave=False` (the monitors' feature passes): a bar that goes when done, no lines in a file."""
 
-    def __init__(self, iterable, total, desc):
-        is_main = get_rank() == 0
-        self.plain = is_main and not sys.stderr.isatty()
+    def __init__(self, iterable, total, desc, leave=True):
+        is_main, terminal = get_rank() == 0, sys.stderr.isatty()
+        self.plain = is_main and not terminal and leave
         self.bar = None
-        if is_main and not self.plain:
-            self.bar = iterable = tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
+        if is_main and terminal:
+            self.bar = iterable = tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=leave)
         self.iterable, self.total, self.desc = iterable, total, desc
         self.start, self.step = time.time(), 0
 

@@ -58,7 +58,8 @@ class OnlineProbe:
     @torch.no_grad()
     def top1(self, backbone):
         """Val top-1 (%) of the classifier on the backbone's features (centre crops)."""
-        features, labels = monitor_features(backbone, self.val, self.args, self.device, False)
+        features, labels = monitor_features(backbone, self.val, self.args, self.device, False,
+                                            progress="online probe: val")
         return 100.0 * (self.head(features).argmax(1) == labels).float().mean().item()
 
     def state_dict(self):

@@ -111,6 +111,8 @@ class Run:
             if get_rank() == 0:
                 save_args(args, os.path.join(args.run_dir, "args.json"), self.method)
             if self.knn:  # epoch-0 reference: the randomly initialised network
+                self.print("kNN monitor: the randomly initialised network's top-1 first, the run's "
+                           "reference (--knn-every 0: no monitor)")
                 self.log.summary({"epoch": 0, "knn_top1": self.knn(backbone)})
         return self.start_epoch, self.start_batch
 

@@ -171,6 +171,32 @@ def test_knn_memory_cap_reads_stl10_labels():
     assert subset.targets == [subset[j][1] for j in range(20)]
 
 
+def test_feature_pass_progress_in_a_log_file_and_on_a_terminal(monkeypatch, capsys):
+    """linear_eval.py's feature passes print a line every tenth of the way in a log file; the
+    training monitors' (leave=False) print none there, and on a terminal show a bar that is
+    cleared when done (tqdm's leave), so each epoch's kNN does not fill a Slurm log."""
+    import io
+    import sys
+    from common.knn import extract_features
+
+    data = torch.utils.data.TensorDataset(torch.randn(40, 3), torch.arange(40) % 4)
+    args = (nn.Identity(), data, 2, 0, torch.device("cpu"))
+    extract_features(*args, progress="features")
+    assert capsys.readouterr().out.count("features ") == 10
+    extract_features(*args, progress="kNN monitor", leave=False)
+    assert capsys.readouterr().out == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    f, _ = extract_features(*args, progress="kNN monitor", leave=False)
+    assert "kNN monitor" in terminal.getvalue() and capsys.readouterr().out == ""
+    assert terminal.getvalue().endswith("\r")  # the bar overwritten by blanks (leave=True ends "\n")
+    assert torch.allclose(f, torch.nn.functional.normalize(data.tensors[0], dim=1))
+
+
 def test_embedding_std_collapsed_and_spread():
     """The collapse monitor (SimSiam paper, section 4.1): 0 for one output, whatever its scale;
     about 1/sqrt(d) for outputs spread over the sphere; per dimension, over the batch."""
