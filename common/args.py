@@ -112,8 +112,9 @@ def add_common_args(parser, method, imagenet, small, sync_bn="global"):
                    help="resuming: accept these flags differing from the checkpoint's run (e.g. "
                         "epochs, to train longer), from the resumed step on; else refused")
     g.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
-                   help="write checkpoint.pt and backbone.pt every N epochs (and at the end or a "
-                        "stop signal): a crash loses at most N epochs (default: 1)")
+                   help="write checkpoint.pt and backbone.pt every N epochs and after the last (a "
+                        "stop signal writes checkpoint.pt where it stops): a crash loses at most N "
+                        "epochs (default: 1)")
     g.add_argument("--save-every", type=int, default=0, help="also keep every Nth epoch's checkpoint "
                    "as checkpoint_epochN.pt and backbone_epochN.pt (default: 0, none)")
     g.add_argument("--stop-at-step", type=int, metavar="N", help="once N steps of the run are done, "
