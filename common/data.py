@@ -3,6 +3,8 @@
 `--data` is an ImageFolder root with train/ and val/ (ImageNet layout), or one of the names
 `cifar10`, `cifar100`, `stl10` and `synthetic` (common/named_data.py, loaded only for them).
 """
+import atexit
+import multiprocessing
 import os
 import signal
 import sys
@@ -145,6 +147,17 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def kill_workers_at_exit():
+    """Loader workers still running when the process exits are killed: an exception's traceback
+    can hold their loader alive to the end. They ignore SIGTERM (above), all that
+    multiprocessing's own exit handler sends them before it waits for them, forever; registered
+    after it (at its import), this runs first."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill
+    for child in multiprocessing.active_children():
+        if child.daemon:  # a DataLoader's workers are daemons
+            child.kill()
+
+
 def make_loader(dataset, batch_size, workers, shuffle=True, seed=0, drop_last=True, seeded=False):
     """A DataLoader over this process's shard (its rank's share of a DistributedSampler's order,
     resumable part-way through an epoch); `batch_size` is per process. `seeded`: each sample's
@@ -156,6 +169,9 @@ def make_loader(dataset, batch_size, workers, shuffle=True, seed=0, drop_last=Tr
     if on_device:
         return DataLoader(dataset.transform.hold_images(dataset, workers), batch_size=batch_size,
                           sampler=sampler, drop_last=drop_last, collate_fn=lambda batch: batch)
+    if workers > 0:
+        atexit.unregister(kill_workers_at_exit)  # once
+        atexit.register(kill_workers_at_exit)
     # A generator of its own for the workers' base seed, which a DataLoader otherwise draws from
     # the global generator at every epoch: a resumed run's global random numbers (stochastic
     # depth, dropout) then continue as an uninterrupted run's

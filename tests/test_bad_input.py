@@ -67,6 +67,26 @@ def test_unknown_arch(tmp_path, in_process):
                           "not supported")
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--workers", -1, "--workers -1: must be 0 or more"),
+    ("--log-every", 0, "--log-every 0: must be 1 or more"),
+    ("--knn-every", -1, "--knn-every -1: must be 0 or more"),
+    ("--stop-at-step", 0, "--stop-at-step 0: must be 1 or more"),
+    ("--seed", -1, "--seed -1: must be 0 or more"),
+    ("--img-size", 0, "--img-size 0: must be 1 or more"),
+    ("--checkpoint-every", 0, "--checkpoint-every 0: must be 1 or more"),
+    ("--lr", -1, "the learning rate must be positive"),
+    ("--peak-lr", 0, "the learning rate must be positive"),
+    ("--weight-decay", -0.1, "the weight decay 0 or more"),
+])
+def test_out_of_range_numbers(tmp_path, in_process, flag, value, message):
+    """Each was a traceback (negative workers, a zero log interval or image size, a negative
+    seed) or, worse, a run that started anyway (a negative rate trained; --knn-every -1 ran the
+    monitor every epoch; --stop-at-step 0 never stopped)."""
+    assert_one_clear_line(simclr(tmp_path, "synthetic", flag, value, launch=in_process), message)
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
 def _online(host="www.cs.toronto.edu"):
     try:
         socket.create_connection((host, 443), timeout=3).close()

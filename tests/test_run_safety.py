@@ -453,3 +453,34 @@ def test_a_collapse_is_said_once_per_episode(tmp_path, capsys):
     assert "embedding_std 0.01, under 0.02 (0.2 x 1/sqrt(128))" in lines[0]
     assert "entropy 9.5, over 9 (away from 0 and ln K)" in lines[2]
     run.finish()
+
+
+FAIL_AT_STEP_2 = """\
+import simclr
+
+steps, loss = [], simclr.nt_xent_loss
+
+
+def failing_loss(*args, **kwargs):
+    steps.append(1)
+    if len(steps) == 2:
+        raise RuntimeError("injected failure")
+    return loss(*args, **kwargs)
+
+
+simclr.nt_xent_loss = failing_loss
+simclr.main()
+"""
+
+
+def test_a_crash_with_loader_workers_running_exits(tmp_path):
+    """An exception mid-epoch (an out-of-memory error, a bug) ends the process with its
+    traceback and exit code 1. It hung: the traceback held the loader, whose workers ignore
+    SIGTERM (for Slurm's stop signals), and the interpreter's exit sent them SIGTERM and waited
+    for them, forever; a Slurm job would sit idle until its time limit."""
+    entry = tmp_path / "fail.py"
+    entry.write_text(FAIL_AT_STEP_2)
+    proc = run([entry, "--data", "synthetic", *TINY, "--workers", "2", "--knn-every", "0",
+                "--run-dir", tmp_path / "run"], timeout=120)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stderr.rstrip().endswith("RuntimeError: injected failure"), proc.stderr
