@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from common.args import default_run_dir, default_workers
+from common.args import check_at_least, check_rates, default_run_dir, default_workers
 from common.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, default_img_size, make_loader
 from common.dist import get_rank, get_world_size, setup_distributed
 from common.errors import UserError, exit_on_user_error
@@ -134,6 +134,7 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the head, order, augmentations (0)")
     add_system_args(p, "finetune", "run")
     args = p.parse_args(argv)
+    check_at_least(args, img_size=1, workers=0, seed=0, log_every=1, stop_at_step=1)
     args.run_dir = args.run_dir or default_run_dir("finetune")
     return args
 
@@ -143,8 +144,8 @@ def resolve_recipe(args, small_images):
     for key, value in RECIPES[args.protocol, small_images].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.epochs <= 0 or args.batch_size <= 0:
-        raise UserError("--epochs and --batch-size must be positive")
+    check_at_least(args, epochs=1, batch_size=1)
+    check_rates(args)
     if args.protocol == "linear" and (args.drop_path or args.mixup or args.cutmix or args.reprob
                                       or args.randaug_ops or args.smoothing):
         raise UserError("--protocol linear trains a head on a frozen backbone with crops and "

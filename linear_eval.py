@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from common.args import default_run_dir, default_workers, save_args
+from common.args import check_at_least, check_rates, default_run_dir, default_workers, save_args
 from common.checkpoint import export_backbone
 from common.data import build_dataset, default_img_size, eval_transform, make_loader
 from common.dist import all_gather_tensor, get_rank, get_world_size, setup_distributed
@@ -143,6 +143,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.train_percent is not None and not 0 < args.train_percent <= 100:
         raise UserError(f"--train-percent {args.train_percent}: must be in (0, 100]")
+    check_at_least(args, img_size=1, workers=0, seed=0, log_every=1, stop_at_step=1, eval_every=0,
+                   knn_k=1)
     args.run_dir = args.run_dir or default_run_dir("linear_eval")
     return args
 
@@ -168,8 +170,8 @@ def resolve_protocol(args, labelled_percent):
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.epochs <= 0 or args.batch_size <= 0:
-        raise UserError("--epochs and --batch-size must be positive")
+    check_at_least(args, epochs=1, batch_size=1)
+    check_rates(args)
     return name
 
 

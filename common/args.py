@@ -177,27 +177,39 @@ def resolve_recipe(args, imagenet, small, method, vit=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.run_dir = args.run_dir or default_run_dir(method)
-    for flag, least in (("batch_size", 1), ("epochs", 1), ("img_size", 1), ("workers", 0), ("seed", 0),
-                        ("log_every", 1), ("knn_every", 0), ("checkpoint_every", 1), ("save_every", 0),
-                        ("stop_at_step", 1)):
-        value = getattr(args, flag)
-        if value is not None and value < least:
-            raise UserError(f"--{flag.replace('_', '-')} {value}: must be {least} or more")
+    check_at_least(args, batch_size=1, epochs=1, img_size=1, workers=0, seed=0, log_every=1,
+                   knn_every=0, checkpoint_every=1, save_every=0, stop_at_step=1)
     if args.arch not in ARCHS:  # before any data is scanned
         raise UserError(f"--arch {args.arch}: not supported (choose from {', '.join(ARCHS)})")
     args.peak_lr_given = args.peak_lr is not None
     if args.peak_lr_given:  # the given rate as is; --lr is the base rate it scales from
         args.lr = args.peak_lr * 256 / args.batch_size
     args.peak_lr = args.lr * args.batch_size / 256
-    if args.lr <= 0 or args.weight_decay < 0:
-        raise UserError(f"the learning rate must be positive and the weight decay 0 or more "
-                        f"(--lr {args.lr:g}, --weight-decay {args.weight_decay:g})")
+    check_rates(args)
     if args.optimizer != "lars" and (args.lars_eta is not None or args.lars_clip):
         raise UserError(f"--lars-eta and --lars-clip apply to --optimizer lars, not {args.optimizer}")
     args.lars_eta = 0.001 if args.lars_eta is None else args.lars_eta
     if not (args.sync_bn in ("global", "node", "off") or args.sync_bn.isdigit() and int(args.sync_bn) > 0):
         raise UserError(f"--sync-bn {args.sync_bn}: global, node, off or a group size")
     return args
+
+
+def check_at_least(args, **least):
+    """A flag below its least value is one line, e.g. '--workers -1: must be 0 or more' (of a
+    list, its smallest); flags left at None are not checked."""
+    for flag, minimum in least.items():
+        value = getattr(args, flag)
+        value = min(value) if isinstance(value, list) else value
+        if value is not None and value < minimum:
+            raise UserError(f"--{flag.replace('_', '-')} {value}: must be {minimum} or more")
+
+
+def check_rates(args):
+    """The learning rate positive, the weight decay (and linear_eval.py's --lr-backbone, 0 for a
+    frozen backbone) 0 or more."""
+    if args.lr <= 0 or args.weight_decay < 0 or (getattr(args, "lr_backbone", None) or 0) < 0:
+        raise UserError(f"the learning rate must be positive and the weight decay 0 or more (--lr "
+                        f"{args.lr:g}, --weight-decay {args.weight_decay:g})")
 
 
 def describe_lr(args):

@@ -6,15 +6,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import finetune
 import linear_eval
 import simclr as simclr_script
+from common.model import build_backbone
 from tests.helpers import TINY, make_image_folder, run
 
 
 @pytest.fixture
 def in_process(capsys):
     """run(["script.py", *argv]) in this process: a CompletedProcess-like exit code and output."""
-    scripts = {"simclr.py": simclr_script.main, "linear_eval.py": linear_eval.main}
+    scripts = {"simclr.py": simclr_script.main, "linear_eval.py": linear_eval.main,
+               "finetune.py": finetune.main}
 
     def call(argv, timeout=None):
         try:
@@ -85,6 +88,27 @@ def test_out_of_range_numbers(tmp_path, in_process, flag, value, message):
     monitor every epoch; --stop-at-step 0 never stopped)."""
     assert_one_clear_line(simclr(tmp_path, "synthetic", flag, value, launch=in_process), message)
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("linear_eval.py", ["--workers", -1], "--workers -1: must be 0 or more"),
+    ("linear_eval.py", ["--knn", "--knn-k", 20, 0], "--knn-k 0: must be 1 or more"),
+    ("linear_eval.py", ["--eval-every", -1], "--eval-every -1: must be 0 or more"),
+    ("linear_eval.py", ["--img-size", -4], "--img-size -4: must be 1 or more"),
+    ("linear_eval.py", ["--lr", 0], "the learning rate must be positive"),
+    ("finetune.py", ["--seed", -2], "--seed -2: must be 0 or more"),
+    ("finetune.py", ["--epochs", 0], "--epochs 0: must be 1 or more"),
+    ("finetune.py", ["--weight-decay", -1], "the weight decay 0 or more"),
+])
+def test_out_of_range_numbers_in_evaluation(tmp_path, in_process, script, flags, message):
+    """The same for linear_eval.py and finetune.py (--workers -1 and --seed -1 were tracebacks,
+    --knn-k 0 a result from no neighbours)."""
+    ckpt = tmp_path / "backbone.pt"
+    torch.save(build_backbone("vit_tiny", small_images=True).state_dict(), ckpt)
+    proc = in_process([script, "--ckpt", ckpt, "--data", "synthetic", "--synthetic-size", 16,
+                       "--batch-size", 8, "--workers", 0, "--run-dir", tmp_path / "eval", *flags])
+    assert_one_clear_line(proc, message)
+    assert not (tmp_path / "eval").exists()
 
 
 def _online(host="www.cs.toronto.edu"):
