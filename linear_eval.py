@@ -145,6 +145,7 @@ def get_args(argv=None):
         raise UserError(f"--train-percent {args.train_percent}: must be in (0, 100]")
     check_at_least(args, img_size=1, workers=0, seed=0, log_every=1, stop_at_step=1, eval_every=0,
                    knn_k=1)
+    check_rates(args)  # those given, before any data is read; again once the protocol fills them
     args.run_dir = args.run_dir or default_run_dir("linear_eval")
     return args
 

@@ -205,11 +205,14 @@ def check_at_least(args, **least):
 
 
 def check_rates(args):
-    """The learning rate positive, the weight decay (and linear_eval.py's --lr-backbone, 0 for a
-    frozen backbone) 0 or more."""
-    if args.lr <= 0 or args.weight_decay < 0 or (getattr(args, "lr_backbone", None) or 0) < 0:
-        raise UserError(f"the learning rate must be positive and the weight decay 0 or more (--lr "
-                        f"{args.lr:g}, --weight-decay {args.weight_decay:g})")
+    """A learning rate positive, a weight decay (and linear_eval.py's --lr-backbone, 0 for a
+    frozen backbone) 0 or more, one line naming the flag; flags left at None are not checked."""
+    lr_flag = "peak_lr" if getattr(args, "peak_lr_given", False) else "lr"
+    for flag, positive in ((lr_flag, True), ("weight_decay", False), ("lr_backbone", False)):
+        value = getattr(args, flag, None)
+        if value is not None and (value <= 0 if positive else value < 0):
+            raise UserError(f"--{flag.replace('_', '-')} {value:g}: must be "
+                            f"{'positive' if positive else '0 or more'}")
 
 
 def describe_lr(args):

@@ -78,9 +78,9 @@ def test_unknown_arch(tmp_path, in_process):
     ("--seed", -1, "--seed -1: must be 0 or more"),
     ("--img-size", 0, "--img-size 0: must be 1 or more"),
     ("--checkpoint-every", 0, "--checkpoint-every 0: must be 1 or more"),
-    ("--lr", -1, "the learning rate must be positive"),
-    ("--peak-lr", 0, "the learning rate must be positive"),
-    ("--weight-decay", -0.1, "the weight decay 0 or more"),
+    ("--lr", -1, "--lr -1: must be positive"),
+    ("--peak-lr", 0, "--peak-lr 0: must be positive"),
+    ("--weight-decay", -0.1, "--weight-decay -0.1: must be 0 or more"),
 ])
 def test_out_of_range_numbers(tmp_path, in_process, flag, value, message):
     """Each was a traceback (negative workers, a zero log interval or image size, a negative
@@ -95,10 +95,11 @@ def test_out_of_range_numbers(tmp_path, in_process, flag, value, message):
     ("linear_eval.py", ["--knn", "--knn-k", 20, 0], "--knn-k 0: must be 1 or more"),
     ("linear_eval.py", ["--eval-every", -1], "--eval-every -1: must be 0 or more"),
     ("linear_eval.py", ["--img-size", -4], "--img-size -4: must be 1 or more"),
-    ("linear_eval.py", ["--lr", 0], "the learning rate must be positive"),
+    ("linear_eval.py", ["--lr", 0], "--lr 0: must be positive"),
+    ("linear_eval.py", ["--finetune", "--lr-backbone", -1], "--lr-backbone -1: must be 0 or more"),
     ("finetune.py", ["--seed", -2], "--seed -2: must be 0 or more"),
     ("finetune.py", ["--epochs", 0], "--epochs 0: must be 1 or more"),
-    ("finetune.py", ["--weight-decay", -1], "the weight decay 0 or more"),
+    ("finetune.py", ["--weight-decay", -1], "--weight-decay -1: must be 0 or more"),
 ])
 def test_out_of_range_numbers_in_evaluation(tmp_path, in_process, script, flags, message):
     """The same for linear_eval.py and finetune.py (--workers -1 and --seed -1 were tracebacks,
@@ -109,6 +110,16 @@ def test_out_of_range_numbers_in_evaluation(tmp_path, in_process, script, flags,
                        "--batch-size", 8, "--workers", 0, "--run-dir", tmp_path / "eval", *flags])
     assert_one_clear_line(proc, message)
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluation_rates_are_checked_before_the_data(tmp_path, in_process):
+    """A given rate is refused before the train split is scanned (a minute on ImageNet): with a
+    data folder that does not exist, the rate is still what the line names."""
+    ckpt = tmp_path / "backbone.pt"
+    torch.save(build_backbone("resnet18", small_images=True).state_dict(), ckpt)
+    proc = in_process(["linear_eval.py", "--ckpt", ckpt, "--data", tmp_path / "absent", "--lr", -2,
+                       "--run-dir", tmp_path / "eval"])
+    assert_one_clear_line(proc, "--lr -2: must be positive")
 
 
 def _online(host="www.cs.toronto.edu"):
