@@ -28,7 +28,8 @@ import argparse
 import torch
 import torch.nn as nn
 
-from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.args import (add_common_args, check_at_least, check_fractions, describe_lr,
+                         recipe_values, resolve_recipe)
 from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
 from common.model import autocast, build_backbone, unwrap
@@ -89,8 +90,8 @@ def get_args(argv=None):
     widths = args.projector.split("-")
     if not all(w.isdigit() and int(w) > 0 for w in widths):
         raise UserError(f"--projector {args.projector}: expected widths like 8192-8192-8192")
-    if args.lr <= 0:
-        raise UserError("--lr must be positive (the biases' group runs at lr x --lr-biases / --lr)")
+    check_fractions(args, "blur_probs", "solarize_probs")
+    check_at_least(args, lambd=0, lr_biases=0)
     return args
 
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.args import (add_common_args, check_at_least, check_fractions, describe_lr,
+                         recipe_values, resolve_recipe)
 from common.errors import exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
 from common.model import autocast, build_backbone, unwrap
@@ -99,6 +100,8 @@ def get_args(argv=None):
     given = {k for k in ("tau_base", "lr", "weight_decay") if getattr(args, k) is not None}
     given |= {"lr"} if args.peak_lr is not None else set()  # --peak-lr sets the rate too
     args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "byol", (VIT, VIT_SMALL_IMAGES))
+    check_fractions(args, "tau_base", "blur_probs", "solarize_probs")
+    check_at_least(args, hidden_dim=1, proj_dim=1)
     args.preset = None
     if args.recipe == "ImageNet":
         preset = imagenet_preset(args.epochs)

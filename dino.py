@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import add_common_args, describe_lr, resolve_recipe
+from common.args import (add_common_args, check_at_least, check_fractions, check_positive,
+                         describe_lr, resolve_recipe)
 from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
 from common.model import VIT_PATCH, autocast, build_backbone, features_by_resolution, is_vit, unwrap
@@ -164,19 +165,17 @@ def check(args, patch):
     if args.img_size % patch or args.local_crop_size % patch:
         raise UserError(f"--img-size {args.img_size} and --local-crop-size {args.local_crop_size}"
                         f": a ViT needs multiples of its {patch} px patches")
-    if min(args.teacher_temp, args.warmup_teacher_temp, args.student_temp) <= 0:
-        raise UserError("--teacher-temp, --warmup-teacher-temp and --student-temp must be > 0")
+    check_positive(args, "teacher_temp", "warmup_teacher_temp", "student_temp")
+    check_fractions(args, "tau_base", "center_momentum", "blur_probs", "solarize_prob")
     for flag, (lo, hi) in (("--global-crops-scale", args.global_crops_scale),
                            ("--local-crops-scale", args.local_crops_scale)):
         if not 0 < lo <= hi <= 1:
             raise UserError(f"{flag} {lo} {hi}: needs 0 < MIN <= MAX <= 1")
-    if args.local_crops < 0 or args.out_dim < 1 or args.clip_grad < 0:
-        raise UserError("--local-crops and --clip-grad must be >= 0, --out-dim >= 1")
+    check_at_least(args, local_crops=0, clip_grad=0, out_dim=1, hidden_dim=1, bottleneck_dim=1,
+                   warmup_teacher_temp_epochs=0, freeze_last_layer_epochs=0)
     if args.drop_path and not is_vit(args.arch):
         raise UserError(f"--drop-path {args.drop_path}: stochastic depth is for ViTs, not "
                         f"{args.arch}")
-    if not 0 <= args.center_momentum <= 1:
-        raise UserError(f"--center-momentum {args.center_momentum}: must be in [0, 1]")
 
 
 # ------------------------------------------------------------------------------- augmentations

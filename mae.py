@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.vision_transformer import EncoderBlock
 
-from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.args import add_common_args, check_fractions, describe_lr, recipe_values, resolve_recipe
 from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
 from common.model import VIT_MLP_RATIO, VIT_PATCH, VITS, autocast, build_backbone, is_vit, unwrap
@@ -101,6 +101,7 @@ def check(args):
         raise UserError(f"--decoder-dim {args.decoder_dim}: a multiple of 4 (its sin-cos "
                         f"positions) and of --decoder-heads {args.decoder_heads}; "
                         f"--decoder-depth >= 1")
+    check_fractions(args, "beta2")
     if not 0 < args.crop_min <= 1:
         raise UserError(f"--crop-min {args.crop_min}: a fraction of the image area, in (0, 1]")
     if args.probe:  # the online probe catches the backbone's output on whole training images

@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.args import (add_common_args, check_at_least, check_fractions, check_positive,
+                         describe_lr, recipe_values, resolve_recipe)
 from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
 from common.model import autocast, build_backbone, is_vit, unwrap
@@ -105,6 +106,9 @@ def get_args(argv=None):
                         f"v2's head has no BatchNorm to split (nor to shuffle: keys are encoded "
                         f"unshuffled)")
     args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "moco", (VIT, VIT_SMALL_IMAGES))
+    check_positive(args, "temperature")
+    check_fractions(args, "moco_momentum", "blur_prob")
+    check_at_least(args, queue_size=1, bn_splits=1, proj_hidden_dim=1, proj_dim=1)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     if args.queue_size % keys_per_step:
         why = "global batch x 2, --symmetric" if args.symmetric else "the global batch"

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.args import (add_common_args, check_at_least, check_fractions, check_positive,
+                         describe_lr, recipe_values, resolve_recipe)
 from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
 from common.model import VITS, autocast, build_backbone, is_vit, unwrap
@@ -111,6 +112,9 @@ def get_args(argv=None):
     given = {k for k in ("lr", "weight_decay", "moco_momentum") if getattr(args, k) is not None}
     given |= {"lr"} if args.peak_lr is not None else set()  # --peak-lr sets the rate too
     args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "mocov3", (VIT, VIT_SMALL_IMAGES))
+    check_positive(args, "temperature")
+    check_fractions(args, "moco_momentum", "blur_probs")
+    check_at_least(args, hidden_dim=1, proj_dim=1)
     # the recipe's source, printed at start (a ViT recipe's name says it; `preset`: a value
     # derived from the settings, which a resume does not compare)
     args.preset = ("solo-learn's CIFAR MoCo v3, scripts/pretrain/cifar/mocov3.yaml"

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.args import (add_common_args, check_at_least, check_fractions, check_positive,
+                         describe_lr, recipe_values, resolve_recipe)
 from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, multi_crop
 from common.model import (autocast, build_backbone, features_by_resolution,
@@ -91,6 +92,9 @@ def get_args(argv=None):
                    help="area fraction of the crops, a MIN MAX pair per group (default: 0.08 1)")
     args = p.parse_args(argv)
     args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simclr", (VIT, VIT_SMALL_IMAGES))
+    check_positive(args, "temperature")
+    check_fractions(args, "blur_prob")
+    check_at_least(args, color_strength=0, proj_hidden_dim=1, proj_dim=1)
     args.crop_sizes = args.crop_sizes or [args.img_size]
     groups = len(args.num_crops)
     if len(args.crop_sizes) != groups or len(args.crop_scales) != 2 * groups:

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.args import (add_common_args, check_at_least, check_fractions, describe_lr,
+                         recipe_values, resolve_recipe)
 from common.errors import exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
 from common.model import autocast, build_backbone, unwrap
@@ -76,7 +77,10 @@ def get_args(argv=None):
     g.add_argument("--pred-hidden-dim", type=int, default=512,
                    help="prediction MLP bottleneck width (paper: 512)")
     args = p.parse_args(argv)
-    return resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simsiam", (VIT, VIT_SMALL_IMAGES))
+    args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "simsiam", (VIT, VIT_SMALL_IMAGES))
+    check_fractions(args, "blur_prob")
+    check_at_least(args, proj_layers=1, proj_dim=1, pred_hidden_dim=1)
+    return args
 
 
 # ------------------------------------------------------------------------------- augmentations

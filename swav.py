@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.args import (add_common_args, check_at_least, check_fractions, check_positive,
+                         describe_lr, recipe_values, resolve_recipe)
 from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, multi_crop
 from common.model import (autocast, build_backbone, features_by_resolution, is_vit,
@@ -110,6 +111,11 @@ def get_args(argv=None):
                    "as a fraction of the peak (official: 0.0048 / 4.8 and 0.0006 / 0.6 = 0.001)")
     args = p.parse_args(argv)
     args = resolve_recipe(args, IMAGENET, SMALL_IMAGES, "swav", (VIT, VIT_SMALL_IMAGES))
+    check_positive(args, "temperature", "epsilon")
+    check_fractions(args, "blur_prob", "final_lr_ratio")
+    check_at_least(args, sinkhorn_iters=1, num_prototypes=1, proj_hidden_dim=1, proj_dim=1,
+                   queue_length=0, queue_start_epoch=0, freeze_prototypes_epochs=0,
+                   warmup_start_lr=0)
     if args.crop_sizes is None:  # small images: one group of --img-size crops
         args.crop_sizes = ([args.img_size] if args.small_images else
                            [args.img_size, round(args.img_size * 96 / 224)][:len(args.num_crops)])

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.args import add_common_args, describe_lr, recipe_values, resolve_recipe
+from common.args import (add_common_args, check_at_least, check_fractions, describe_lr,
+                         recipe_values, resolve_recipe)
 from common.errors import UserError, exit_on_user_error
 from common.augment import ViewPipeline, ssl_view
 from common.model import autocast, build_backbone, unwrap
@@ -89,6 +90,8 @@ def get_args(argv=None):
     if not all(w.isdigit() and int(w) > 0 for w in widths):
         raise UserError(f"--expander {args.expander}: expected positive widths joined by '-', "
                         f"e.g. 8192-8192-8192")
+    check_fractions(args, "blur_probs", "solarize_probs")
+    check_at_least(args, sim_coeff=0, std_coeff=0, cov_coeff=0)
     return args
 
 

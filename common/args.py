@@ -178,7 +178,7 @@ def resolve_recipe(args, imagenet, small, method, vit=None):
             setattr(args, key, value)
     args.run_dir = args.run_dir or default_run_dir(method)
     check_at_least(args, batch_size=1, epochs=1, img_size=1, workers=0, seed=0, log_every=1,
-                   knn_every=0, checkpoint_every=1, save_every=0, stop_at_step=1)
+                   knn_every=0, checkpoint_every=1, save_every=0, stop_at_step=1, warmup_epochs=0)
     if args.arch not in ARCHS:  # before any data is scanned
         raise UserError(f"--arch {args.arch}: not supported (choose from {', '.join(ARCHS)})")
     args.peak_lr_given = args.peak_lr is not None
@@ -201,7 +201,7 @@ def check_at_least(args, **least):
         value = getattr(args, flag)
         value = min(value) if isinstance(value, list) else value
         if value is not None and value < minimum:
-            raise UserError(f"--{flag.replace('_', '-')} {value}: must be {minimum} or more")
+            raise UserError(f"--{flag.replace('_', '-')} {value:g}: must be {minimum} or more")
 
 
 def check_rates(args):
@@ -213,6 +213,25 @@ def check_rates(args):
         if value is not None and (value <= 0 if positive else value < 0):
             raise UserError(f"--{flag.replace('_', '-')} {value:g}: must be "
                             f"{'positive' if positive else '0 or more'}")
+
+
+def check_positive(args, *flags):
+    """Temperatures and the like: each flag (None: not checked) above 0, or one line naming it
+    (at 0 a loss divides by zero; below, it is turned upside down and still trains)."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} {value:g}: must be positive")
+
+
+def check_fractions(args, *flags):
+    """Momenta and probabilities: each value of each flag (None: not checked) in [0, 1], or one
+    line naming it (a momentum of 1.5 or a blur probability of 2 ran without a word)."""
+    for flag in flags:
+        values = getattr(args, flag)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is not None and not 0 <= value <= 1:
+                raise UserError(f"--{flag.replace('_', '-')} {value:g}: must be in [0, 1]")
 
 
 def describe_lr(args):

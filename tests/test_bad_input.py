@@ -1,14 +1,12 @@
 """Bad input: one clear `error:` line on stderr, exit code 2, no traceback. The scripts run
 in-process (their main), but for one subprocess run: the real exit code of a real process."""
+import importlib
 import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import finetune
-import linear_eval
-import simclr as simclr_script
 from common.model import build_backbone
 from tests.helpers import TINY, make_image_folder, run
 
@@ -16,12 +14,9 @@ from tests.helpers import TINY, make_image_folder, run
 @pytest.fixture
 def in_process(capsys):
     """run(["script.py", *argv]) in this process: a CompletedProcess-like exit code and output."""
-    scripts = {"simclr.py": simclr_script.main, "linear_eval.py": linear_eval.main,
-               "finetune.py": finetune.main}
-
     def call(argv, timeout=None):
         try:
-            scripts[argv[0]]([str(a) for a in argv[1:]])
+            importlib.import_module(argv[0].removesuffix(".py")).main([str(a) for a in argv[1:]])
             code = 0
         except SystemExit as e:
             code = e.code
@@ -88,6 +83,32 @@ def test_out_of_range_numbers(tmp_path, in_process, flag, value, message):
     monitor every epoch; --stop-at-step 0 never stopped)."""
     assert_one_clear_line(simclr(tmp_path, "synthetic", flag, value, launch=in_process), message)
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
+@pytest.mark.parametrize("script,flag,value,message", [
+    ("simclr.py", "--temperature", 0, "--temperature 0: must be positive"),  # a nan loss
+    ("mocov3.py", "--temperature", -0.2, "--temperature -0.2: must be positive"),  # trained on
+    ("swav.py", "--epsilon", 0, "--epsilon 0: must be positive"),
+    ("dino.py", "--student-temp", 0, "--student-temp 0: must be positive"),
+    ("moco.py", "--moco-momentum", 1.5, "--moco-momentum 1.5: must be in [0, 1]"),  # trained on
+    ("byol.py", "--tau-base", -1, "--tau-base -1: must be in [0, 1]"),
+    ("dino.py", "--center-momentum", 2, "--center-momentum 2: must be in [0, 1]"),
+    ("simclr.py", "--blur-prob", 2, "--blur-prob 2: must be in [0, 1]"),
+    ("vicreg.py", "--solarize-probs", [0, 1.5], "--solarize-probs 1.5: must be in [0, 1]"),
+    ("moco.py", "--queue-size", 0, "--queue-size 0: must be 1 or more"),  # a ZeroDivisionError
+    ("moco.py", "--bn-splits", 0, "--bn-splits 0: must be 1 or more"),
+    ("barlow.py", "--lambd", -1, "--lambd -1: must be 0 or more"),
+    ("simsiam.py", "--warmup-epochs", -1, "--warmup-epochs -1: must be 0 or more"),
+    ("dino.py", "--out-dim", 0, "--out-dim 0: must be 1 or more"),
+])
+def test_out_of_range_method_settings(tmp_path, in_process, script, flag, value, message):
+    """A method's own numbers: temperatures, momenta, probabilities, sizes. Before these checks
+    a negative temperature or a momentum of 1.5 trained to the end and printed `done`."""
+    values = value if isinstance(value, list) else [value]
+    proc = in_process([script, "--data", "synthetic", *TINY, "--run-dir", tmp_path / "run", flag,
+                       *values])
+    assert_one_clear_line(proc, message)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("script,flags,message", [
