@@ -86,7 +86,8 @@ def get_args(argv=None):
     val = lambda k: "(" + " / ".join(str(RECIPES[key][k]) for key in RECIPES) + ")"
     g = p.add_argument_group("checkpoint and data")
     g.add_argument("--ckpt", required=True, help="a ViT's checkpoint.pt or backbone.pt (any "
-                   "method), or a DINO, MoCo v3 or timm-keyed ViT release")
+                   "method; a run directory: its checkpoint.pt), or a DINO, MoCo v3 or "
+                   "timm-keyed ViT release")
     g.add_argument("--vit-heads", type=int, help="attention heads, which no weight's shape shows "
                    "(default: as recorded, else as linear_eval.py infers them)")
     g.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, or "
@@ -292,7 +293,7 @@ def main(argv=None):
     if not source["vit"]:
         raise UserError(f"--ckpt {args.ckpt}: a {source['arch']}; finetune.py fine-tunes ViTs "
                         f"(a ResNet: linear_eval.py --finetune)")
-    args.ckpt, args.arch = os.path.abspath(args.ckpt), source["arch"]
+    args.ckpt, args.arch = source["path"], source["arch"]
     args.img_size = (args.img_size or source["train_args"].get("img_size")
                      or (32 if source["small_images"] else default_img_size(args.data)))
     if args.img_size % backbone.patch_size:

@@ -77,10 +77,11 @@ def get_args(argv=None):
                                 "fine-tuning, kNN or evaluation-only of a pre-trained backbone.")
     g = p.add_argument_group("checkpoint and data")
     g.add_argument("--ckpt", required=True, help="checkpoint.pt or backbone.pt of any cleanssl "
-                   "method, or an official release: a MoCo v1/v2, SimSiam, SwAV, Barlow Twins or "
-                   "VICReg ResNet, a MoCo v3 ResNet or ViT (its pre-training, linear or DeiT-"
-                   "converted file), a DINO ViT or ResNet (e.g. moco_v2_800ep_pretrain.pth.tar, "
-                   "vit-s-300ep.pth.tar, dino_deitsmall8_pretrain.pth)")
+                   "method (a run directory: its checkpoint.pt), or an official release: a MoCo "
+                   "v1/v2, SimSiam, SwAV, Barlow Twins or VICReg ResNet, a MoCo v3 ResNet or ViT "
+                   "(its pre-training, linear or DeiT-converted file), a DINO ViT or ResNet (e.g. "
+                   "moco_v2_800ep_pretrain.pth.tar, vit-s-300ep.pth.tar, "
+                   "dino_deitsmall8_pretrain.pth)")
     g.add_argument("--vit-heads", type=int, help="a ViT's attention heads, which no weight's "
                    "shape shows (default: as recorded, or 12 for a MoCo v3 ViT, known by its "
                    "layout or sin-cos position embedding, else DeiT's 3 / 6 / 12 for ViT-Ti/S/B)")
@@ -210,7 +211,7 @@ def main(argv=None):
     args = get_args(argv)
     device = setup_distributed()  # before the data: one rank downloads, the others wait
     backbone, source = load_backbone(args.ckpt, args.vit_heads)
-    args.ckpt, args.arch, args.small_images, args.vit = (os.path.abspath(args.ckpt), source["arch"],
+    args.ckpt, args.arch, args.small_images, args.vit = (source["path"], source["arch"],
                                                          source["small_images"], source["vit"])
     head_file = read_head(args.eval_only) if args.eval_only else {}
     args.vit_features = (args.vit_features or (head_file.get("vit_features") if args.vit else None)

@@ -13,6 +13,7 @@ vision_transformer.py:175) and the exact (erf) GELU, nn.GELU (dino Block, :96-10
 vision_transformer.py:222; torchvision MLPBlock, :46).
 """
 import math
+import os
 
 import torch
 
@@ -175,12 +176,18 @@ def load_backbone(path, vit_heads=None):
     """(backbone, info) from any checkpoint described above; info holds `arch`, `small_images`,
     `vit`, `layout`, `prefix`, `dropped` (names of what was not the backbone), a one-line
     `description` and, for our checkpoints, the training arguments `train_args`. `vit_heads`
-    (--vit-heads): a ViT's number of heads, over what the checkpoint says (`vit_heads_of`)."""
+    (--vit-heads): a ViT's number of heads, over what the checkpoint says (`vit_heads_of`).
+    `path` may be a run directory: its checkpoint.pt (the last save, at an epoch's end or at a
+    stop), else its backbone.pt; info's `path` is the file read."""
+    if os.path.isdir(path):
+        path = next((os.path.join(path, name) for name in ("checkpoint.pt", "backbone.pt")
+                     if os.path.isfile(os.path.join(path, name))), path)
     obj = safe_load(path)
     try:
-        return _backbone_from(obj, vit_heads)
+        backbone, info = _backbone_from(obj, vit_heads)
     except UserError as e:
         raise UserError(f"--ckpt {path}: {e}") from None
+    return backbone, dict(info, path=os.path.abspath(path))
 
 
 def _backbone_from(obj, vit_heads):

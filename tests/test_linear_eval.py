@@ -353,6 +353,25 @@ def test_an_official_layout_end_to_end(tmp_path, capsys):
     assert 0 <= result(tmp_path / "run")["knn_top1"] <= 100
 
 
+def test_a_run_directory_reads_its_last_save(backbone_file, tmp_path):
+    """--ckpt RUN_DIR (it was 'no such file'): its checkpoint.pt, the last save (a stop writes
+    only that one), else its backbone.pt; a folder with neither is one line."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(UserError, match="run: a folder without checkpoint.pt or backbone.pt"):
+        load_backbone(run_dir)
+    (run_dir / "backbone.pt").write_bytes(backbone_file.read_bytes())
+    backbone, info = load_backbone(run_dir)
+    assert info["path"] == str(run_dir / "backbone.pt")
+    assert_same_tensors(backbone.state_dict(), load_backbone(backbone_file)[0].state_dict())
+    later = {"backbone." + k: v + 1 for k, v in torch.load(backbone_file).items()}
+    torch.save({"format": FORMAT, "method": "simclr", "args": {}, "model": later},
+               run_dir / "checkpoint.pt")
+    backbone, info = load_backbone(run_dir)
+    assert info["path"] == str(run_dir / "checkpoint.pt")
+    assert torch.equal(backbone.conv1.weight, later["backbone.conv1.weight"])
+
+
 def test_unknown_and_ambiguous_layouts_are_one_clear_line(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(3)}}, tmp_path / "unknown.pt")
     with pytest.raises(UserError, match="no ResNet or ViT found in it; known layouts: .*MoCo"):
