@@ -125,7 +125,9 @@ def open_run(args, method, log):
     if args.epochs < done:
         raise UserError(f"--epochs {args.epochs}: {args.run_dir} has already trained {done} "
                         f"epochs")
-    log.print(f"resumed from {path} at {where}")
+    finished = done == args.epochs and not ckpt["batch_in_epoch"]
+    log.print(f"resumed from {path} at {where}"
+              + (": the run is complete, nothing to train" if finished else ""))
     world_size = get_world_size()
     if ckpt.get("world_size", world_size) != world_size:
         log.print(f"note: {world_size} processes now, {ckpt['world_size']} before: the global "

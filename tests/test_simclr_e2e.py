@@ -150,6 +150,12 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     # the log keeps the lines written before the stop, and the steps are continuous
     steps = [r["step"] for r in read_log(resumed) if "step" in r]
     assert steps == list(range(1, 9))
+    # the same command once more: it says the run is complete, and changes nothing
+    assert "complete" not in proc.stdout
+    again = ok(run([*flags, "--workers", "0", "--run-dir", straight]))
+    assert "resumed from" in again.stdout and "the run is complete, nothing to train" in again.stdout
+    assert_same_tensors(a["model"], torch.load(straight / "checkpoint.pt", weights_only=False)["model"])
+    assert [r["step"] for r in read_log(straight) if "step" in r] == list(range(1, 9))
 
 
 def test_a_stop_signal_to_every_process_of_a_run_saves(tmp_path):
