@@ -92,7 +92,9 @@ def build_dataset(data, split, transform, data_dir="data", synthetic_size=512, i
     try:
         return SafeImageFolder(os.path.join(data, sub), transform=transform)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise UserError(f"--data {data}: {e}") from None
+        flat = "class folder" in str(e)  # images right under train/: unlabelled, most likely
+        raise UserError(f"--data {data}: {e}" + (" Unlabelled images go in one class folder "
+                        f"({data}/{sub}/images/, say), with --knn-every 0" if flat else "")) from None
 
 
 class SeededSamples(Dataset):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from common.data import build_dataset, eval_transform, labels_of, make_loader
 from common.dist import all_gather_tensor, get_world_size
+from common.errors import UserError
 from common.log import Progress
 from common.model import autocast
 
@@ -67,8 +68,12 @@ def capped(dataset, cap):
 def monitor_split(args, split, cap):
     """The training scripts' monitors' images of `split` (centre crops, at most `cap` of them)
     and its number of classes."""
-    dataset = build_dataset(args.data, split, eval_transform(args.img_size), args.data_dir,
-                            args.synthetic_size, args.img_size)
+    try:
+        dataset = build_dataset(args.data, split, eval_transform(args.img_size), args.data_dir,
+                                args.synthetic_size, args.img_size)
+    except UserError as e:  # pre-training itself reads train/ only: say how to train without val/
+        raise UserError(f"{e}; the kNN monitor and --probe read it: without them (--knn-every 0) "
+                        f"pre-training reads train/ only" if split == "val" else str(e)) from None
     return capped(dataset, cap), len(dataset.classes)
 
 

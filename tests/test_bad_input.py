@@ -1,6 +1,7 @@
 """Bad input: one clear `error:` line on stderr, exit code 2, no traceback. The scripts run
 in-process (their main), but for one subprocess run: the real exit code of a real process."""
 import importlib
+import shutil
 import socket
 from types import SimpleNamespace
 
@@ -53,6 +54,25 @@ def test_class_folder_without_images(tmp_path, in_process):
     root = make_image_folder(tmp_path / "images")
     (root / "train" / "empty_class").mkdir()
     assert_one_clear_line(simclr(tmp_path, root, launch=in_process), "empty_class")
+
+
+def test_unlabelled_images_say_how_to_train_on_them(tmp_path, in_process):
+    """Images right under train/, or no val/: the line says what to do (one class folder,
+    --knn-every 0), and with it the same images train."""
+    root = make_image_folder(tmp_path / "images", classes=1, train_per_class=32)
+    for image in (root / "train" / "class0").iterdir():
+        image.rename(root / "train" / image.name)
+    (root / "train" / "class0").rmdir()
+    assert_one_clear_line(simclr(tmp_path, root, launch=in_process),
+                          "Unlabelled images go in one class folder", "--knn-every 0")
+    (root / "train" / "images").mkdir()
+    for image in (root / "train").glob("*.jpg"):
+        image.rename(root / "train" / "images" / image.name)
+    shutil.rmtree(root / "val")
+    assert_one_clear_line(simclr(tmp_path, root, "--batch-size", 16, launch=in_process),
+                          "no val/ folder", "without them (--knn-every 0) pre-training reads train/ only")
+    proc = simclr(tmp_path, root, "--batch-size", 16, "--knn-every", 0, launch=in_process)
+    assert proc.returncode == 0 and "done:" in proc.stdout, proc.stderr
 
 
 def test_batch_larger_than_dataset(tmp_path, in_process):
