@@ -314,11 +314,11 @@ def test_bf16_is_the_default_on_gpus(monkeypatch):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--teacher-temp", "0"], "must be > 0"),
+    (["--teacher-temp", "0"], "--teacher-temp 0: must be positive"),
     (["--global-crops-scale", "0.5", "0.2"], "needs 0 < MIN <= MAX <= 1"),
     (["--arch", "resnet50", "--drop-path", "0.1"], "stochastic depth is for ViTs"),
-    (["--center-momentum", "1.5"], "must be in [0, 1]"),
-    (["--local-crops", "-1"], "must be >= 0"),
+    (["--center-momentum", "1.5"], "--center-momentum 1.5: must be in [0, 1]"),
+    (["--local-crops", "-1"], "--local-crops -1: must be 0 or more"),
     (["--arch", "vit_small", "--local-crop-size", "90"], "a ViT needs multiples of its")])
 def test_bad_settings_are_one_line(bad, message, capsys):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
