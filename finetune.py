@@ -328,7 +328,7 @@ def main(argv=None):
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
     best = run.ckpt["best"] if run.ckpt else None  # the best epoch evaluated (--eval-every)
     start_epoch, _ = run.restore(model, optimizer, extra_state=lambda: {"best": best})
-    run.print(f"{source['description']}, from {args.ckpt}")
+    run.print(f"{args.ckpt}: {source['description']}")
     run.print(f"{args.protocol} ({'MAE main_linprobe.py' if probe else 'MAE main_finetune.py'}"
               f", {'small-image recipe: ours' if args.img_size <= 64 else 'ImageNet recipe'}) on "
               f"{len(train_set)} images of {args.data} at {args.img_size} px, {len(classes)} "

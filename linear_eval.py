@@ -244,7 +244,7 @@ def main(argv=None):
     if not args.eval_only:
         train_all.bad_log = run.bad_log
     backbone = backbone.to(device)
-    run.print(f"{source['description']}, from {args.ckpt}")
+    run.print(f"{args.ckpt}: {source['description']}")
     run.print(f"{args.data} at {args.img_size} px, {len(classes)} classes, {len(val_set)} val "
               f"images; {get_world_size()} process(es) on {device}")
 
