@@ -141,12 +141,13 @@ class ResumableSampler(DistributedSampler):
 
 
 def ignore_stop_signals(worker_id):
-    """Loader workers leave SIGUSR1 and SIGTERM to the main process, which saves at a step
-    boundary. Slurm signals every process of a job step, workers included, and a worker killed by
-    one (the default action; with the spawn or forkserver start methods workers do not inherit
-    the main process's handlers) would crash the run before it could save."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Loader workers leave SIGUSR1, SIGTERM and SIGINT to the main process, which saves at a
+    step boundary. Slurm signals every process of a job step, and Ctrl-C every process of the
+    terminal's foreground group, workers included; a worker ended by one (the default action;
+    with the spawn or forkserver start methods workers do not inherit the main process's
+    handlers) would crash the run before it could save."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def kill_workers_at_exit():

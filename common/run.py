@@ -170,7 +170,7 @@ class Run:
         self.save(epoch, batch_in_epoch)
         self.print(f"stop signal: saved {self.ckpt_path} at epoch {epoch}, batch {batch_in_epoch}")
         self.log.close()  # TensorBoard events and W&B, when on
-        if get_rank() == 0 and os.environ.get("SLURM_JOB_ID"):
+        if get_rank() == 0 and os.environ.get("SLURM_JOB_ID") and self.stop_signal.requeue:
             from common.slurm import requeue_job  # only under Slurm
             self.print(requeue_job())
         cleanup_distributed()
@@ -299,18 +299,33 @@ class DivergenceGuard:
 
 
 class StopSignal:
-    """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption, Ctrl-C from a
-    launcher) set `requested`, and so does --stop-at-step (`at_step`) once that many steps are
-    done. Not a method of Run: a handler bound to the Run would keep its loader's workers alive
-    until the interpreter's exit, which then waits on them forever."""
+    """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption, a launcher's
+    stop) set `requested` and `requeue` (a Slurm job goes back in the queue). Ctrl-C (SIGINT,
+    unless ignored, as in a shell's background job) and --stop-at-step (`at_step`, once that many
+    steps are done) set `requested` only: the user stops the run. A second Ctrl-C quits at once,
+    unsaved; not one within a second of the first: torchrun passes the terminal's Ctrl-C on to
+    its workers, which had it already. Not a method of Run: a handler bound to the Run would keep
+    its loader's workers alive until the interpreter's exit, which then waits on them forever."""
 
     def __init__(self, at_step=None):
-        self.requested, self.at_step = False, at_step
+        self.requested = self.requeue = False
+        self.at_step, self.interrupted = at_step, None  # the first Ctrl-C's time
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._interrupt)
 
     def _handler(self, signum, frame):
-        self.requested = True
+        self.requested = self.requeue = True
+
+    def _interrupt(self, signum, frame):
+        if self.interrupted is None:
+            self.requested, self.interrupted = True, time.monotonic()
+            if os.environ.get("RANK", "0") == "0":  # not print: it could re-enter one it stopped
+                os.write(2, b"Ctrl-C: the run saves after this step and exits (Ctrl-C again: "
+                            b"quit now, unsaved)\n")
+        elif time.monotonic() > self.interrupted + 1:
+            raise KeyboardInterrupt
 
     def step_done(self, step):
         if step + 1 == self.at_step:

@@ -7,6 +7,7 @@ CIFAR-10 images (every test that takes the `cifar10_dir` fixture), the input pip
 benchmark tool and the heavier runs. `-m slow` selects opt-in measurements outside both.
 """
 import shutil
+import signal
 
 import pytest
 
@@ -28,6 +29,17 @@ def pytest_collection_modifyitems(config, items):
     if full:
         config.hook.pytest_deselected(items=full)
         items[:] = [item for item in items if not item.get_closest_marker("full")]
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A script's main() run in-process installs its stop handlers (Ctrl-C's among them): put
+    back the ones before, so that Ctrl-C still stops pytest."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    handlers = {s: signal.getsignal(s) for s in signals}
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture

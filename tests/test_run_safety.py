@@ -8,7 +8,12 @@ The scripts run in-process (their main(argv)), on tiny settings, to keep this fi
 import errno
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -22,8 +27,8 @@ import linear_eval
 import moco
 import simclr
 from common.errors import Diverged, UserError
-from common.run import DivergenceGuard, Run
-from tests.helpers import TINY, assert_same_tensors, ok, read_log, run
+from common.run import DivergenceGuard, Run, StopSignal
+from tests.helpers import REPO, SUBPROCESS_ENV, TINY, assert_same_tensors, ok, read_log, run
 
 # SimCLR with plain SGD and no warmup: 2 steps per epoch on 32 synthetic images
 SGD = ["--data", "synthetic", *TINY, "--synthetic-size", "32", "--batch-size", "16",
@@ -484,3 +489,85 @@ def test_a_crash_with_loader_workers_running_exits(tmp_path):
                 "--run-dir", tmp_path / "run"], timeout=120)
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert proc.stderr.rstrip().endswith("RuntimeError: injected failure"), proc.stderr
+
+
+def stopped_run(tmp_path, stop, launcher=()):
+    """A SimCLR run of 200 steps (2 loader workers) stopped by `stop` at step 3 or soon after,
+    under a fake Slurm job whose scontrol records a requeue: (exit code, output, saved position,
+    requeued)."""
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "scontrol"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/requeued\n")
+    fake.chmod(0o755)
+    env = {**os.environ, **SUBPROCESS_ENV, "SLURM_JOB_ID": "42",
+           "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, *launcher, "simclr.py", *SGD, "--synthetic-size", "64", "--epochs",
+            "50", "--workers", "2", "--run-dir", run_dir]
+    argv += ["--stop-at-step", "3"] if stop == "stop-at-step" else []
+    proc = subprocess.Popen([str(a) for a in argv], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group, as a terminal's job
+    try:
+        if stop != "stop-at-step":  # 200 steps in all: the stop lands long before the end
+            while not ((run_dir / "log.jsonl").exists() and any(
+                    r.get("step", 0) >= 3 for r in read_log(run_dir))):
+                assert proc.poll() is None, proc.communicate()[0]
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
+        output = proc.communicate(timeout=180)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    return (proc.returncode, output, (saved["epoch"], saved["batch_in_epoch"]),
+            (tmp_path / "requeued").exists())
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("stop, requeued", [("ctrl-c", False), ("stop-at-step", False),
+                                            ("sigterm", True)])
+def test_a_user_stop_saves_and_only_a_stop_signal_requeues(stop, requeued, tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the whole process group, loader workers included) stops a
+    run as a stop signal does: saved at a step boundary, exit 0, no traceback (it was a
+    KeyboardInterrupt traceback that lost the steps since the last epoch's checkpoint). A user's
+    stop (Ctrl-C, --stop-at-step) leaves a Slurm job ended; SIGTERM, a preemption, requeues it
+    (--stop-at-step requeued too, against docs/training.md)."""
+    code, output, saved, was_requeued = stopped_run(tmp_path, stop)
+    assert code == 0 and "Traceback" not in output, output
+    assert "stop signal: saved" in output
+    assert ("Ctrl-C: the run saves after this step" in output) == (stop == "ctrl-c")
+    assert saved[0] < 50 and saved != (0, 0)
+    assert was_requeued == requeued, output
+
+
+@pytest.mark.full
+def test_ctrl_c_to_a_torchrun_launch_saves(tmp_path):
+    """Under torchrun each process has the terminal's Ctrl-C and torchrun's copy of it, within a
+    second: one stop, saved mid-epoch by both at an agreed step (torchrun then ends with its own
+    SignalException)."""
+    _, output, saved, was_requeued = stopped_run(
+        tmp_path, "ctrl-c", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    assert "stop signal: saved" in output and "KeyboardInterrupt" not in output, output
+    assert output.count("Ctrl-C: the run saves") == 1  # rank 0's line only
+    assert saved[0] < 50 and saved != (0, 0) and not was_requeued
+
+
+def test_a_second_ctrl_c_quits_at_once_and_an_ignored_one_stays_ignored():
+    """The first Ctrl-C asks for a stop at the next step; the second raises KeyboardInterrupt
+    (a user who will not wait), unless it comes within a second (torchrun's copy). A run started with SIGINT ignored (a shell's background job,
+    nohup) keeps ignoring it."""
+    stop = StopSignal()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested and not stop.requeue
+    os.kill(os.getpid(), signal.SIGINT)  # as torchrun's copy of it: the same Ctrl-C
+    stop.interrupted -= 1.5  # a second later
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    background = StopSignal()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    os.kill(os.getpid(), signal.SIGINT)
+    assert not background.requested
+    os.kill(os.getpid(), signal.SIGTERM)  # a stop signal still stops it
+    assert background.requested and background.requeue
