@@ -302,18 +302,18 @@ class StopSignal:
     """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption, a launcher's
     stop) set `requested` and `requeue` (a Slurm job goes back in the queue). Ctrl-C (SIGINT,
     unless ignored, as in a shell's background job) and --stop-at-step (`at_step`, once that many
-    steps are done) set `requested` only: the user stops the run. A second Ctrl-C quits at once,
-    unsaved; not one within a second of the first: torchrun passes the terminal's Ctrl-C on to
-    its workers, which had it already. Not a method of Run: a handler bound to the Run would keep
-    its loader's workers alive until the interpreter's exit, which then waits on them forever."""
+    steps are done) set `requested` only: the user stops the run. Ctrl-C does so once a step is
+    done (before, and in linear_eval.py --knn, there is nothing to save: it quits at once); a
+    second Ctrl-C quits at once, unsaved, but not one within a second of the first: torchrun
+    passes the terminal's Ctrl-C on to its workers, which had it already. Not a method of Run: a
+    handler bound to the Run would keep its loader's workers alive until the interpreter's exit,
+    which then waits on them forever."""
 
     def __init__(self, at_step=None):
         self.requested = self.requeue = False
         self.at_step, self.interrupted = at_step, None  # the first Ctrl-C's time
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, self._interrupt)
 
     def _handler(self, signum, frame):
         self.requested = self.requeue = True
@@ -328,5 +328,7 @@ class StopSignal:
             raise KeyboardInterrupt
 
     def step_done(self, step):
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # the first step
+            signal.signal(signal.SIGINT, self._interrupt)
         if step + 1 == self.at_step:
             self.requested = True

@@ -554,10 +554,14 @@ def test_ctrl_c_to_a_torchrun_launch_saves(tmp_path):
 
 
 def test_a_second_ctrl_c_quits_at_once_and_an_ignored_one_stays_ignored():
-    """The first Ctrl-C asks for a stop at the next step; the second raises KeyboardInterrupt
-    (a user who will not wait), unless it comes within a second (torchrun's copy). A run started with SIGINT ignored (a shell's background job,
-    nohup) keeps ignoring it."""
+    """Ctrl-C before the first step quits at once. After it, the first Ctrl-C asks for a stop
+    at the next step; the second raises KeyboardInterrupt (a user who will not wait), unless it
+    comes within a second (torchrun's copy). A run started with SIGINT ignored (a shell's
+    background job, nohup) keeps ignoring it."""
     stop = StopSignal()
+    with pytest.raises(KeyboardInterrupt):  # before the first step: nothing to save
+        os.kill(os.getpid(), signal.SIGINT)
+    stop.step_done(0)
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.requested and not stop.requeue
     os.kill(os.getpid(), signal.SIGINT)  # as torchrun's copy of it: the same Ctrl-C
@@ -566,6 +570,7 @@ def test_a_second_ctrl_c_quits_at_once_and_an_ignored_one_stays_ignored():
         os.kill(os.getpid(), signal.SIGINT)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     background = StopSignal()
+    background.step_done(0)
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     os.kill(os.getpid(), signal.SIGINT)
     assert not background.requested
