@@ -293,7 +293,7 @@ def save_args(args, path, method):
 def format_args(args):
     """The resolved arguments, one per line, for the start of a run; then a note for STL-10 (the
     ImageNet recipe) and one if the warmup lasts the whole run (e.g. a 1-epoch smoke run of a
-    10-warmup-epoch recipe)."""
+    10-warmup-epoch recipe), and one for fp16 on a CPU."""
     lines = [f"  {k:<18} {v}" for k, v in sorted(vars(args).items())]
     if args.data == "stl10" and not args.small_images:
         from common.named_data import stl10_recipe_note  # only for STL-10
@@ -303,4 +303,7 @@ def format_args(args):
         lines.append(f"note: --warmup-epochs {warmup:g} >= --epochs {args.epochs}: the learning "
                      f"rate never leaves its linear warmup, so the recipe's peak rate and cosine "
                      f"are never reached (give --warmup-epochs a fraction of the run)")
+    if args.precision == "fp16" and not torch.cuda.is_available():  # 20x fp32's time, 2 cores
+        lines.append("note: --precision fp16 on a CPU: PyTorch's CPU fp16 kernels are many times "
+                     "slower than fp32's (the CPU default; bf16 is also fast)")
     return "\n".join(lines)
