@@ -311,7 +311,7 @@ def main(argv=None):
     train_set.bad_log = run.bad_log
     loader = make_loader(train_set, run.batch_per_rank, args.workers, seed=args.seed, seeded=True)
     if len(loader) == 0:
-        raise UserError(f"{len(train_set)} train images < one batch of {args.batch_size}: lower it")
+        raise UserError(f"{len(train_set)} train images < one batch of {args.batch_size}: lower --batch-size")
     run.steps_per_epoch = len(loader)
     mix = batch_mixing(args, len(classes))
 

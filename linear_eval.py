@@ -293,7 +293,7 @@ def train(args, run, backbone, train_set, val_set, classes, protocol, features):
     loader = make_loader(train_set, run.batch_per_rank, 0 if cached else args.workers,
                          seed=args.seed, seeded=not cached)  # crops seeded by (seed, epoch, image)
     if len(loader) == 0:
-        raise UserError(f"{len(train_set)} train images < one batch of {args.batch_size}: lower it")
+        raise UserError(f"{len(train_set)} train images < one batch of {args.batch_size}: lower --batch-size")
     run.steps_per_epoch = len(loader)
     val = None if args.finetune else features(val_set, "val features")  # frozen: computed once
 

@@ -77,7 +77,8 @@ class Run:
         loader = make_loader(dataset, self.batch_per_rank, args.workers, seed=args.seed,
                              seeded=True)
         if len(loader) == 0:
-            raise UserError(f"{len(dataset)} training images < one batch of {args.batch_size}")
+            raise UserError(f"{len(dataset)} training images < one batch of {args.batch_size}: "
+                            f"lower --batch-size")
         self.steps_per_epoch = len(loader)
         return loader
 

@@ -77,7 +77,7 @@ def test_unlabelled_images_say_how_to_train_on_them(tmp_path, in_process):
 
 def test_batch_larger_than_dataset(tmp_path, in_process):
     assert_one_clear_line(simclr(tmp_path, "synthetic", "--batch-size", "128", launch=in_process),
-                          "one batch of 128")
+                          "one batch of 128: lower --batch-size")
 
 
 def test_unknown_arch(tmp_path, in_process):
