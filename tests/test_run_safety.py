@@ -507,7 +507,10 @@ def stopped_run(tmp_path, stop, launcher=()):
     argv += ["--stop-at-step", "3"] if stop == "stop-at-step" else []
     proc = subprocess.Popen([str(a) for a in argv], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group, as a terminal's job
+                            start_new_session=True,  # its own process group, as a terminal's job
+                            # and Ctrl-C's default action, as a terminal gives it (a suite run in a
+                            # shell's background, as CI may be, ignores SIGINT, which would pass on)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         if stop != "stop-at-step":  # 200 steps in all: the stop lands long before the end
             while not ((run_dir / "log.jsonl").exists() and any(
@@ -558,6 +561,7 @@ def test_a_second_ctrl_c_quits_at_once_and_an_ignored_one_stays_ignored():
     at the next step; the second raises KeyboardInterrupt (a user who will not wait), unless it
     comes within a second (torchrun's copy). A run started with SIGINT ignored (a shell's
     background job, nohup) keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (conftest restores)
     stop = StopSignal()
     with pytest.raises(KeyboardInterrupt):  # before the first step: nothing to save
         os.kill(os.getpid(), signal.SIGINT)
