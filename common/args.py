@@ -196,9 +196,9 @@ def resolve_recipe(args, imagenet, small, method, vit=None):
 
 def check_at_least(args, **least):
     """A flag below its least value is one line, e.g. '--workers -1: must be 0 or more' (of a
-    list, its smallest); flags left at None are not checked."""
+    list, its smallest); flags left at None, or that a script lacks, are not checked."""
     for flag, minimum in least.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         value = min(value) if isinstance(value, list) else value
         if value is not None and value < minimum:
             raise UserError(f"--{flag.replace('_', '-')} {value:g}: must be {minimum} or more")
@@ -207,12 +207,8 @@ def check_at_least(args, **least):
 def check_rates(args):
     """A learning rate positive, a weight decay (and linear_eval.py's --lr-backbone, 0 for a
     frozen backbone) 0 or more, one line naming the flag; flags left at None are not checked."""
-    lr_flag = "peak_lr" if getattr(args, "peak_lr_given", False) else "lr"
-    for flag, positive in ((lr_flag, True), ("weight_decay", False), ("lr_backbone", False)):
-        value = getattr(args, flag, None)
-        if value is not None and (value <= 0 if positive else value < 0):
-            raise UserError(f"--{flag.replace('_', '-')} {value:g}: must be "
-                            f"{'positive' if positive else '0 or more'}")
+    check_positive(args, "peak_lr" if getattr(args, "peak_lr_given", False) else "lr")
+    check_at_least(args, weight_decay=0, lr_backbone=0)
 
 
 def check_positive(args, *flags):

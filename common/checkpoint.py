@@ -194,8 +194,7 @@ def safe_load(path):
     """torch.load on the CPU without arbitrary unpickling (weights_only=True, plus the globals
     above). A missing file, not a PyTorch checkpoint, or one needing code is a UserError."""
     if not os.path.isfile(path):
-        what = "a folder without checkpoint.pt or backbone.pt" if os.path.isdir(path) else "no such file"
-        raise UserError(f"{path}: {what}")
+        raise UserError(f"{path}: no such file")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)

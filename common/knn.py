@@ -72,8 +72,10 @@ def monitor_split(args, split, cap):
         dataset = build_dataset(args.data, split, eval_transform(args.img_size), args.data_dir,
                                 args.synthetic_size, args.img_size)
     except UserError as e:  # pre-training itself reads train/ only: say how to train without val/
+        if split != "val":
+            raise
         raise UserError(f"{e}; the kNN monitor and --probe read it: without them (--knn-every 0) "
-                        f"pre-training reads train/ only" if split == "val" else str(e)) from None
+                        f"pre-training reads train/ only") from None
     return capped(dataset, cap), len(dataset.classes)
 
 

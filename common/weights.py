@@ -180,8 +180,11 @@ def load_backbone(path, vit_heads=None):
     `path` may be a run directory: its checkpoint.pt (the last save, at an epoch's end or at a
     stop), else its backbone.pt; info's `path` is the file read."""
     if os.path.isdir(path):
-        path = next((os.path.join(path, name) for name in ("checkpoint.pt", "backbone.pt")
-                     if os.path.isfile(os.path.join(path, name))), path)
+        found = [os.path.join(path, name) for name in ("checkpoint.pt", "backbone.pt")
+                 if os.path.isfile(os.path.join(path, name))]
+        if not found:
+            raise UserError(f"{path}: a folder without checkpoint.pt or backbone.pt")
+        path = found[0]
     obj = safe_load(path)
     try:
         backbone, info = _backbone_from(obj, vit_heads)
